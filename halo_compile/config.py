@@ -1,0 +1,182 @@
+"""The backend's options: a typed, validated config, parsed from `torch.compile(options=...)`.
+
+Every key and value is checked: a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from halo_compile.kernels.quantize import FORMATS as _QUANT_FORMATS
+from halo_compile.kernels.quantize import GRANULARITIES, ROUNDINGS
+from halo_compile.kernels.scaled_matmul import ROTATIONS
+
+FORMATS = (*_QUANT_FORMATS, "none")
+NONFINITE_POLICIES = ("raise", "propagate")
+COMPILERS = ("inductor", "aot_eager")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"halo option {key!r} must be one of {allowed}, got {value!r}")
+
+
+def _check_keys(mapping: Mapping, allowed: tuple, where: str) -> None:
+    unknown = [k for k in mapping if k not in allowed]
+    if unknown:
+        raise ValueError(f"{where}: unknown option {unknown[0]!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class Hadamard:
+    """Where each of a linear's three matmuls is rotated: "none", "inner" (along the matmul's
+    contraction dimension, both operands) or "outer" (along the left operand's rows, undone on
+    the output). See kernels/scaled_matmul.py."""
+
+    forward: str = "none"
+    grad_input: str = "none"
+    grad_weight: str = "none"
+
+    def __post_init__(self):
+        for name in ("forward", "grad_input", "grad_weight"):
+            _check_choice(f"hadamard.{name}", getattr(self, name), ROTATIONS)
+
+
+HADAMARD_PRESETS = {
+    # The HALO paper's levels (IST-DASLab/HALO, qllmt/nn/halo{0,1,2}_fns.py).
+    "none": Hadamard(),
+    "halo0": Hadamard(),
+    "halo1": Hadamard(forward="inner"),
+    "halo2": Hadamard(forward="inner", grad_input="outer"),
+    # Every matmul rotated along its contraction dimension.
+    "all_inner": Hadamard(forward="inner", grad_input="inner", grad_weight="inner"),
+}
+
+
+def parse_hadamard(value: Union[str, Mapping[str, str], Hadamard]) -> Hadamard:
+    """A preset name, a dict {"forward", "grad_input", "grad_weight"} (missing keys: "none"),
+    or a Hadamard."""
+    if isinstance(value, Hadamard):
+        return value
+    if isinstance(value, str):
+        _check_choice("hadamard", value, tuple(HADAMARD_PRESETS))
+        return HADAMARD_PRESETS[value]
+    if isinstance(value, Mapping):
+        _check_keys(value, ("forward", "grad_input", "grad_weight"), "halo option 'hadamard'")
+        return Hadamard(**value)
+    raise ValueError(
+        f"halo option 'hadamard' must be a preset name {tuple(HADAMARD_PRESETS)} or a dict, "
+        f"got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Settings of one linear layer; every field can be overridden per layer."""
+
+    format: str = "fp8_e4m3"
+    hadamard: Union[Hadamard, str, Mapping[str, str]] = "halo2"  # a Hadamard after init
+    hadamard_block: Union[int, str] = 256
+    scale: str = "row"
+    grad_rounding: str = "nearest"
+    min_features: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "hadamard", parse_hadamard(self.hadamard))
+        _check_choice("format", self.format, FORMATS)
+        _check_choice("scale", self.scale, GRANULARITIES)
+        _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
+        block = self.hadamard_block
+        if block != "full" and not (
+            isinstance(block, int) and not isinstance(block, bool) and block >= 16
+            and block & (block - 1) == 0
+        ):
+            raise ValueError(
+                f"halo option 'hadamard_block' must be a power of two >= 16 or 'full', got {block!r}"
+            )
+        if not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ValueError(
+                f"halo option 'min_features' must be a positive int, got {self.min_features!r}"
+            )
+
+    @property
+    def max_block(self) -> int:
+        """The block limit as the kernels take it: 0 means no limit ("full")."""
+        return 0 if self.hadamard_block == "full" else self.hadamard_block
+
+
+LAYER_KEYS = tuple(f.name for f in dataclasses.fields(LayerConfig))
+
+
+@dataclass(frozen=True)
+class HaloConfig:
+    """All options of the `halo` backend.
+
+    `layers` maps module-name globs (fnmatch syntax: "lm_head", "*.mlp.down_proj",
+    "model.layers.0.*") to a partial LayerConfig dict, or to None to leave matching linears in
+    high precision. Every matching pattern applies, in the order given, over the defaults.
+    """
+
+    defaults: LayerConfig = LayerConfig()
+    layers: tuple[tuple[str, Optional[Mapping[str, Any]]], ...] = ()
+    nonfinite: str = "raise"
+    compiler: str = "inductor"
+
+    def __post_init__(self):
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        for pattern, override in self.layers:
+            if not isinstance(pattern, str):
+                raise ValueError(f"halo option 'layers': keys must be strings, got {pattern!r}")
+            if override is not None:
+                self._apply(self.defaults, override, f"layers[{pattern!r}]")  # validates
+
+    @classmethod
+    def from_options(cls, options: Union["HaloConfig", Mapping[str, Any], None]) -> "HaloConfig":
+        """Build a config from what `torch.compile(..., options=...)` passes to the backend."""
+        if options is None:
+            return cls()
+        if isinstance(options, HaloConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"halo options must be a dict or HaloConfig, got {type(options)}")
+        global_keys = ("layers", "nonfinite", "compiler")
+        _check_keys(options, LAYER_KEYS + global_keys, "halo options")
+        defaults = cls._apply(LayerConfig(), {k: v for k, v in options.items() if k in LAYER_KEYS},
+                              "halo options")
+        layers = options.get("layers") or {}
+        if not isinstance(layers, Mapping):
+            raise ValueError("halo option 'layers' must map module-name globs to dicts or None")
+        return cls(
+            defaults=defaults,
+            layers=tuple((pattern, None if o is None else dict(o)) for pattern, o in layers.items()),
+            nonfinite=options.get("nonfinite", "raise"),
+            compiler=options.get("compiler", "inductor"),
+        )
+
+    def for_layer(self, fqn: str) -> Optional[LayerConfig]:
+        """The settings for the linear named `fqn`, or None if the user excluded it."""
+        config: Optional[LayerConfig] = self.defaults
+        for pattern, override in self.layers:
+            if fnmatch.fnmatchcase(fqn, pattern):
+                config = None if override is None else self._apply(
+                    config or self.defaults, override, f"layers[{pattern!r}]")
+        return config
+
+    def excluded_by(self, fqn: str) -> Optional[str]:
+        """The last pattern that excludes `fqn` (maps it to None), for the report."""
+        hit = None
+        for pattern, override in self.layers:
+            if fnmatch.fnmatchcase(fqn, pattern):
+                hit = pattern if override is None else None
+        return hit
+
+    @staticmethod
+    def _apply(base: LayerConfig, override: Mapping[str, Any], where: str) -> LayerConfig:
+        if not isinstance(override, Mapping):
+            raise ValueError(f"{where} must be a dict of layer options or None, got {override!r}")
+        _check_keys(override, LAYER_KEYS, where)
+        return dataclasses.replace(base, **override)

@@ -1,0 +1,116 @@
+"""What the backend did to each linear, and where the user gets it: `halo_compile.report(model)`.
+
+Every compiled graph leaves a GraphRecord that holds weak references to the parameters it read;
+`report(model)` collects the records whose parameters belong to `model`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """One of a linear's three matmuls: its rotation and the Hadamard block along `dim`."""
+
+    rotation: str  # "none" | "inner" | "outer"
+    dim: str = ""  # which dimension is rotated: "in", "out" or "tokens"
+    block: int = 0  # 0: not rotated
+    note: str = ""  # why a requested rotation is not applied, or how it was chosen
+
+    def __str__(self) -> str:
+        if self.rotation == "none":
+            return "-"
+        if self.block:
+            text = f"{self.rotation}:{self.dim}/{self.block}"
+        elif self.dim == "tokens" and not self.note:
+            text = f"{self.rotation}:tokens/per-call"
+        else:
+            text = "unrotated"
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    fqn: str
+    in_features: int
+    out_features: int
+    quantized: bool
+    format: str = ""
+    scale: str = ""
+    forward: Optional[MatmulPlan] = None
+    grad_input: Optional[MatmulPlan] = None
+    grad_weight: Optional[MatmulPlan] = None
+    reason: str = ""  # why the layer stays in high precision
+
+    def row(self) -> list[str]:
+        shape = f"{self.in_features}->{self.out_features}"
+        if not self.quantized:
+            return [self.fqn, shape, "high precision", "", "", "", self.reason]
+        return [self.fqn, shape, f"{self.format}/{self.scale}", str(self.forward),
+                str(self.grad_input), str(self.grad_weight), ""]
+
+
+@dataclass
+class GraphRecord:
+    layers: list[LayerReport]
+    structure: list[str]  # one line per attention / norm / residual found by the analysis
+    parameters: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+
+
+_RECORDS: deque = deque(maxlen=1024)
+
+
+def record_graph(record: GraphRecord) -> None:
+    _RECORDS.append(record)
+
+
+@dataclass
+class HaloReport:
+    layers: list[LayerReport]
+    structure: list[str]
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def high_precision(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.quantized]
+
+    def __getitem__(self, fqn: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.fqn == fqn:
+                return layer
+        raise KeyError(fqn)
+
+    def __str__(self) -> str:
+        header = ["layer", "in->out", "format", "forward", "grad-input", "grad-weight", "reason"]
+        rows = [header] + [layer.row() for layer in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        summary = (f"halo: {len(self.quantized)} of {len(self.layers)} linears quantized; "
+                   f"{len(self.high_precision)} left in high precision")
+        return "\n".join([summary, *lines, *(["", "structure:"] + self.structure
+                                             if self.structure else [])])
+
+
+def report(model: torch.nn.Module) -> HaloReport:
+    """The per-layer report of a model compiled with backend="halo" (after its first call)."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module
+    params = set(model.parameters())
+    by_fqn: dict[str, LayerReport] = {}
+    structure: list[str] = []
+    for record in _RECORDS:
+        if any(p in params for p in record.parameters):
+            by_fqn.update((layer.fqn, layer) for layer in record.layers)
+            structure.extend(line for line in record.structure if line not in structure)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers = sorted(by_fqn.values(), key=lambda layer: (order.get(layer.fqn, len(order)), layer.fqn))
+    return HaloReport(layers, structure)

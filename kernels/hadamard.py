@@ -1,0 +1,66 @@
+"""Block Walsh-Hadamard transform: the plain-torch reference.
+
+`H_b` is the normalised Sylvester Hadamard matrix of size `b` (a power of two): symmetric and
+orthogonal, so it is its own inverse. A block transform applies `H_b` to each contiguous block of
+`b` elements along one dimension, which is the same as multiplying by the block-diagonal matrix
+`I ⊗ H_b`: still orthogonal, so `(X H)(W H)ᵀ = X Wᵀ` holds for any block size that divides the
+dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MIN_BLOCK = 16
+"""Smaller blocks spread an outlier over too few elements to help; below this we do not rotate."""
+
+
+def hadamard_block_size(dim: int, max_block: int) -> int:
+    """The block used to rotate a dimension of size `dim`: the largest power of two that divides
+    `dim` and is at most `max_block` (0 means no upper limit, a "full" Hadamard where `dim` is a
+    power of two). Returns 0 when no block of at least MIN_BLOCK fits, meaning: do not rotate."""
+    if dim <= 0:
+        return 0
+    largest_dividing = dim & -dim  # lowest set bit: the largest power of two dividing dim
+    block = largest_dividing if max_block == 0 else min(largest_dividing, max_block)
+    return block if block >= MIN_BLOCK else 0
+
+
+def hadamard_matrix(block: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix H_block (H Hᵀ = I)."""
+    _check_power_of_two(block)
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
+    while h.shape[0] < block:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / math.sqrt(block)).to(dtype)
+
+
+def block_hadamard(x: torch.Tensor, block: int, dim: int = -1) -> torch.Tensor:
+    """Apply H_block to every block of `block` elements along `dim` in O(n log block) operations.
+
+    Computes in float32 (float64 stays float64) and returns that dtype: the result feeds a
+    quantizer, which wants the rotated values before any rounding to the input's dtype."""
+    _check_power_of_two(block)
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    moved = x.to(compute_dtype).movedim(dim, -1)
+    n = moved.shape[-1]
+    if n % block:
+        raise ValueError(f"block {block} does not divide dimension of size {n}")
+    lead = moved.shape[:-1]
+    y = moved.reshape(-1, n // block, block)
+    half = 1
+    while half < block:
+        # Butterfly stage: pairs (i, i + half) inside each group of 2*half become (a + b, a - b).
+        pairs = y.reshape(y.shape[0], n // block, block // (2 * half), 2, half)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).reshape(y.shape)
+        half *= 2
+    y = y * (1.0 / math.sqrt(block))
+    return y.reshape(*lead, n).movedim(-1, dim)
+
+
+def _check_power_of_two(block: int) -> None:
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"Hadamard block must be a power of two, got {block}")

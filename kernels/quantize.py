@@ -1,0 +1,95 @@
+"""Quantization to FP8 E4M3 and INT8 with per-tensor or per-row scales: the plain-torch reference.
+
+`quantize` returns the low-precision values themselves (torch.float8_e4m3fn / torch.int8 tensors)
+and the float32 scales, so `q.float() * scale` is the dequantized tensor. The rounding is the real
+rounding of the format, which makes CPU results match what the GPU's GEMM consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    dtype: torch.dtype
+    max_value: float  # the largest finite magnitude; absmax is scaled onto it
+
+
+FORMATS = {
+    "fp8_e4m3": Format("fp8_e4m3", torch.float8_e4m3fn, 448.0),
+    # Symmetric INT8: -128 is left out so that negation never overflows.
+    "int8": Format("int8", torch.int8, 127.0),
+}
+
+GRANULARITIES = ("tensor", "row")
+ROUNDINGS = ("nearest", "stochastic")
+
+_MIN_AMAX = 1e-12
+"""Floor on absmax so that a scale is never zero (an all-zero row quantizes to zeros)."""
+
+_E4M3_DROPPED_MANTISSA_BITS = 23 - 3  # float32 mantissa bits that E4M3 does not keep
+
+
+class NonFiniteInputError(ValueError):
+    """A quantized matmul was given inf or NaN: the result would silently be garbage."""
+
+
+def absmax(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Float32 absmax per row ([M, 1]) or for the whole tensor ([1, 1]) of a 2-D tensor."""
+    a = x.abs().float()
+    if granularity == "row":
+        return a.amax(dim=-1, keepdim=True)
+    return a.amax().reshape(1, 1)
+
+
+def check_finite(amax: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteInputError if an absmax is inf/NaN (any inf/NaN in a tensor reaches it)."""
+    if not bool(torch.isfinite(amax).all()):
+        raise NonFiniteInputError(
+            f"halo: inf/NaN in {where}; quantizing it would give meaningless values. "
+            "Fix the input or pass options={'nonfinite': 'propagate'} to let it flow through "
+            "(e.g. for GradScaler-based fp16 training)."
+        )
+
+
+def quantize(
+    x: torch.Tensor, fmt: str, granularity: str, rounding: str = "nearest", amax=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D tensor. Returns (values in the format's dtype, float32 scales)."""
+    spec = FORMATS[fmt]
+    if amax is None:
+        amax = absmax(x, granularity)
+    scale = amax.clamp_min(_MIN_AMAX) / spec.max_value
+    scaled = x.float() / scale
+    if spec.dtype == torch.int8:
+        if rounding == "stochastic":
+            scaled = torch.floor(scaled + torch.rand_like(scaled))
+        else:
+            scaled = torch.round(scaled)
+        q = scaled.clamp(-spec.max_value, spec.max_value).to(torch.int8)
+    else:
+        if rounding == "stochastic":
+            scaled = _stochastic_round_to_e4m3_mantissa(scaled)
+        q = scaled.clamp(-spec.max_value, spec.max_value).to(spec.dtype)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def _stochastic_round_to_e4m3_mantissa(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to 3 mantissa bits, up or down with probability proportional to the
+    distance (unbiased). Adding uniform noise below the kept bits and truncating does that in
+    sign-magnitude float encoding. Values in E4M3's subnormal range (|x| < 2^-6 after scaling)
+    are then rounded to nearest by the cast; they carry a negligible share of the tensor."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(
+        0, 1 << _E4M3_DROPPED_MANTISSA_BITS, x.shape, dtype=torch.int32, device=x.device
+    )
+    keep_mask = -(1 << _E4M3_DROPPED_MANTISSA_BITS)  # ...111100..0 in two's complement
+    return ((bits + noise) & keep_mask).view(torch.float32)

@@ -1,0 +1,86 @@
+"""`halo::quantized_linear`: `F.linear` whose three matmuls all run quantized.
+
+The forward is one `halo::scaled_matmul`; the registered autograd formula computes grad-input
+and grad-weight with two more, so AOTAutograd's backward graph holds quantized matmuls rather
+than a high-precision fallback. Each matmul has its own rotation placement (see
+scaled_matmul.py). Outputs are in the activation's dtype; the weight gradient in the weight's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
+
+
+def _forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite, name):
+    x2d = x.reshape(-1, x.shape[-1])
+    y = torch.ops.halo.scaled_matmul(
+        x2d, weight.to(x.dtype), fmt, forward_rotation, max_block, granularity,
+        "nearest", "nearest", check_finite, f"{name} forward",
+    )
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("halo::quantized_linear", mutates_args=())
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    granularity: str,
+    forward_rotation: str,
+    grad_input_rotation: str,
+    grad_weight_rotation: str,
+    max_block: int,
+    grad_rounding: str,
+    check_finite: bool,
+    name: str,
+) -> torch.Tensor:
+    """y = x @ weightᵀ + bias, computed as `halo::scaled_matmul` with `forward_rotation`."""
+    return _forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
+                    name)
+
+
+@quantized_linear.register_fake
+def _(x, weight, bias, fmt, granularity, forward_rotation, grad_input_rotation,
+      grad_weight_rotation, max_block, grad_rounding, check_finite, name):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"{name}: x and weight do not match")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, fmt, granularity, _, gi_rot, gw_rot, max_block, rounding, check, name = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.settings = (fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name)
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name = ctx.settings
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        # dX = dY W: contraction over out-features.
+        grad_x = torch.ops.halo.scaled_matmul(
+            dy, weight.to(dy.dtype).t(), fmt, gi_rot, max_block, granularity,
+            rounding, "nearest", check, f"{name} grad-input",
+        ).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        # dW = dYᵀ X: contraction over tokens.
+        x2d = x.reshape(-1, x.shape[-1]).to(dy.dtype)
+        grad_w = torch.ops.halo.scaled_matmul(
+            dy.t(), x2d.t(), fmt, gw_rot, max_block, granularity,
+            rounding, "nearest", check, f"{name} grad-weight",
+        ).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = dy.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+quantized_linear.register_autograd(_backward, setup_context=_setup_context)

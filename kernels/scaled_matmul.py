@@ -1,0 +1,151 @@
+"""`halo::scaled_matmul`: one quantized matmul `A Bᵀ` with an optional Hadamard rotation.
+
+Both operands are given with the contraction dimension last (A [M, K], B [N, K]), which is the
+layout every matmul of a linear layer can be put in:
+
+    forward      Y  = X  Wᵀ     A = X  [T, in],   B = W  [out, in]
+    grad-input   dX = dY W      A = dY [T, out],  B = Wᵀ [in, out]
+    grad-weight  dW = dYᵀ X     A = dYᵀ [out, T], B = Xᵀ [in, T]
+
+Rotations (the HALO placements):
+    "none"   Q(A) Q(B)ᵀ
+    "inner"  Q(A H) Q(B H)ᵀ            H along K on both operands: cancels inside the product
+    "outer"  H [Q(H A) Q(B)ᵀ]          H along M on A only: rotates the output, undone afterwards
+
+`scaled_matmul_reference` is the plain-torch reference (float32 matmul of the exact FP8/INT8
+values, so it computes what the GPU GEMM computes up to summation order); the CUDA kernel runs
+the GEMM through cuBLASLt (`torch._scaled_mm`, FP8) or `torch._int_mm` (INT8).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .hadamard import block_hadamard, hadamard_block_size
+from .quantize import absmax, check_finite, quantize
+
+ROTATIONS = ("none", "inner", "outer")
+FORMATS = ("fp8_e4m3", "int8", "none")
+
+
+def _rotate_operands(a, b, rotation: str, max_block: int):
+    """Rotate the operands in float32; returns (a, b, block along M to undo on the output)."""
+    if rotation == "inner":
+        block = hadamard_block_size(a.shape[1], max_block)
+        if block:
+            return block_hadamard(a, block, dim=1), block_hadamard(b, block, dim=1), 0
+    elif rotation == "outer":
+        block = hadamard_block_size(a.shape[0], max_block)
+        if block:
+            return block_hadamard(a, block, dim=0), b.float(), block
+    return a.float(), b.float(), 0
+
+
+def _quantize_operands(a, b, fmt, granularity, rounding_a, rounding_b, check, where):
+    amax_a, amax_b = absmax(a, granularity), absmax(b, granularity)
+    if check:
+        check_finite(amax_a, f"{where} (left operand)")
+        check_finite(amax_b, f"{where} (right operand)")
+    qa, sa = quantize(a, fmt, granularity, rounding_a, amax_a)
+    qb, sb = quantize(b, fmt, granularity, rounding_b, amax_b)
+    return qa, sa, qb, sb
+
+
+def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b,
+                   check_finite_inputs, where):
+    out_dtype = a.dtype
+    ra, rb, outer_block = _rotate_operands(a, b, rotation, max_block)
+    if fmt == "none":
+        if check_finite_inputs:
+            check_finite(absmax(ra, "tensor"), f"{where} (left operand)")
+            check_finite(absmax(rb, "tensor"), f"{where} (right operand)")
+        out = ra @ rb.t()
+    else:
+        qa, sa, qb, sb = _quantize_operands(
+            ra, rb, fmt, granularity, rounding_a, rounding_b, check_finite_inputs, where
+        )
+        out = gemm(qa, sa, qb, sb, fmt, out_dtype)
+    if outer_block:
+        out = block_hadamard(out, outer_block, dim=0)
+    return out.to(out_dtype)
+
+
+def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):
+    """Float32 product of the exact low-precision values, then the scales."""
+    del fmt, out_dtype
+    return (qa.float() @ qb.float().t()) * sa * sb.t()
+
+
+def cuda_gemm(qa, sa, qb, sb, fmt, out_dtype):
+    """The low-precision GEMM on the GPU. Pads every dimension to a multiple of 16 (cuBLASLt's
+    alignment rule; zero rows and columns change nothing) and slices the result back."""
+    m, n = qa.shape[0], qb.shape[0]
+    qa, qb = _pad_rows_cols(qa, 16, 16), _pad_rows_cols(qb, 16, 16)
+    if fmt == "int8":
+        if qa.shape[0] <= 16:  # _int_mm needs M > 16
+            qa = F.pad(qa, (0, 0, 0, 32 - qa.shape[0]))
+        acc = torch._int_mm(qa, qb.t())[:m, :n]
+        return acc.float() * sa * sb.t()
+    if out_dtype == torch.bfloat16:
+        # Row-wise (or tensor-wise) scales applied in the GEMM epilogue; needs a bf16 output.
+        sa_p = F.pad(sa, (0, 0, 0, qa.shape[0] - sa.shape[0]), value=1.0) if sa.numel() > 1 else sa
+        sb_p = F.pad(sb, (0, 0, 0, qb.shape[0] - sb.shape[0]), value=1.0) if sb.numel() > 1 else sb
+        out = torch._scaled_mm(qa, qb.t(), scale_a=sa_p.contiguous(), scale_b=sb_p.t().contiguous(),
+                               out_dtype=torch.bfloat16)
+        return out[:m, :n]
+    one = torch.ones((), device=qa.device, dtype=torch.float32)
+    out = torch._scaled_mm(qa, qb.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return out[:m, :n] * sa * sb.t()
+
+
+def _pad_rows_cols(t, row_multiple, col_multiple):
+    rows = -t.shape[0] % row_multiple
+    cols = -t.shape[1] % col_multiple
+    if rows or cols:
+        # F.pad has no FP8 kernel: pad the raw bytes, whose zero is the format's +0.
+        raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+        raw = F.pad(raw, (0, cols, 0, rows))
+        t = raw.view(t.dtype)
+    return t.contiguous()
+
+
+def scaled_matmul_reference(a, b, fmt="fp8_e4m3", rotation="none", max_block=0,
+                            granularity="row", rounding_a="nearest", rounding_b="nearest",
+                            check_finite_inputs=True, where="scaled_matmul"):
+    """Plain-torch reference of halo::scaled_matmul (runs on any device)."""
+    return _scaled_matmul(reference_gemm, a, b, fmt, rotation, max_block, granularity,
+                          rounding_a, rounding_b, check_finite_inputs, where)
+
+
+@torch.library.custom_op("halo::scaled_matmul", mutates_args=())
+def scaled_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fmt: str,
+    rotation: str,
+    max_block: int,
+    granularity: str,
+    rounding_a: str,
+    rounding_b: str,
+    check_finite_inputs: bool,
+    where: str,
+) -> torch.Tensor:
+    """A [M, K] @ B [N, K]ᵀ -> [M, N] in A's dtype, quantized as the arguments say."""
+    return scaled_matmul_reference(a, b, fmt, rotation, max_block, granularity, rounding_a,
+                                   rounding_b, check_finite_inputs, where)
+
+
+@scaled_matmul.register_kernel("cuda")
+def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
+      where):
+    return _scaled_matmul(cuda_gemm, a, b, fmt, rotation, max_block, granularity, rounding_a,
+                          rounding_b, check_finite_inputs, where)
+
+
+@scaled_matmul.register_fake
+def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
+      where):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "scaled_matmul takes 2-D operands")
+    torch._check(a.shape[1] == b.shape[1], lambda: "scaled_matmul: inner dimensions differ")
+    return a.new_empty((a.shape[0], b.shape[0]))

@@ -1,0 +1,43 @@
+"""The pass manager: runs the analysis passes, then the transforms, over one Dynamo graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch.fx as fx
+
+from halo_compile.config import HaloConfig
+from halo_compile.report import LayerReport
+
+from .analysis import GraphAnalysis
+from .find_linears import FindLinears
+from .graph_utils import GraphTensors
+from .quantize_linears import QuantizeLinears
+
+
+@dataclass
+class PassContext:
+    gm: fx.GraphModule
+    example_inputs: Sequence
+    config: HaloConfig
+    tensors: GraphTensors
+    analysis: GraphAnalysis = field(default_factory=GraphAnalysis)
+    layer_reports: list[LayerReport] = field(default_factory=list)
+
+
+def default_passes() -> list:
+    return [FindLinears(), QuantizeLinears()]
+
+
+class PassManager:
+    def __init__(self, passes=None):
+        self.passes = default_passes() if passes is None else list(passes)
+
+    def run(self, gm: fx.GraphModule, example_inputs: Sequence, config: HaloConfig) -> PassContext:
+        ctx = PassContext(gm, example_inputs, config, GraphTensors(gm, example_inputs))
+        for graph_pass in self.passes:
+            graph_pass.run(ctx)
+        gm.graph.lint()
+        gm.recompile()
+        return ctx

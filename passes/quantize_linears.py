@@ -1,0 +1,121 @@
+"""Transform: replace each selected linear by `halo::quantized_linear`, and report every linear.
+
+A linear stays in high precision, with the reason in the report, when the user excluded it, when
+it is below `min_features`, or when its shape, dtype or device is one the low-precision GEMMs
+cannot take: never a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from halo_compile.config import LayerConfig
+from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
+from halo_compile.report import LayerReport, MatmulPlan
+
+from .analysis import LinearSite
+from .graph_utils import fake_value
+
+GEMM_ALIGNMENT = 16  # FP8 cuBLASLt needs in/out features divisible by 16 (INT8 needs 8)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+class QuantizeLinears:
+    name = "quantize_linears"
+
+    def run(self, ctx) -> None:
+        for site in ctx.analysis.linears:
+            layer = ctx.config.for_layer(site.fqn)
+            reason = self._reason_to_skip(site, layer, ctx)
+            if reason:
+                ctx.layer_reports.append(
+                    LayerReport(site.fqn, site.in_features, site.out_features, False, reason=reason)
+                )
+                continue
+            tokens = _token_count(site)
+            plans = _plan_matmuls(site, layer, tokens)
+            self._rewrite(ctx.gm.graph, site, layer, ctx.config.nonfinite == "raise")
+            ctx.layer_reports.append(LayerReport(
+                site.fqn, site.in_features, site.out_features, True, layer.format, layer.scale,
+                *plans,
+            ))
+
+    @staticmethod
+    def _reason_to_skip(site: LinearSite, layer, ctx) -> str:
+        if layer is None:
+            return f"excluded by layers[{ctx.config.excluded_by(site.fqn)!r}]"
+        w = site.weight
+        if w.dtype not in SUPPORTED_DTYPES:
+            return f"weight dtype {w.dtype} not supported"
+        if w.device.type not in SUPPORTED_DEVICES:
+            return f"device {w.device.type} not supported"
+        x = fake_value(site.x)
+        if x is not None and not x.dtype.is_floating_point:
+            return f"input dtype {x.dtype} not supported"
+        for name, size in (("in_features", site.in_features), ("out_features", site.out_features)):
+            if size % GEMM_ALIGNMENT:
+                return f"{name}={size} is not a multiple of {GEMM_ALIGNMENT} (GEMM alignment)"
+        if min(site.in_features, site.out_features) < layer.min_features:
+            return f"smaller than min_features={layer.min_features}"
+        return ""
+
+    @staticmethod
+    def _rewrite(graph: fx.Graph, site: LinearSite, layer: LayerConfig, check_finite: bool):
+        node = site.node
+        with graph.inserting_before(node):
+            weight = site.weight_node
+            if site.weight_transposed:
+                weight = graph.call_method("t", (weight,))
+            new = graph.call_function(
+                torch.ops.halo.quantized_linear.default,
+                (site.x, weight, site.bias, layer.format, layer.scale, layer.hadamard.forward,
+                 layer.hadamard.grad_input, layer.hadamard.grad_weight, layer.max_block,
+                 layer.grad_rounding, check_finite, site.fqn),
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        site.node = new
+
+
+def _token_count(site: LinearSite):
+    """Tokens (rows of the flattened input) as traced; None when symbolic."""
+    x = fake_value(site.x)
+    if x is None:
+        return None
+    try:
+        return int(x.numel() // x.shape[-1])
+    except (TypeError, RuntimeError):  # dynamic shapes: decided per call by the kernel
+        return None
+
+
+def _plan_matmuls(site: LinearSite, layer: LayerConfig, tokens):
+    """The rotation of each matmul and its block along the rotated dimension, as the kernels
+    will choose it (kernels/hadamard.py: hadamard_block_size)."""
+    sizes = {"in": site.in_features, "out": site.out_features, "tokens": tokens}
+    # The rotated dimension of each matmul for each placement (see kernels/scaled_matmul.py).
+    rotated_dim = {
+        "forward": {"inner": "in", "outer": "tokens"},
+        "grad_input": {"inner": "out", "outer": "tokens"},
+        "grad_weight": {"inner": "tokens", "outer": "out"},
+    }
+    plans = []
+    for matmul, dims in rotated_dim.items():
+        rotation = getattr(layer.hadamard, matmul)
+        if rotation == "none":
+            plans.append(MatmulPlan("none"))
+            continue
+        dim = dims[rotation]
+        size = sizes[dim]
+        if size is None:
+            plans.append(MatmulPlan(rotation, dim))  # dynamic token count: chosen per call
+            continue
+        block = hadamard_block_size(size, layer.max_block)
+        note = "" if block else f"no power-of-two block >= {MIN_BLOCK} divides {dim}={size}"
+        if block and dim == "tokens":
+            note = f"{size} tokens when traced"
+        plans.append(MatmulPlan(rotation, dim, block, note))
+    return plans
