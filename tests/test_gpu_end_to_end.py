@@ -1,0 +1,64 @@
+"""On the GPU: the halo backend through Inductor with the real FP8 (`torch._scaled_mm`) and INT8
+(`torch._int_mm`) GEMMs, on a small Llama in bf16. Skipped without CUDA."""
+
+import copy
+
+import pytest
+import torch
+
+import halo_compile
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.gpu
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+
+
+def _train(model, batches, steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        ids = batches[step % len(batches)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_training_on_gpu_tracks_bf16(fmt):
+    torch.manual_seed(0)
+    base = _tiny_llama()
+    batches = [torch.randint(0, 64, (4, 128), device="cuda") for _ in range(4)]
+    reference = _train(torch.compile(copy.deepcopy(base)), batches, 30)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(base), backend="halo",
+                             options={"format": fmt, "hadamard": "halo2"})
+    losses = _train(compiled, batches, 30)
+    report = halo_compile.report(compiled)
+    assert len(report.quantized) == 15, str(report)
+    final, final_ref = sum(losses[-5:]) / 5, sum(reference[-5:]) / 5
+    assert abs(final - final_ref) / final_ref < 0.05, (losses, reference)
+
+
+def test_gemm_kernels_are_called():
+    """The CUDA kernel of halo::scaled_matmul runs cuBLASLt FP8 and the INT8 matmul for real."""
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for fmt in ("fp8_e4m3", "int8"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = torch.ops.halo.quantized_linear(x, w, None, fmt, "row", "inner", "outer", "none",
+                                                256, "nearest", True, "test")
+            y.backward(torch.randn_like(y))
+        names = {event.name for event in prof.events()}
+        expected = "aten::_scaled_mm" if fmt == "fp8_e4m3" else "aten::_int_mm"
+        assert expected in names, sorted(names)
