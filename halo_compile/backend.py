@@ -13,9 +13,14 @@ from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
 from halo_compile.report import GraphRecord, record_graph
 
-_CONFIGURED: "weakref.WeakKeyDictionary[torch.nn.Parameter, HaloConfig]" = (
-    weakref.WeakKeyDictionary()
-)
+# id(parameter) -> (weak reference to it, config). Not a WeakKeyDictionary: that compares keys
+# with Tensor.__eq__ (elementwise), which fails for any parameter configured or looked up twice.
+_CONFIGURED: "dict[int, tuple[weakref.ref, HaloConfig]]" = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _CONFIGURED.get(key, (None,))[0] is ref:
+        del _CONFIGURED[key]
 
 
 def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, Any], None] = None,
@@ -26,14 +31,16 @@ def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, An
         raise ValueError("pass halo options either as a dict/HaloConfig or as keywords, not both")
     config = HaloConfig.from_options(options if options is not None else kwargs)
     for param in model.parameters():
-        _CONFIGURED[param] = config
+        key = id(param)
+        _CONFIGURED[key] = (weakref.ref(param, lambda ref, key=key: _forget(key, ref)), config)
     return config
 
 
 def _configured_for(tensors: GraphTensors) -> Optional[HaloConfig]:
     for param in tensors.parameters():
-        if param in _CONFIGURED:
-            return _CONFIGURED[param]
+        ref, config = _CONFIGURED.get(id(param), (None, None))
+        if ref is not None and ref() is param:
+            return config
     return None
 
 
@@ -46,7 +53,7 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
         config = _configured_for(tensors) or HaloConfig()
     ctx = PassManager().run(gm, example_inputs, config)
     record = GraphRecord(ctx.layer_reports, ctx.analysis.describe())
-    record.parameters.update(tensors.parameters())
+    record.add_parameters(tensors.parameters())
     record_graph(record)
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend

@@ -152,7 +152,8 @@ class HaloConfig:
             raise ValueError("halo option 'layers' must map module-name globs to dicts or None")
         return cls(
             defaults=defaults,
-            layers=tuple((pattern, None if o is None else dict(o)) for pattern, o in layers.items()),
+            layers=tuple((pattern, dict(o) if isinstance(o, Mapping) else o)
+                         for pattern, o in layers.items()),
             nonfinite=options.get("nonfinite", "raise"),
             compiler=options.get("compiler", "inductor"),
         )

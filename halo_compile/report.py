@@ -60,7 +60,14 @@ class LayerReport:
 class GraphRecord:
     layers: list[LayerReport]
     structure: list[str]  # one line per attention / norm / residual found by the analysis
-    parameters: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    # id(parameter) -> weak reference. Not a WeakSet: that compares members with Tensor.__eq__.
+    parameters: "dict[int, weakref.ref]" = field(default_factory=dict)
+
+    def add_parameters(self, params) -> None:
+        self.parameters.update((id(p), weakref.ref(p)) for p in params)
+
+    def reads_any_of(self, params: "dict[int, torch.Tensor]") -> bool:
+        return any(key in params and ref() is params[key] for key, ref in self.parameters.items())
 
 
 _RECORDS: deque = deque(maxlen=1024)
@@ -104,11 +111,11 @@ class HaloReport:
 def report(model: torch.nn.Module) -> HaloReport:
     """The per-layer report of a model compiled with backend="halo" (after its first call)."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module
-    params = set(model.parameters())
+    params = {id(p): p for p in model.parameters()}
     by_fqn: dict[str, LayerReport] = {}
     structure: list[str] = []
     for record in _RECORDS:
-        if any(p in params for p in record.parameters):
+        if record.reads_any_of(params):
             by_fqn.update((layer.fqn, layer) for layer in record.layers)
             structure.extend(line for line in record.structure if line not in structure)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

@@ -30,7 +30,9 @@ FORMATS = ("fp8_e4m3", "int8", "none")
 
 
 def _rotate_operands(a, b, rotation: str, max_block: int):
-    """Rotate the operands in float32; returns (a, b, block along M to undo on the output)."""
+    """Rotate the operands in float32 (float64 stays float64, as in block_hadamard); returns
+    (a, b, block along M to undo on the output)."""
+    compute_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     if rotation == "inner":
         block = hadamard_block_size(a.shape[1], max_block)
         if block:
@@ -38,8 +40,8 @@ def _rotate_operands(a, b, rotation: str, max_block: int):
     elif rotation == "outer":
         block = hadamard_block_size(a.shape[0], max_block)
         if block:
-            return block_hadamard(a, block, dim=0), b.float(), block
-    return a.float(), b.float(), 0
+            return block_hadamard(a, block, dim=0), b.to(compute_dtype), block
+    return a.to(compute_dtype), b.to(compute_dtype), 0
 
 
 def _quantize_operands(a, b, fmt, granularity, rounding_a, rounding_b, check, where):
@@ -68,7 +70,9 @@ def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a
         out = gemm(qa, sa, qb, sb, fmt, out_dtype)
     if outer_block:
         out = block_hadamard(out, outer_block, dim=0)
-    return out.to(out_dtype)
+    # Contiguous, as the fake kernel promises (Inductor asserts output strides): the outer
+    # rotation's movedim and the CUDA GEMM's un-padding slice would otherwise leak strides.
+    return out.to(out_dtype).contiguous()
 
 
 def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):

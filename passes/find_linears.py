@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import LinearSite
-from .graph_utils import call_target_name, module_fqn, source_name
+from .graph_utils import call_target_name, module_fqn, node_arg, source_name
 
 _TRANSPOSES = ("t", "T", "transpose", "permute")
 
@@ -34,8 +34,8 @@ class FindLinears:
             return None
         target = node.target
         if target in (torch._C._nn.linear, torch.nn.functional.linear):
-            x, w = node.args[0], _arg(node, 1, "weight")
-            bias = _arg(node, 2, "bias")
+            x, w = node.args[0], node_arg(node, 1, "weight")
+            bias = node_arg(node, 2, "bias")
             return self._site(node, "linear", x, w, False, bias, ctx)
         if target is torch.addmm and not node.kwargs:
             bias, x, w = node.args[:3]
@@ -56,6 +56,14 @@ class FindLinears:
             and _is_2d_swap(node)
         ):
             return node.args[0], False
+        if (  # `W.T` / `W.mT`: Dynamo records the attribute read as getattr(W, "T")
+            isinstance(node, fx.Node)
+            and node.op == "call_function"
+            and node.target is getattr
+            and len(node.args) == 2
+            and node.args[1] in ("T", "mT")
+        ):
+            return node.args[0], False
         return node, True
 
     @staticmethod
@@ -69,12 +77,6 @@ class FindLinears:
         if not fqn:  # a functional call at the root: name it after its weight
             fqn = (source_name(weight_node) or weight_node.name).removesuffix(".weight")
         return LinearSite(node, fqn, kind, x, weight_node, weight, transposed, bias)
-
-
-def _arg(node: fx.Node, index: int, name: str):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name)
 
 
 def _is_2d_swap(node: fx.Node) -> bool:

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
+if TYPE_CHECKING:
+    from .analysis import LinearSite
+
+# The root module: `L['self']`, or `L['args'][0]` when forward is wrapped by a `*args` decorator.
+_ROOT = re.compile(r"^[LG]\[(?:'args'\]\[0|'[^']*')\]\.?")
 _GETATTR = re.compile(r"getattr\(([^(),]+), '([^']+)'\)")
-_ATTRIBUTE_DICT = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
-_INDEX = re.compile(r"\[(\d+)\]")
+_ATTRIBUTE_DICT = re.compile(
+    r"(?:^|\.)(?:__dict__\['_modules'\]|_modules|_parameters|_buffers)\['([^']+)'\]"
+)  # also peft's `self.__dict__['_modules']['base_model']`
+_INDEX = re.compile(r"\['?([^'\]]+)'?\]")  # Sequential/ModuleList [0], ModuleDict ['default']
 
 
 def normalize_module_path(path: str) -> str:
     """Dynamo's module path ("L['self'].model.layers[0].mlp") -> FQN ("model.layers.0.mlp")."""
     while _GETATTR.search(path):
         path = _GETATTR.sub(r"\1.\2", path)
+    path = _ROOT.sub("", path)
     path = _ATTRIBUTE_DICT.sub(r".\1", path)
-    path = _INDEX.sub(r".\1", path)
-    return _ROOT.sub("", path)
+    return _INDEX.sub(r".\1", path).lstrip(".")
 
 
 def module_fqn(node: fx.Node) -> str:
@@ -92,3 +98,59 @@ def call_target_name(node: fx.Node) -> str:
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return node.op
+
+
+def node_arg(node: fx.Node, index: int, name: str):
+    """A call's argument given either positionally at `index` or by keyword `name`."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+# Ops that hand on one tensor's values unchanged up to layout, dtype or dropout.
+_PASSTHROUGH_OPS = frozenset({
+    "view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "expand", "getitem", "view_as", "reshape_as", "expand_as", "clone",
+    "to", "type", "type_as", "float", "half", "bfloat16", "double",
+    "dropout",
+})
+
+
+def passthrough_input(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor that `node` only re-lays out, casts or drops out; None for any other op."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    if call_target_name(node) not in _PASSTHROUGH_OPS:
+        return None
+    source = node.args[0]
+    return source if fake_value(source) is not None else None  # not getitem of a tuple
+
+
+def strip_passthroughs(node: fx.Node) -> fx.Node:
+    """Walk back through re-layouts, casts and dropout to the node that computed the values."""
+    while (source := passthrough_input(node)) is not None:
+        node = source
+    return node
+
+
+def passthrough_descendants(node: fx.Node) -> Iterator[fx.Node]:
+    """`node` and every node reached from it through re-layouts, casts and dropout only."""
+    stack, seen = [node], {node}
+    while stack:
+        current = stack.pop()
+        yield current
+        for user in current.users:
+            if user not in seen and passthrough_input(user) is current:
+                seen.add(user)
+                stack.append(user)
+
+
+def linears_reading(node: fx.Node, linears: Mapping[fx.Node, LinearSite]) -> list[LinearSite]:
+    """The linears whose input is `node` or a re-layout, cast or dropout of it."""
+    return [linears[user] for source in passthrough_descendants(node) for user in source.users
+            if user in linears and linears[user].x is source]
+
+
+def program_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Each node's index in the graph, to compare nodes by when they are computed."""
+    return {node: i for i, node in enumerate(graph.nodes)}

@@ -11,7 +11,9 @@ from halo_compile.config import HaloConfig
 from halo_compile.report import LayerReport
 
 from .analysis import GraphAnalysis
+from .find_attention import FindAttention
 from .find_linears import FindLinears
+from .find_norms import FindNormsAndResiduals
 from .graph_utils import GraphTensors
 from .quantize_linears import QuantizeLinears
 
@@ -27,7 +29,7 @@ class PassContext:
 
 
 def default_passes() -> list:
-    return [FindLinears(), QuantizeLinears()]
+    return [FindLinears(), FindAttention(), FindNormsAndResiduals(), QuantizeLinears()]
 
 
 class PassManager:

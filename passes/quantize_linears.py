@@ -27,7 +27,13 @@ class QuantizeLinears:
     name = "quantize_linears"
 
     def run(self, ctx) -> None:
+        replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its halo op
         for site in ctx.analysis.linears:
+            # A linear that reads another linear's output (x @ A then @ B, Linear -> Linear):
+            # the site still holds the erased node; read the halo op that replaced it.
+            site.x = replaced.get(site.x, site.x)
+            if site.bias is not None:
+                site.bias = replaced.get(site.bias, site.bias)
             layer = ctx.config.for_layer(site.fqn)
             reason = self._reason_to_skip(site, layer, ctx)
             if reason:
@@ -37,7 +43,9 @@ class QuantizeLinears:
                 continue
             tokens = _token_count(site)
             plans = _plan_matmuls(site, layer, tokens)
+            old_node = site.node
             self._rewrite(ctx.gm.graph, site, layer, ctx.config.nonfinite == "raise")
+            replaced[old_node] = site.node
             ctx.layer_reports.append(LayerReport(
                 site.fqn, site.in_features, site.out_features, True, layer.format, layer.scale,
                 *plans,

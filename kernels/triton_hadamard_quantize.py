@@ -1,0 +1,432 @@
+"""Fused block-Hadamard rotation + FP8/INT8 quantization in one Triton kernel.
+
+`hadamard_quantize(x, fmt, granularity, block)` computes what the plain-torch composition
+
+    quantize(block_hadamard(x, block, dim=1) if block else x.float(), fmt, granularity)
+
+computes (see hadamard.py, quantize.py), reading the bf16/fp16/fp32 input from memory and
+writing the FP8 E4M3 / INT8 values and the float32 scales, with no rotated copy in between.
+
+Design
+------
+* Grid: one program per BLOCK_M rows. Each program loops over K twice; one iteration handles NT
+  tiles of 256 columns per row, i.e. a batch of BLOCK_M * NT tiles viewed as [16, 16] (column
+  = k0 + 256 * t + 16 * mid + low). The first loop rotates every tile and reduces the per-row
+  absmax; the second rotates the same tiles again (the re-read is loaded with evict_last in the
+  first loop so that it can come from L2), divides by the scale and stores. For granularity
+  "tensor" the first loop alone runs (it stores the per-row absmax), torch reduces those M
+  numbers into the single scale on the device, and the second loop alone runs with it.
+  GPU launch: BLOCK_M = 1, NT = 2, 2 warps (one warp per 16 x 16 tile; see GPU_CONFIG).
+* The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
+  block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
+  tile the block transform is X -> G X H_16, H_16 acting on `low` (a right product) and
+  G = I_(16/r) (x) H_r (r = block / 16) on `mid` (a left product; skipped for block 16). That is
+  64 flops per element for any block up to 256 instead of 2 * block, and a 16 x 16 operand
+  instead of a 256 x 256 one (128 KiB in bf16, more shared memory than a program can afford).
+  G X comes first, with the loaded tile as the B operand; its float32 accumulator is then the A
+  operand of the product with H_16, a conversion that stays in registers. Both matrices hold
+  only +-1 and 0 and are built in registers from the bit pattern (H[u, v] = (-1)^popcount(u & v));
+  the 1/sqrt(block) factor is applied afterwards in float32, the way the reference applies it.
+* Precision: every product of a dot is exact (+-1 or 0 times a value representable in the
+  operand type) and the accumulation is float32, so the rotation differs from the reference FWHT
+  only in the order of float32 additions. bf16/fp16 inputs are dot operands as they are. Values
+  that are genuinely float32 (fp32 inputs; the intermediate after the first dot) are split into
+  three bf16 pieces hi + mid + lo (exact for normal floats: 3 x 8 significant bits) that go
+  through three bf16 dots accumulating into one float32 result (`precision="split"`, the
+  default), or through one float32 dot with input_precision="ieee" (`precision="ieee"`: CUDA
+  cores, half the bandwidth on an H100, and no more accurate).
+* Quantization, exactly as torch computes the reference on the same device: the scale is
+  max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
+  divides by a Python scalar that way there); q = RN(y / scale), computed as
+  RN(y * inv) + one FMA correction with inv = RN(1 / scale) (Markstein), which equals IEEE
+  division except for subnormal |y|, whose quotient quantizes to zero either way, and costs
+  less than div.rn.f32; INT8 rounds half to even (the 1.5 * 2^23 trick); FP8 converts with
+  round-to-nearest-even. NaN and inf make the row's absmax inf, so the scale is non-finite
+  exactly when the reference's is (the values are then meaningless).
+* Stores are raw bytes: the FP8 output is written through a uint8 view of the float8 tensor.
+
+Measured (H100, torch 2.11, triton 3.6; tests/kernels/test_triton_hadamard_quantize.py and
+measure_bandwidth): with block 0 the output equals the reference bit for bit. With a rotation,
+the scales agree to 4e-7 relative and at most one value in ~10^5 differs, by one quantum (bf16,
+block 256: 4 to 83 of 33.5M / 117M values; fp32: ~5e-6 of the values). Bandwidth, bytes read
+once + written once, CUDA graph timing, bf16 -> FP8 per row, block 256: ~1.45-1.55 TB/s at
+8192 x 4096 and 8191 x 14336 (block 0: 1.8-2.3 TB/s; fp32 input: ~1.55 TB/s). The second pass
+re-reads the input, and the dots, the splits and the division all cost instructions: it is not
+at the ~3 TB/s copy bandwidth.
+
+Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through
+`triton.runtime.interpreter.InterpretedFunction` whenever its input is on the CPU, whether or
+not TRITON_INTERPRET is set (the environment variable only changes what `@triton.jit` returns at
+decoration time, which would also turn every kernel decorated later in the process - Inductor's
+included - into an interpreted one). Under the interpreter (triton 3.9) two things are wrong and
+are worked around: a `tl.dot` of bfloat16 operands multiplies the raw uint16 bit patterns, so
+the dot operands are converted to float32 first (the products are exact either way, so this is
+the same arithmetic); and the float32 -> float8e4nv cast rounds wrongly when rounding carries into
+the exponent (e.g. -1.947 -> -1.0), so the E4M3 bits are computed with integer operations
+(`soft_fp8`, also available on the GPU). Storing float8 or uint8 works.
+
+`halo::hadamard_quantize` is a `torch.library.triton_op`: on CUDA it launches the kernel (and
+Inductor sees the kernel), on other devices it runs the reference; its fake implementation is
+the same function run on fake tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .hadamard import block_hadamard
+from .quantize import FORMATS, _MIN_AMAX, quantize
+
+MAX_BLOCK = 256
+PRECISIONS = ("split", "ieee")
+
+# Kernel modes.
+_ROW = 0  # both loops: per-row absmax, per-row scale, quantize
+_AMAX_ONLY = 1  # first loop only: store the per-row absmax
+_WITH_SCALE = 2  # second loop only: quantize with the scale at scale_ptr[0]
+
+
+# tl.max, tl.zeros & co. are @triton.jit functions of triton.language.standard; an
+# InterpretedFunction built without TRITON_INTERPRET cannot call them, but tl.reduce with
+# tl.standard._elementwise_max is patched by the interpreter (a numpy fast path) and compiles on
+# the GPU. (Spelled out in the kernel: Inductor, which re-emits the kernel's source for a compiled
+# graph, does not carry module-level aliases along.)
+
+
+def _hadamard_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, amax_ptr,
+    M, K, stride_xm, stride_qm,
+    HB: tl.constexpr,  # Hadamard block: 0 (no rotation) or a power of two 16..256
+    INT8: tl.constexpr,  # output format: INT8 if true, else FP8 E4M3 (as raw bytes)
+    MODE: tl.constexpr,  # _ROW, _AMAX_ONLY or _WITH_SCALE
+    X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
+    IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
+    UPCAST_DOT: tl.constexpr,  # interpreter: all dot operands in float32
+    SOFT_FP8: tl.constexpr,  # compute the E4M3 bits with integer operations
+    MAX_VALUE: tl.constexpr,
+    INV_MAX_VALUE: tl.constexpr,  # float32(1 / MAX_VALUE)
+    RECIP_SCALE: tl.constexpr,  # scale = amax * INV_MAX_VALUE (else amax / MAX_VALUE)
+    INV_SQRT: tl.constexpr,
+    R: tl.constexpr,  # HB // 16 (1 when HB is 0 or 16): G = I (x) H_R
+    FIRST_PASS: tl.constexpr,  # passes FIRST_PASS..LAST_PASS-1 run: 0 = absmax, 1 = quantize
+    LAST_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NT: tl.constexpr,  # 256-column tiles per row and loop iteration
+    NB: tl.constexpr,  # BLOCK_M * NT
+    EXACT_DIV: tl.constexpr,  # IEEE division by the scale (else multiply by its reciprocal)
+):
+    # The work of one iteration is a batch of NB = BLOCK_M * NT tiles of [16, 16]: batch entry
+    # b holds row b // NT, columns k0 + 256 * (b % NT) + 16 * mid + low.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    b = tl.arange(0, NB)
+    b_row = pid * BLOCK_M + b // NT
+    b_ok = (b_row < M)[:, None, None]
+    b_row64 = b_row.to(tl.int64)[:, None, None]
+    i16 = tl.arange(0, 16)
+    tile_off = ((b % NT) * 256)[:, None, None] + (i16[:, None] * 16 + i16[None, :])[None, :, :]
+    x_tiles = x_ptr + b_row64 * stride_xm + tile_off
+    q_tiles = q_ptr + b_row64 * stride_qm + tile_off
+
+    # +-1 Hadamard H_16 (acts on `low`) and G = I (x) H_R (acts on `mid`), R = HB / 16.
+    hu = i16[:, None]
+    hv = i16[None, :]
+    par = hu & hv
+    par = par ^ (par >> 2)
+    par = (par ^ (par >> 1)) & 1
+    h16 = (1 - 2 * par).to(tl.float32)
+    gpar = hu & hv & (R - 1)
+    gpar = gpar ^ (gpar >> 2)
+    gpar = (gpar ^ (gpar >> 1)) & 1
+    g = tl.where((hu // R) == (hv // R), 1 - 2 * gpar, 0).to(tl.float32)
+    h16_f = tl.broadcast_to(h16[None, :, :], (NB, 16, 16))
+    g_f = tl.broadcast_to(g[None, :, :], (NB, 16, 16))
+    # Dot operands: bf16 for the pieces of float32 values, the input's type for the input itself;
+    # float32 everywhere under the interpreter (its bf16 dot is broken) or with IEEE.
+    if UPCAST_DOT:
+        h16_op = h16_f
+        g_op = g_f
+        h16_xop = h16_f
+        g_xop = g_f
+    else:
+        h16_op = h16_f.to(tl.bfloat16)
+        g_op = g_f.to(tl.bfloat16)
+        h16_xop = h16_f.to(x_ptr.dtype.element_ty)
+        g_xop = g_f.to(x_ptr.dtype.element_ty)
+
+    amax_b = tl.full([NB], 0.0, dtype=tl.float32)
+    for p in tl.static_range(FIRST_PASS, LAST_PASS):
+        if p == 1:
+            if MODE == 0:
+                amax = tl.reshape(amax_b, (BLOCK_M, NT))
+                amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
+                if RECIP_SCALE:  # torch on CUDA: amax * (1 / max_value)
+                    scale = tl.maximum(amax, 1e-12) * INV_MAX_VALUE
+                else:  # torch on the CPU: amax / max_value
+                    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), MAX_VALUE)
+                tl.store(scale_ptr + rows, scale, mask=row_ok)
+                scale_b = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NT)), (NB,))
+            else:
+                scale_b = tl.load(scale_ptr + tl.full([NB], 0, dtype=tl.int32))
+            scale3 = scale_b[:, None, None]
+            inv3 = tl.math.div_rn(tl.full([NB], 1.0, dtype=tl.float32), scale_b)[:, None, None]
+        for k0 in range(0, K, NT * 256):
+            mask = b_ok & (k0 + tile_off < K)
+            if p == 0 and MODE == 0:  # read again in the second pass: keep it in L2
+                x = tl.load(x_tiles + k0, mask=mask, other=0.0, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_tiles + k0, mask=mask, other=0.0, eviction_policy="evict_first")
+            # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
+            # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
+            # right product: the accumulator of the first dot becomes the A operand of the
+            # second, a conversion that stays in registers). Skipped products are identities.
+            if HB == 0:
+                y = x.to(tl.float32)
+            else:
+                if R == 1:
+                    v = x
+                elif X_FP32 and not IEEE:
+                    xs_hi = x.to(tl.bfloat16)
+                    xs_r = x - xs_hi.to(tl.float32)
+                    xs_mid = xs_r.to(tl.bfloat16)
+                    xs_lo = (xs_r - xs_mid.to(tl.float32)).to(tl.bfloat16)
+                    if UPCAST_DOT:
+                        xs_hi = xs_hi.to(tl.float32)
+                        xs_mid = xs_mid.to(tl.float32)
+                        xs_lo = xs_lo.to(tl.float32)
+                    v = tl.dot(g_op, xs_lo, input_precision="ieee")
+                    v = tl.dot(g_op, xs_mid, v, input_precision="ieee")
+                    v = tl.dot(g_op, xs_hi, v, input_precision="ieee")
+                elif X_FP32 or UPCAST_DOT:
+                    v = tl.dot(g_xop, x.to(tl.float32), input_precision="ieee")
+                else:
+                    v = tl.dot(g_xop, x, input_precision="ieee")
+                if R == 1 and not X_FP32:  # v is the input: exact as an operand
+                    if UPCAST_DOT:
+                        y = tl.dot(v.to(tl.float32), h16_xop, input_precision="ieee")
+                    else:
+                        y = tl.dot(v, h16_xop, input_precision="ieee")
+                elif IEEE:
+                    y = tl.dot(v, h16_f, input_precision="ieee")
+                else:  # v is float32: three bf16 pieces
+                    vs_hi = v.to(tl.bfloat16)
+                    vs_r = v - vs_hi.to(tl.float32)
+                    vs_mid = vs_r.to(tl.bfloat16)
+                    vs_lo = (vs_r - vs_mid.to(tl.float32)).to(tl.bfloat16)
+                    if UPCAST_DOT:
+                        vs_hi = vs_hi.to(tl.float32)
+                        vs_mid = vs_mid.to(tl.float32)
+                        vs_lo = vs_lo.to(tl.float32)
+                    y = tl.dot(vs_lo, h16_op, input_precision="ieee")
+                    y = tl.dot(vs_mid, h16_op, y, input_precision="ieee")
+                    y = tl.dot(vs_hi, h16_op, y, input_precision="ieee")
+                y = y * INV_SQRT
+            if p == 0:
+                a = tl.abs(y)
+                a = tl.where(a == a, a, float("inf"))  # NaN -> inf: the scale shows it
+                a = tl.reduce(a, 2, tl.standard._elementwise_max)
+                a = tl.reduce(a, 1, tl.standard._elementwise_max)
+                amax_b = tl.maximum(amax_b, a)
+            else:
+                # ---- quantize ----
+                if EXACT_DIV:
+                    # y / scale correctly rounded (Markstein: with inv = RN(1 / scale), one FMA
+                    # correction of RN(y * inv) gives RN(y / scale); only for |y| in the
+                    # subnormal range can it differ, and such values quantize to zero anyway).
+                    # Cheaper than div.rn.f32.
+                    val = y * inv3
+                    res = tl.fma(-val, scale3, y)  # exact residual
+                    val = tl.where(res == 0.0, val, tl.fma(res, inv3, val))  # keeps -0.0
+                else:
+                    val = y * inv3
+                val = tl.minimum(tl.maximum(val, -MAX_VALUE), MAX_VALUE)
+                if INT8:
+                    q = ((val + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even
+                elif SOFT_FP8:
+                    mag = tl.abs(val)
+                    bits = mag.to(tl.int32, bitcast=True)
+                    rb = bits + 0x7FFFF + ((bits >> 20) & 1)  # round to 3 mantissa bits, RNE
+                    normal = (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7)
+                    sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)  # k * 2^-9
+                    code = tl.where(mag < 0.015625, sub, normal)
+                    sign = (val.to(tl.int32, bitcast=True) >> 24) & 0x80
+                    q = (code | sign).to(tl.uint8)
+                else:
+                    q = val.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+                tl.store(q_tiles + k0, q, mask=mask)
+        if p == 0:
+            if MODE == 1:
+                amax = tl.reshape(amax_b, (BLOCK_M, NT))
+                amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
+                tl.store(amax_ptr + rows, amax, mask=row_ok)
+
+
+_kernel = triton.jit(_hadamard_quantize_kernel)
+_interpreted = None
+
+
+def _interpreted_kernel():
+    global _interpreted
+    if _interpreted is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _interpreted = InterpretedFunction(_hadamard_quantize_kernel)
+    return _interpreted
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side
+
+
+def _check_args(x, fmt, granularity, block, precision="split"):
+    if x.dim() != 2:
+        raise ValueError(f"hadamard_quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"hadamard_quantize: unsupported dtype {x.dtype}")
+    if fmt not in FORMATS:
+        raise ValueError(f"hadamard_quantize: unknown format {fmt!r}")
+    if granularity not in ("row", "tensor"):
+        raise ValueError(f"hadamard_quantize: unknown granularity {granularity!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"hadamard_quantize: unknown precision {precision!r}")
+    if block:
+        if block < 16 or block > MAX_BLOCK or block & (block - 1):
+            raise ValueError(f"hadamard_quantize: block must be 0 or a power of two in 16..256, "
+                             f"got {block}")
+        if isinstance(x.shape[1], int) and x.shape[1] % block:
+            raise ValueError(f"hadamard_quantize: block {block} does not divide {x.shape[1]}")
+        torch._check(x.shape[1] % block == 0,
+                     lambda: f"hadamard_quantize: block {block} does not divide {x.shape[1]}")
+
+
+# Launch configuration: (BLOCK_M, NT, num_warps). On an H100 (triton 3.6, bf16, block 256) the
+# best were one warp per 16 x 16 tile and few tiles per program, many programs per SM:
+# (1, 2, 2) and (1, 4, 4) within noise of each other at 8192 x 4096 and 8191 x 14336, (2, 2, 4)
+# close behind; 8 or more tiles per warp, or a whole row per program kept in registers between
+# the passes, were 1.5 to 5 times slower. The interpreter takes bigger batches (fewer numpy
+# calls) and uses both BLOCK_M > 1 and NT > 1 so that the tests cover both kinds of masking.
+GPU_CONFIG = (1, 2, 2)
+INTERPRETER_CONFIG = (32, 2, None)
+
+
+# float32(1 / max_value), rounded once, as torch computes the reciprocal on CUDA. Computed here,
+# at import, because under FakeTensorMode (torch.compile) a tensor's value cannot be read.
+_INV_MAX_VALUE = {
+    name: (torch.ones((), dtype=torch.float32) / spec.max_value).item()
+    for name, spec in FORMATS.items()
+}
+
+
+def _launch(kernel, x, q_bytes, scale, amax, mode, fmt, block, precision, soft_fp8, interpret,
+            block_m, num_warps, nt, exact_div, recip_scale):
+    M, K = x.shape
+    default_bm, default_nt, default_warps = INTERPRETER_CONFIG if interpret else GPU_CONFIG
+    bm = block_m or default_bm
+    nt = nt or default_nt
+    grid = (triton.cdiv(M, bm),)
+    kwargs = {} if interpret else {"num_warps": num_warps or default_warps}
+    kernel[grid](
+        x, q_bytes, scale, amax, M, K, x.stride(0), q_bytes.stride(0),
+        HB=block, INT8=fmt == "int8", MODE=mode, X_FP32=x.dtype == torch.float32,
+        IEEE=precision == "ieee", UPCAST_DOT=interpret, SOFT_FP8=soft_fp8,
+        MAX_VALUE=FORMATS[fmt].max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
+        RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
+        INV_SQRT=1.0 / math.sqrt(block) if block else 1.0,
+        R=max(block // 16, 1), FIRST_PASS=1 if mode == _WITH_SCALE else 0,
+        LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
+        EXACT_DIV=exact_div, **kwargs,
+    )
+
+
+def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, precision="split",
+                            soft_fp8=None, interpret=False, block_m=None, num_warps=None,
+                            nt=None, exact_div=True, recip_scale=None):
+    _check_args(x, fmt, granularity, block, precision)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    torch._check(M >= 1, lambda: "hadamard_quantize: empty input")
+    spec = FORMATS[fmt]
+    if soft_fp8 is None:
+        soft_fp8 = interpret
+    q = torch.empty((M, K), dtype=spec.dtype, device=x.device)
+    q_bytes = q.view(torch.uint8) if spec.dtype == torch.float8_e4m3fn else q
+    args = (fmt, block, precision, soft_fp8, interpret, block_m, num_warps, nt, exact_div,
+            recip_scale)
+    if granularity == "row":
+        scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+        _launch(kernel, x, q_bytes, scale, scale, _ROW, *args)
+        return q, scale
+    amax = torch.empty((M,), dtype=torch.float32, device=x.device)
+    _launch(kernel, x, q_bytes, amax, amax, _AMAX_ONLY, *args)
+    scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
+    _launch(kernel, x, q_bytes, scale, scale, _WITH_SCALE, *args)
+    return q, scale
+
+
+def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, *,
+                             precision="split", soft_fp8=None, block_m=None, num_warps=None,
+                             nt=None, exact_div=True, recip_scale=None):
+    """Run the Triton kernel directly: on CUDA tensors compiled, on CPU tensors through the
+    Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, scale float32 [M, 1] or [1, 1]).
+
+    precision: "split" (float32 values as 3 bf16 dot operands) or "ieee" (float32 dots).
+    soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
+        whose float8 cast rounds wrongly).
+    block_m / nt / num_warps: override the launch configuration (GPU_CONFIG; benchmarks).
+    exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
+        knob: not bit-exact, and no faster on an H100).
+    recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
+        there) rather than amax / max (default on the CPU)."""
+    interpret = x.device.type != "cuda"
+    kernel = _interpreted_kernel() if interpret else _kernel
+    return _hadamard_quantize_impl(kernel, x, fmt, granularity, block, precision, soft_fp8,
+                                   interpret, block_m, num_warps, nt, exact_div, recip_scale)
+
+
+def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0):
+    """The plain-torch composition the kernel implements."""
+    _check_args(x, fmt, granularity, block)
+    rotated = block_hadamard(x, block, dim=1) if block else x.float()
+    return quantize(rotated, fmt, granularity)
+
+
+@triton_op("halo::hadamard_quantize", mutates_args=())
+def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str,
+                      block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-Hadamard rotation along dim 1 (block 0: none) then quantization to `fmt`.
+    CUDA: the fused Triton kernel; other devices: the plain-torch reference."""
+    if x.device.type != "cuda":
+        return hadamard_quantize_reference(x, fmt, granularity, block)
+    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block)
+
+
+def measure_bandwidth(M, K, block, fmt="fp8_e4m3", granularity="row", dtype=torch.bfloat16,
+                      precision="split", cuda_graph=False, **launch):
+    """GPU only: effective bandwidth of hadamard_quantize_triton in GB/s, counting the input read
+    once and the values and scales written once, timed with triton.testing.do_bench (median).
+
+    cuda_graph=True times a CUDA graph of the call instead (triton.testing.do_bench_cudagraph),
+    which leaves out the Python launch overhead: at 8192 x 4096 the GPU time per call is ~70 us,
+    close to what launching costs on a slow host, so the plain timing can be launch bound.
+    launch: block_m, nt, num_warps, soft_fp8, exact_div overrides."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure_bandwidth needs a CUDA GPU")
+    x = torch.randn(M, K, device="cuda", dtype=torch.float32).to(dtype)
+
+    def fn():
+        return hadamard_quantize_triton(x, fmt, granularity, block, precision=precision, **launch)
+
+    fn()
+    if cuda_graph:
+        ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    else:
+        ms = triton.testing.do_bench(fn, return_mode="median")
+    nbytes = M * K * x.element_size() + M * K * 1 + (M if granularity == "row" else 1) * 4
+    return nbytes / (ms * 1e-3) / 1e9

@@ -1,0 +1,267 @@
+"""The fused Hadamard + quantize Triton kernel against the plain-torch composition.
+
+On the CPU the kernel runs through the Triton interpreter: `hadamard_quantize_triton` builds a
+`triton.runtime.interpreter.InterpretedFunction` of the kernel for CPU tensors, so nothing here
+sets TRITON_INTERPRET (which would turn every kernel decorated later in this pytest process into
+an interpreted one, GPU tests included). The GPU tests run the compiled kernel on CUDA.
+"""
+
+import math
+
+import pytest
+import torch
+
+from halo_compile.kernels.triton_hadamard_quantize import (
+    hadamard_quantize,
+    hadamard_quantize_reference,
+    hadamard_quantize_triton,
+    measure_bandwidth,
+)
+
+FMTS = ("fp8_e4m3", "int8")
+GRANULARITIES = ("row", "tensor")
+
+# (M, K, block): M not a multiple of the kernel's BLOCK_M, every listed block that divides K.
+BLOCKS = {16: (0, 16), 48: (0, 16), 256: (0, 16, 64, 256), 768: (0, 16, 64, 256)}
+CASES = [(m, k, b) for m in (1, 7, 33, 130) for k, blocks in BLOCKS.items() for b in blocks]
+
+
+def _input(m, k, dtype, seed, outliers, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if outliers:
+        channels = torch.randperm(k, generator=g)[: max(1, k // 64)]
+        x[:, channels] *= 100.0
+    return x.to(device=device, dtype=dtype)
+
+
+def _ordinal(q):
+    """Integers in which neighbouring representable values differ by one: the INT8 value itself,
+    and for FP8 E4M3 the sign-magnitude byte as a signed magnitude (+0 and -0 both give 0)."""
+    if q.dtype == torch.int8:
+        return q.to(torch.int32)
+    raw = q.view(torch.uint8).to(torch.int32)
+    mag = raw & 0x7F
+    return torch.where(raw >= 0x80, -mag, mag)
+
+
+def _compare(q, s, q_ref, s_ref):
+    """Scales equal to rel 1e-6; values equal except neighbours (one quantum apart). Returns the
+    number of values that differ."""
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape
+    assert s.dtype == torch.float32 and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    diff = (_ordinal(q) - _ordinal(q_ref)).abs()
+    assert int(diff.max()) <= 1, f"values differ by {int(diff.max())} quanta"
+    return int((diff != 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("m,k,block", CASES)
+def test_interpreter_matches_reference(m, k, block, dtype):
+    # Two of the four (format, granularity) pairs per test, the other two with the other dtype:
+    # every (M, K, block) meets all four, and the interpreter run stays short.
+    pairs = [(f, g) for f in FMTS for g in GRANULARITIES]
+    half = (CASES.index((m, k, block)) + (dtype == torch.float32)) % 2
+    mismatches = total = 0
+    for i, (fmt, gran) in enumerate((pairs[half], pairs[3 - half])):
+        seed = 1000 * m + 10 * k + block + i + 2 * half
+        x = _input(m, k, dtype, seed, outliers=bool(i % 2))
+        q, s = hadamard_quantize_triton(x, fmt, gran, block)
+        q_ref, s_ref = hadamard_quantize_reference(x, fmt, gran, block)
+        mismatches += _compare(q, s, q_ref, s_ref)
+        total += q.numel()
+    if block == 0:  # no rotation: the same float32 operations as the reference
+        assert mismatches == 0
+    assert mismatches <= max(2, total // 1000), f"{mismatches} of {total} values one quantum off"
+
+
+@pytest.mark.parametrize("block_m,nt", [(1, 1), (2, 4), (4, 1)])
+def test_interpreter_gpu_like_launch_configs(block_m, nt):
+    """The GPU's small configurations (one row, a few tiles per program) mask the same way."""
+    for m, k, block in ((7, 768, 256), (3, 48, 16), (5, 1280, 128)):
+        for fmt, gran in (("fp8_e4m3", "row"), ("int8", "tensor")):
+            x = _input(m, k, torch.bfloat16, m + k, outliers=True)
+            q, s = hadamard_quantize_triton(x, fmt, gran, block, block_m=block_m, nt=nt)
+            assert _compare(q, s, *hadamard_quantize_reference(x, fmt, gran, block)) <= 2
+
+
+def test_interpreter_cuda_style_scale():
+    """On CUDA the kernel computes the scale as torch does there, amax * float32(1 / max)."""
+    x = _input(33, 256, torch.bfloat16, 7, outliers=True)
+    for fmt, max_value in (("fp8_e4m3", 448.0), ("int8", 127.0)):
+        q, s = hadamard_quantize_triton(x, fmt, "row", 0, recip_scale=True)
+        amax = x.float().abs().amax(dim=1, keepdim=True)
+        expected = amax * (torch.ones((), dtype=torch.float32) / max_value)
+        assert torch.equal(s, expected)
+        scaled = (x.float() / expected).clamp(-max_value, max_value)
+        q_ref = torch.round(scaled).to(torch.int8) if fmt == "int8" else scaled.to(q.dtype)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_interpreter_fp16_and_strided_input():
+    base = _input(9, 512, torch.float16, 3, outliers=True)
+    x = base[:, 128:384]  # row stride 512
+    for fmt in FMTS:
+        q, s = hadamard_quantize_triton(x, fmt, "row", 128)
+        _compare(q, s, *hadamard_quantize_reference(x, fmt, "row", 128))
+
+
+def test_interpreter_ieee_precision():
+    x = _input(33, 256, torch.float32, 5, outliers=True)
+    for fmt in FMTS:
+        q, s = hadamard_quantize_triton(x, fmt, "row", 256, precision="ieee")
+        assert _compare(q, s, *hadamard_quantize_reference(x, fmt, "row", 256)) <= 2
+
+
+def _all_e4m3_test_values():
+    """Every finite E4M3 value, the midpoints between neighbours (ties), and the floats just
+    beside each midpoint, all positive and negative, in a row whose absmax is 448 (scale 1)."""
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8)  # 0x7F is NaN
+    vals = codes.view(torch.float8_e4m3fn).float()
+    mids = (vals[:-1] + vals[1:]) / 2
+    below = torch.nextafter(mids, torch.zeros_like(mids))
+    above = torch.nextafter(mids, torch.full_like(mids, 1000.0))
+    row = torch.cat([vals, mids, below, above, torch.tensor([0.0, 1e-30, 447.99, 448.0])])
+    return torch.cat([row, -row])
+
+
+def test_soft_fp8_rounding_is_exact():
+    """The integer E4M3 conversion used under the interpreter rounds like torch's cast: ties to
+    even, subnormals, carries into the exponent, the largest value."""
+    row = _all_e4m3_test_values()
+    k = -row.numel() % 16 + row.numel()
+    x = torch.zeros(2, k)
+    x[0, : row.numel()] = row
+    x[1, : row.numel()] = row.flip(0)
+    q, s = hadamard_quantize_triton(x, "fp8_e4m3", "tensor", 0)
+    assert float(s) == 1.0
+    assert torch.equal(q.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_int8_rounds_half_to_even():
+    ties = torch.arange(-126.5, 127.0, 1.0)
+    x = torch.cat([ties, torch.tensor([127.0, -127.0, 0.5, -0.5, 1.5, 2.5])])
+    x = torch.cat([x, torch.zeros(-x.numel() % 16)]).reshape(1, -1)
+    q, s = hadamard_quantize_triton(x, "int8", "row", 0)
+    assert float(s) == 1.0
+    assert torch.equal(q, torch.round(x).to(torch.int8))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_zero_rows_and_nonfinite_rows():
+    x = torch.randn(5, 64)
+    x[1] = 0.0
+    x[3, 7] = float("nan")
+    x[4, 0] = float("inf")
+    for fmt in FMTS:
+        q, s = hadamard_quantize_triton(x, fmt, "row", 64)
+        assert float(s[1]) == 1e-12 / (448.0 if fmt == "fp8_e4m3" else 127.0) or math.isclose(
+            float(s[1]), torch.tensor(1e-12).div(448.0 if fmt == "fp8_e4m3" else 127.0).item())
+        assert torch.all(q[1].float() == 0)
+        assert torch.isfinite(s[[0, 1, 2]]).all()
+        assert not torch.isfinite(s[3]).any() and not torch.isfinite(s[4]).any()
+        _, st = hadamard_quantize_triton(x, fmt, "tensor", 64)
+        assert not torch.isfinite(st).any()
+
+
+def test_bad_arguments():
+    x = torch.randn(4, 48)
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x, "fp8_e4m3", "row", 32)  # 32 does not divide 48
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x, "fp8_e4m3", "row", 8)
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x, "fp4", "row", 16)
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x, "int8", "column", 16)
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x.to(torch.float64), "int8", "row", 16)
+
+
+def test_custom_op_on_cpu_is_the_reference():
+    x = _input(7, 256, torch.bfloat16, 11, outliers=True)
+    for fmt in FMTS:
+        for gran in GRANULARITIES:
+            q, s = torch.ops.halo.hadamard_quantize(x, fmt, gran, 64)
+            q_ref, s_ref = hadamard_quantize_reference(x, fmt, gran, 64)
+            assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref)
+    assert hadamard_quantize is not None
+
+
+def test_custom_op_traces_with_fake_tensors():
+    def f(x):
+        q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 64)
+        return q.float() * s
+
+    x = _input(7, 128, torch.bfloat16, 12, outliers=False)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+    with torch._subclasses.FakeTensorMode():
+        fx = torch.empty(9, 256, dtype=torch.bfloat16)
+        for gran, sshape in (("row", (9, 1)), ("tensor", (1, 1))):
+            q, s = torch.ops.halo.hadamard_quantize(fx, "int8", gran, 256)
+            assert q.shape == (9, 256) and q.dtype == torch.int8
+            assert s.shape == sshape and s.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(8192, 4096), (8191, 14336)])
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("gran", GRANULARITIES)
+def test_gpu_matches_reference(m, k, fmt, gran):
+    x = _input(m, k, torch.bfloat16, 0, outliers=True, device="cuda")
+    q, s = torch.ops.halo.hadamard_quantize(x, fmt, gran, 256)
+    q_ref, s_ref = hadamard_quantize_reference(x, fmt, gran, 256)
+    mismatches = _compare(q, s, q_ref, s_ref)
+    assert mismatches <= q.numel() // 10000, f"{mismatches} of {q.numel()} one quantum off"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["split", "ieee"])
+@pytest.mark.parametrize("block", [0, 16, 32, 128, 256])
+def test_gpu_float32_and_small_blocks(precision, block):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for fmt in FMTS:
+            x = _input(1031, 2048, dtype, 1, outliers=True, device="cuda")
+            q, s = hadamard_quantize_triton(x, fmt, "row", block, precision=precision)
+            mismatches = _compare(q, s, *hadamard_quantize_reference(x, fmt, "row", block))
+            assert mismatches <= q.numel() // 10000
+            if block == 0:
+                assert mismatches == 0
+
+
+@pytest.mark.gpu
+def test_gpu_soft_fp8_equals_native_conversion():
+    x = _input(513, 4096, torch.bfloat16, 2, outliers=True, device="cuda")
+    q1, s1 = hadamard_quantize_triton(x, "fp8_e4m3", "row", 256, soft_fp8=False)
+    q2, s2 = hadamard_quantize_triton(x, "fp8_e4m3", "row", 256, soft_fp8=True)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+    row = _all_e4m3_test_values().cuda()
+    xe = torch.zeros(1, -row.numel() % 16 + row.numel(), device="cuda")
+    xe[0, : row.numel()] = row
+    for soft in (False, True):
+        q, s = hadamard_quantize_triton(xe, "fp8_e4m3", "tensor", 0, soft_fp8=soft)
+        assert float(s) == 1.0
+        assert torch.equal(q.view(torch.uint8), xe.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.gpu
+def test_gpu_op_in_compiled_graph():
+    def f(x):
+        q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 256)
+        return q.float() * s
+
+    x = _input(300, 1024, torch.bfloat16, 4, outliers=True, device="cuda")
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_measure_bandwidth():
+    assert measure_bandwidth(1024, 4096, 256) > 0
+    assert measure_bandwidth(1024, 4096, 256, "int8", "tensor", cuda_graph=True) > 0
