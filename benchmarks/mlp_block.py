@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help="';'-separated names from: " + "; ".join(VARIANTS))
     parser.add_argument("--markdown", help="append the table as markdown to this file")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -74,7 +75,7 @@ def main() -> None:
     grad = torch.randn(args.tokens, args.hidden, device="cuda", dtype=torch.bfloat16)
     reference = base(x).detach().float()
     rows = []
-    for name in args.variants.split(","):
+    for name in args.variants.split(";"):
         options = VARIANTS[name]
         torch._dynamo.reset()
         model = LlamaMLP(args.hidden, args.intermediate).to("cuda", torch.bfloat16)
