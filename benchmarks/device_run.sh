@@ -15,3 +15,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"
 python3 "$REPO/benchmarks/mlp_block.py" --markdown "$OUT/mlp_block.md" 2>&1 | tee "$OUT/mlp_block.log"
+cd "$REPO/benchmarks"  # the scripts import their shared helpers (_timing, _contenders) from here
+python3 hadamard_quantize.py --markdown "$OUT/hadamard_quantize.md" 2>&1 | tee "$OUT/hadamard_quantize.log"
+python3 linear.py --markdown "$OUT/linear.md" 2>&1 | tee "$OUT/linear.log"
+python3 decoder_step.py --markdown "$OUT/decoder_step.md" 2>&1 | tee "$OUT/decoder_step.log"

@@ -10,14 +10,13 @@ relative error vs bf16). Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import halo_compile  # noqa: F401  (the backend is found by entry point; this gives report())
+from _timing import emit, markdown_table, time_fwd_bwd
 
 
 class LlamaMLP(nn.Module):
@@ -39,21 +38,6 @@ VARIANTS = {
     "halo fp8, all_inner": {"format": "fp8_e4m3", "hadamard": "all_inner"},
     "halo int8, halo2": {"format": "int8", "hadamard": "halo2"},
 }
-
-
-def time_fwd_bwd(fn, x, grad, reps: int) -> float:
-    """Median milliseconds of forward+backward, timed with CUDA events after warm-up."""
-    for _ in range(3):
-        fn(x).backward(grad)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x).backward(grad)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -94,20 +78,12 @@ def main() -> None:
               flush=True)
 
     bf16_ms = next((ms for name, ms, _, _ in rows if name == "bf16 inductor"), None)
-    header = (f"MLP block fwd+bwd, tokens {args.tokens}, {args.hidden} -> {args.intermediate} -> "
-              f"{args.hidden}, bf16 weights/activations")
-    lines = [header, "", "| variant | ms (median) | x bf16 inductor | peak GiB | rel. err vs bf16 |",
-             "|---|---|---|---|---|"]
-    for name, ms, peak, err in rows:
-        speedup = f"{bf16_ms / ms:.2f}x" if bf16_ms else "-"
-        lines.append(f"| {name} | {ms:.2f} | {speedup} | {peak:.2f} | {err:.2e} |")
-    meta = (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-            f"python {platform.python_version()}, {datetime.date.today()}")
-    table = "\n".join(lines + ["", meta])
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n\n")
+    title = (f"MLP block fwd+bwd, tokens {args.tokens}, {args.hidden} -> {args.intermediate} -> "
+             f"{args.hidden}, bf16 weights/activations")
+    emit(markdown_table(
+        title, ["variant", "ms (median)", "x bf16 inductor", "peak GiB", "rel. err vs bf16"],
+        [(name, f"{ms:.2f}", f"{bf16_ms / ms:.2f}x" if bf16_ms else "-", f"{peak:.2f}",
+          f"{err:.2e}") for name, ms, peak, err in rows]), args.markdown)
 
 
 if __name__ == "__main__":

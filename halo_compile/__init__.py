@@ -8,7 +8,7 @@
 from halo_compile import kernels  # noqa: F401  (registers the halo:: custom ops)
 from halo_compile.backend import configure, halo_backend
 from halo_compile.config import HADAMARD_PRESETS, Hadamard, HaloConfig, LayerConfig
-from halo_compile.kernels.quantize import NonFiniteInputError
+from halo_compile.kernels.quantize import NonFiniteInputError, raise_pending_nonfinite
 from halo_compile.report import HaloReport, LayerReport, report
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "NonFiniteInputError",
     "configure",
     "halo_backend",
+    "raise_pending_nonfinite",
     "report",
 ]
 __version__ = "0.1.0"

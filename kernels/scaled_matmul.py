@@ -15,15 +15,26 @@ Rotations (the HALO placements):
 `scaled_matmul_reference` is the plain-torch reference (float32 matmul of the exact FP8/INT8
 values, so it computes what the GPU GEMM computes up to summation order); the CUDA kernel runs
 the GEMM through cuBLASLt (`torch._scaled_mm`, FP8) or `torch._int_mm` (INT8).
+
+On CUDA each operand is rotated and quantized by one launch of the fused Triton kernel
+(triton_hadamard_quantize.py), which reads the operand once, in whatever strides it has (the
+grad-weight operands dYᵀ and Xᵀ are transposed views: the kernel writes their quantized
+transposes directly), and writes the 8-bit values and float32 scales. The "outer" rotation's
+undoing on the output is one batched bf16 product with the ±1 Hadamard block, its 1/sqrt(block)
+folded into A's scales. Stochastic rounding, blocks above 256 ("full" Hadamards of long
+dimensions) and fmt "none" take the unfused path (torch rotation and quantization).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .hadamard import block_hadamard, hadamard_block_size
+from .hadamard import block_hadamard, hadamard_block_size, hadamard_matrix
 from .quantize import absmax, check_finite, quantize
+from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 
 ROTATIONS = ("none", "inner", "outer")
 FORMATS = ("fp8_e4m3", "int8", "none")
@@ -140,9 +151,51 @@ def scaled_matmul(
                                    rounding_b, check_finite_inputs, where)
 
 
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b):
+    """The Hadamard block the fused CUDA path would use, or None where it does not apply."""
+    if fmt == "none" or rounding_a != "nearest" or rounding_b != "nearest":
+        return None
+    if a.dtype not in _FUSED_DTYPES or b.dtype not in _FUSED_DTYPES:
+        return None
+    if rotation == "none":
+        return 0
+    block = hadamard_block_size(a.shape[1] if rotation == "inner" else a.shape[0], max_block)
+    return block if block <= MAX_BLOCK else None
+
+
+def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,
+                        where):
+    """The fused path: each operand rotated and quantized by one Triton kernel launch (compiled
+    on CUDA, interpreted on the CPU, where tests run it with `reference_gemm`), then `gemm`.
+    `block` comes from `_fused_block`."""
+    out_dtype = a.dtype
+    outer = rotation == "outer" and block
+    qa, sa = hadamard_quantize_triton(a, fmt, granularity, block, 0 if outer else 1)
+    qb, sb = hadamard_quantize_triton(b, fmt, granularity, 0 if outer else block, 1)
+    if check_finite_inputs:  # the scales are inf/NaN exactly where the operand is
+        check_finite(sa, f"{where} (left operand)")
+        check_finite(sb, f"{where} (right operand)")
+    if outer:
+        sa = sa * (1.0 / math.sqrt(block))  # H's normalisation, folded into the GEMM epilogue
+    out = gemm(qa, sa, qb, sb, fmt, out_dtype)
+    if outer:
+        # Undo the rotation on the output rows: ±1 block (exact in bf16) times each block of
+        # rows, a batched GEMM in the output's dtype with float32 accumulation.
+        signs = hadamard_matrix(block, out.dtype, out.device) * math.sqrt(block)
+        out = torch.matmul(signs, out.reshape(-1, block, out.shape[1])).reshape(out.shape)
+    return out.to(out_dtype).contiguous()
+
+
 @scaled_matmul.register_kernel("cuda")
 def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
       where):
+    block = _fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
+    if block is not None:
+        return fused_scaled_matmul(cuda_gemm, a, b, fmt, rotation, block, granularity,
+                                   check_finite_inputs, where)
     return _scaled_matmul(cuda_gemm, a, b, fmt, rotation, max_block, granularity, rounding_a,
                           rounding_b, check_finite_inputs, where)
 

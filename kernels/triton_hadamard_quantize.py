@@ -1,22 +1,34 @@
 """Fused block-Hadamard rotation + FP8/INT8 quantization in one Triton kernel.
 
-`hadamard_quantize(x, fmt, granularity, block)` computes what the plain-torch composition
+`hadamard_quantize(x, fmt, granularity, block, dim)` computes what the plain-torch composition
 
-    quantize(block_hadamard(x, block, dim=1) if block else x.float(), fmt, granularity)
+    quantize(block_hadamard(x, block, dim=dim) if block else x.float(), fmt, granularity)
 
 computes (see hadamard.py, quantize.py), reading the bf16/fp16/fp32 input from memory and
-writing the FP8 E4M3 / INT8 values and the float32 scales, with no rotated copy in between.
+writing the FP8 E4M3 / INT8 values (contiguous, x's shape) and the float32 scales (one per row
+of x, or one), with no rotated copy in between. The layouts the three matmuls of a linear need:
+* dim=1 on a row-major operand (forward X and W, grad-input dY with "inner");
+* dim=1 on a transposed view (grad-weight's dYᵀ and Xᵀ, and grad-input's Wᵀ): the kernel reads
+  the strided view in place, coalesced along its lines, and writes the contiguous transpose, so
+  there is no separate transposing pass;
+* dim=0 (the "outer" rotation of HALO-2's grad-input: H along the tokens, scales still per row).
 
 Design
 ------
-* Grid: one program per BLOCK_M rows. Each program loops over K twice; one iteration handles NT
-  tiles of 256 columns per row, i.e. a batch of BLOCK_M * NT tiles viewed as [16, 16] (column
-  = k0 + 256 * t + 16 * mid + low). The first loop rotates every tile and reduces the per-row
-  absmax; the second rotates the same tiles again (the re-read is loaded with evict_last in the
-  first loop so that it can come from L2), divides by the scale and stores. For granularity
-  "tensor" the first loop alone runs (it stores the per-row absmax), torch reduces those M
-  numbers into the single scale on the device, and the second loop alone runs with it.
-  GPU launch: BLOCK_M = 1, NT = 2, 2 warps (one warp per 16 x 16 tile; see GPU_CONFIG).
+* The kernel sees M lines of K values through strides (x[m, k] at x + m * sxm + k * sxk) and
+  rotates along K. dim=0 runs it on the transposed views of x and of the output, with the
+  scales attached to K indices instead of lines (SCALE_PER_K).
+* Grid: (line blocks of BLOCK_M, splits of K). A program loops over its K range twice; one
+  iteration handles NT tiles of 256 K indices per line, i.e. a batch of BLOCK_M * NT tiles
+  viewed as [16, 16] (k = k0 + 256 * t + 16 * mid + low). With one split and per-line scales
+  (granularity "row", dim=1) one launch does it all: the first loop rotates every tile and
+  reduces the per-line absmax; the second rotates the same tiles again (loaded with evict_last
+  in the first loop so that the re-read can come from L2), divides by the scale and stores.
+  Otherwise (K split over programs because there are few line blocks, scales per K index, or
+  granularity "tensor") a first launch atomically max-reduces each scale's absmax, torch turns
+  those into scales exactly as the reference does, and a second launch quantizes.
+  GPU launches: rows (1, 2, 2) (BLOCK_M, NT, warps: one warp per 16 x 16 tile; GPU_CONFIG),
+  transposed views (16, 1, 4), dim 0 (64, 1, 4), K split until ~4 programs per SM.
 * The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
   block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
   tile the block transform is X -> G X H_16, H_16 acting on `low` (a right product) and
@@ -46,13 +58,14 @@ Design
 * Stores are raw bytes: the FP8 output is written through a uint8 view of the float8 tensor.
 
 Measured (H100, torch 2.11, triton 3.6; tests/kernels/test_triton_hadamard_quantize.py and
-measure_bandwidth): with block 0 the output equals the reference bit for bit. With a rotation,
-the scales agree to 4e-7 relative and at most one value in ~10^5 differs, by one quantum (bf16,
-block 256: 4 to 83 of 33.5M / 117M values; fp32: ~5e-6 of the values). Bandwidth, bytes read
-once + written once, CUDA graph timing, bf16 -> FP8 per row, block 256: ~1.45-1.55 TB/s at
-8192 x 4096 and 8191 x 14336 (block 0: 1.8-2.3 TB/s; fp32 input: ~1.55 TB/s). The second pass
-re-reads the input, and the dots, the splits and the division all cost instructions: it is not
-at the ~3 TB/s copy bandwidth.
+benchmarks/hadamard_quantize.py): with block 0 the output equals the reference bit for bit. With
+a rotation, the scales agree to 4e-7 relative and at most one value in ~10^5 differs, by one
+quantum (bf16, block 256: 4 to 83 of 33.5M / 117M values; fp32: ~5e-6 of the values).
+Bandwidth, bytes read once + written once, CUDA graph timing, bf16 -> FP8 per row, block 256,
+against a 3.0 TB/s copy: rows 1.43-1.51 TB/s (47-51%; block 0: 1.76-2.25 TB/s), transposed view
+0.94-1.11 TB/s, dim 0 0.71-0.76 TB/s, at 8192 x 4096 and 8192 x 14336. The second pass re-reads
+the input, and the dots (mma on 16 x 16 tiles with layout conversions around them), the splits
+and the division all cost instructions: it is not at the copy bandwidth.
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through
 `triton.runtime.interpreter.InterpretedFunction` whenever its input is on the CPU, whether or
@@ -87,8 +100,8 @@ PRECISIONS = ("split", "ieee")
 
 # Kernel modes.
 _ROW = 0  # both loops: per-row absmax, per-row scale, quantize
-_AMAX_ONLY = 1  # first loop only: store the per-row absmax
-_WITH_SCALE = 2  # second loop only: quantize with the scale at scale_ptr[0]
+_AMAX_ONLY = 1  # first loop only: atomic max of each scale's absmax into a zeroed buffer
+_WITH_SCALE = 2  # second loop only: quantize with given scales (per line / K index, or one)
 
 
 # tl.max, tl.zeros & co. are @triton.jit functions of triton.language.standard; an
@@ -100,10 +113,12 @@ _WITH_SCALE = 2  # second loop only: quantize with the scale at scale_ptr[0]
 
 def _hadamard_quantize_kernel(
     x_ptr, q_ptr, scale_ptr, amax_ptr,
-    M, K, stride_xm, stride_qm,
+    M, K, stride_xm, stride_xk, stride_qm, stride_qk, k_per_split,
     HB: tl.constexpr,  # Hadamard block: 0 (no rotation) or a power of two 16..256
     INT8: tl.constexpr,  # output format: INT8 if true, else FP8 E4M3 (as raw bytes)
     MODE: tl.constexpr,  # _ROW, _AMAX_ONLY or _WITH_SCALE
+    SCALE_PER_K: tl.constexpr,  # one scale per index along K (rotation "outer"), else per line
+    SCALE_VEC: tl.constexpr,  # _WITH_SCALE: a scale per line / per K index, else scale_ptr[0]
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
     UPCAST_DOT: tl.constexpr,  # interpreter: all dot operands in float32
@@ -116,23 +131,39 @@ def _hadamard_quantize_kernel(
     FIRST_PASS: tl.constexpr,  # passes FIRST_PASS..LAST_PASS-1 run: 0 = absmax, 1 = quantize
     LAST_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    NT: tl.constexpr,  # 256-column tiles per row and loop iteration
+    NT: tl.constexpr,  # 256-column tiles per line and loop iteration
     NB: tl.constexpr,  # BLOCK_M * NT
     EXACT_DIV: tl.constexpr,  # IEEE division by the scale (else multiply by its reciprocal)
+    INT64: tl.constexpr,  # element offsets need 64 bits
 ):
+    # The input is addressed through strides as M lines of K values: x[m, k] at
+    # x_ptr + m * stride_xm + k * stride_xk, so a transposed view (stride_xm == 1) is read in
+    # place, coalesced along the lines, and written contiguously along K: the transpose the
+    # grad-weight matmul needs costs no pass of its own. The rotation is along K.
+    # Program (pid_m, pid_k) owns lines pid_m * BLOCK_M ... and K range pid_k * k_per_split ...
     # The work of one iteration is a batch of NB = BLOCK_M * NT tiles of [16, 16]: batch entry
-    # b holds row b // NT, columns k0 + 256 * (b % NT) + 16 * mid + low.
+    # b holds line b // NT, K indices k0 + 256 * (b % NT) + 16 * mid + low.
     pid = tl.program_id(0)
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     b = tl.arange(0, NB)
     b_row = pid * BLOCK_M + b // NT
     b_ok = (b_row < M)[:, None, None]
-    b_row64 = b_row.to(tl.int64)[:, None, None]
+    if INT64:
+        b_row_off = b_row.to(tl.int64)[:, None, None]
+    else:
+        b_row_off = b_row[:, None, None]
     i16 = tl.arange(0, 16)
-    tile_off = ((b % NT) * 256)[:, None, None] + (i16[:, None] * 16 + i16[None, :])[None, :, :]
-    x_tiles = x_ptr + b_row64 * stride_xm + tile_off
-    q_tiles = q_ptr + b_row64 * stride_qm + tile_off
+    k16 = i16[:, None] * 16 + i16[None, :]
+    tile_off = ((b % NT) * 256)[:, None, None] + k16[None, :, :]
+    if INT64:
+        tile_off_x = tile_off.to(tl.int64)
+    else:
+        tile_off_x = tile_off
+    x_tiles = x_ptr + b_row_off * stride_xm + tile_off_x * stride_xk
+    q_tiles = q_ptr + b_row_off * stride_qm + tile_off_x * stride_qk
 
     # +-1 Hadamard H_16 (acts on `low`) and G = I (x) H_R (acts on `mid`), R = HB / 16.
     hu = i16[:, None]
@@ -162,7 +193,7 @@ def _hadamard_quantize_kernel(
 
     amax_b = tl.full([NB], 0.0, dtype=tl.float32)
     for p in tl.static_range(FIRST_PASS, LAST_PASS):
-        if p == 1:
+        if p == 1 and not (SCALE_PER_K and SCALE_VEC):
             if MODE == 0:
                 amax = tl.reshape(amax_b, (BLOCK_M, NT))
                 amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
@@ -172,16 +203,27 @@ def _hadamard_quantize_kernel(
                     scale = tl.math.div_rn(tl.maximum(amax, 1e-12), MAX_VALUE)
                 tl.store(scale_ptr + rows, scale, mask=row_ok)
                 scale_b = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NT)), (NB,))
+            elif SCALE_VEC:  # one scale per line, computed by an earlier launch
+                scale_b = tl.load(scale_ptr + b_row, mask=b_row < M, other=1.0)
             else:
                 scale_b = tl.load(scale_ptr + tl.full([NB], 0, dtype=tl.int32))
             scale3 = scale_b[:, None, None]
             inv3 = tl.math.div_rn(tl.full([NB], 1.0, dtype=tl.float32), scale_b)[:, None, None]
-        for k0 in range(0, K, NT * 256):
-            mask = b_ok & (k0 + tile_off < K)
-            if p == 0 and MODE == 0:  # read again in the second pass: keep it in L2
-                x = tl.load(x_tiles + k0, mask=mask, other=0.0, eviction_policy="evict_last")
+        for k0 in range(k_start, k_end, NT * 256):
+            k_ok = k0 + tile_off < K
+            mask = b_ok & k_ok
+            if INT64:
+                x_at = x_tiles + k0.to(tl.int64) * stride_xk
             else:
-                x = tl.load(x_tiles + k0, mask=mask, other=0.0, eviction_policy="evict_first")
+                x_at = x_tiles + k0 * stride_xk
+            if p == 0 and MODE == 0:  # read again in the second pass: keep it in L2
+                x = tl.load(x_at, mask=mask, other=0.0, eviction_policy="evict_last")
+            else:
+                x = tl.load(x_at, mask=mask, other=0.0, eviction_policy="evict_first")
+            if p == 1 and SCALE_PER_K and SCALE_VEC:  # one scale per K index (NT == 1)
+                scale_k = tl.load(scale_ptr + k0 + k16, mask=k0 + k16 < K, other=1.0)
+                scale3 = scale_k[None, :, :]
+                inv3 = tl.math.div_rn(tl.full([16, 16], 1.0, dtype=tl.float32), scale_k)[None, :, :]
             # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
             # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
             # right product: the accumulator of the first dot becomes the A operand of the
@@ -230,9 +272,13 @@ def _hadamard_quantize_kernel(
             if p == 0:
                 a = tl.abs(y)
                 a = tl.where(a == a, a, float("inf"))  # NaN -> inf: the scale shows it
-                a = tl.reduce(a, 2, tl.standard._elementwise_max)
-                a = tl.reduce(a, 1, tl.standard._elementwise_max)
-                amax_b = tl.maximum(amax_b, a)
+                if SCALE_PER_K:  # reduce over the lines; other programs cover other lines
+                    a = tl.reduce(a, 0, tl.standard._elementwise_max)
+                    tl.atomic_max(amax_ptr + k0 + k16, a, mask=k0 + k16 < K)
+                else:
+                    a = tl.reduce(a, 2, tl.standard._elementwise_max)
+                    a = tl.reduce(a, 1, tl.standard._elementwise_max)
+                    amax_b = tl.maximum(amax_b, a)
             else:
                 # ---- quantize ----
                 if EXACT_DIV:
@@ -259,12 +305,15 @@ def _hadamard_quantize_kernel(
                     q = (code | sign).to(tl.uint8)
                 else:
                     q = val.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-                tl.store(q_tiles + k0, q, mask=mask)
+                if INT64:
+                    tl.store(q_tiles + k0.to(tl.int64) * stride_qk, q, mask=mask)
+                else:
+                    tl.store(q_tiles + k0 * stride_qk, q, mask=mask)
         if p == 0:
-            if MODE == 1:
+            if MODE == 1 and not SCALE_PER_K:  # other programs may cover other K ranges
                 amax = tl.reshape(amax_b, (BLOCK_M, NT))
                 amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
-                tl.store(amax_ptr + rows, amax, mask=row_ok)
+                tl.atomic_max(amax_ptr + rows, amax, mask=row_ok)
 
 
 _kernel = triton.jit(_hadamard_quantize_kernel)
@@ -284,7 +333,7 @@ def _interpreted_kernel():
 # Python side
 
 
-def _check_args(x, fmt, granularity, block, precision="split"):
+def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
     if x.dim() != 2:
         raise ValueError(f"hadamard_quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -293,26 +342,40 @@ def _check_args(x, fmt, granularity, block, precision="split"):
         raise ValueError(f"hadamard_quantize: unknown format {fmt!r}")
     if granularity not in ("row", "tensor"):
         raise ValueError(f"hadamard_quantize: unknown granularity {granularity!r}")
+    if dim not in (0, 1):
+        raise ValueError(f"hadamard_quantize: dim must be 0 or 1, got {dim!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"hadamard_quantize: unknown precision {precision!r}")
     if block:
         if block < 16 or block > MAX_BLOCK or block & (block - 1):
             raise ValueError(f"hadamard_quantize: block must be 0 or a power of two in 16..256, "
                              f"got {block}")
-        if isinstance(x.shape[1], int) and x.shape[1] % block:
-            raise ValueError(f"hadamard_quantize: block {block} does not divide {x.shape[1]}")
-        torch._check(x.shape[1] % block == 0,
-                     lambda: f"hadamard_quantize: block {block} does not divide {x.shape[1]}")
+        size = x.shape[dim]
+        if isinstance(size, int) and size % block:
+            raise ValueError(f"hadamard_quantize: block {block} does not divide {size}")
+        torch._check(size % block == 0,
+                     lambda: f"hadamard_quantize: block {block} does not divide {size}")
 
 
-# Launch configuration: (BLOCK_M, NT, num_warps). On an H100 (triton 3.6, bf16, block 256) the
-# best were one warp per 16 x 16 tile and few tiles per program, many programs per SM:
-# (1, 2, 2) and (1, 4, 4) within noise of each other at 8192 x 4096 and 8191 x 14336, (2, 2, 4)
-# close behind; 8 or more tiles per warp, or a whole row per program kept in registers between
-# the passes, were 1.5 to 5 times slower. The interpreter takes bigger batches (fewer numpy
-# calls) and uses both BLOCK_M > 1 and NT > 1 so that the tests cover both kinds of masking.
+# Launch configurations: (BLOCK_M, NT, num_warps).
+# Rows read along K (K contiguous). On an H100 (triton 3.6, bf16, block 256) the best were one
+# warp per 16 x 16 tile and few tiles per program, many programs per SM: (1, 2, 2) and (1, 4, 4)
+# within noise of each other at 8192 x 4096 and 8191 x 14336, (2, 2, 4) close behind; 8 or more
+# tiles per warp, or a whole row per program kept in registers between the passes, were 1.5 to
+# 5 times slower.
 GPU_CONFIG = (1, 2, 2)
+# Lines contiguous: BLOCK_M lines side by side make each load 2 * BLOCK_M contiguous bytes (bf16)
+# per K index. Measured on an H100 (bf16, block 256, 8192 tokens): a transposed view [out, T]
+# (grad-weight) 0.94-1.11 TB/s with BLOCK_M 16 vs 0.76-0.89 with 32 or 64; dim 0 ("outer")
+# 0.71-0.76 TB/s with 64 (split over K) vs 0.48-0.67 with 16 or 32.
+GPU_TRANSPOSED_CONFIG = (16, 1, 4)
+GPU_OUTER_CONFIG = (64, 1, 4)
+# The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
+# so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
+INTERPRETER_STRIDED_CONFIG = (8, 1, None)
+# Programs per SM the split launch aims for when a launch would have too few line blocks.
+_PROGRAMS_PER_SM = 4
 
 
 # float32(1 / max_value), rounded once, as torch computes the reciprocal on CUDA. Computed here,
@@ -323,88 +386,120 @@ _INV_MAX_VALUE = {
 }
 
 
-def _launch(kernel, x, q_bytes, scale, amax, mode, fmt, block, precision, soft_fp8, interpret,
-            block_m, num_warps, nt, exact_div, recip_scale):
-    M, K = x.shape
-    default_bm, default_nt, default_warps = INTERPRETER_CONFIG if interpret else GPU_CONFIG
-    bm = block_m or default_bm
-    nt = nt or default_nt
-    grid = (triton.cdiv(M, bm),)
-    kwargs = {} if interpret else {"num_warps": num_warps or default_warps}
-    kernel[grid](
-        x, q_bytes, scale, amax, M, K, x.stride(0), q_bytes.stride(0),
-        HB=block, INT8=fmt == "int8", MODE=mode, X_FP32=x.dtype == torch.float32,
-        IEEE=precision == "ieee", UPCAST_DOT=interpret, SOFT_FP8=soft_fp8,
-        MAX_VALUE=FORMATS[fmt].max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
-        RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
-        INV_SQRT=1.0 / math.sqrt(block) if block else 1.0,
-        R=max(block // 16, 1), FIRST_PASS=1 if mode == _WITH_SCALE else 0,
-        LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
-        EXACT_DIV=exact_div, **kwargs,
-    )
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, precision="split",
+def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
-                            nt=None, exact_div=True, recip_scale=None):
-    _check_args(x, fmt, granularity, block, precision)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    M, K = x.shape
-    torch._check(M >= 1, lambda: "hadamard_quantize: empty input")
+                            nt=None, split=None, exact_div=True, recip_scale=None):
+    _check_args(x, fmt, granularity, block, dim, precision)
+    torch._check(x.numel() >= 1, lambda: "hadamard_quantize: empty input")
     spec = FORMATS[fmt]
+    q = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
+    q_bytes = q.view(torch.uint8) if spec.dtype == torch.float8_e4m3fn else q
+    # The kernel rotates along its K axis: dim 1 as given, dim 0 through the transposed views.
+    xv, qv = (x.t(), q_bytes.t()) if dim == 0 else (x, q_bytes)
+    M, K = xv.shape
+    per_k = dim == 0  # scales per row of x = per K index of the views
+    strided = xv.stride(1) != 1
+    if interpret:
+        config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
+    else:
+        config = GPU_OUTER_CONFIG if per_k else GPU_TRANSPOSED_CONFIG if strided else GPU_CONFIG
+    bm = block_m or config[0]
+    nt = 1 if per_k else (nt or config[1])
+    line_blocks = triton.cdiv(M, bm)
+    k_tiles = triton.cdiv(K, nt * 256)
+    if split is None:
+        split = 1
+        if not interpret and (strided or per_k):
+            # Few line blocks (a transposed [out, T] view has only out / BLOCK_M): split K too.
+            want = _PROGRAMS_PER_SM * _sm_count(x.device)
+            split = 1 if line_blocks >= want // 2 and not per_k else triton.cdiv(want, line_blocks)
+    split = max(1, min(split, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, split) * nt * 256
+    grid = (line_blocks, triton.cdiv(k_tiles * nt * 256, k_per_split))
+    extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
     if soft_fp8 is None:
         soft_fp8 = interpret
-    q = torch.empty((M, K), dtype=spec.dtype, device=x.device)
-    q_bytes = q.view(torch.uint8) if spec.dtype == torch.float8_e4m3fn else q
-    args = (fmt, block, precision, soft_fp8, interpret, block_m, num_warps, nt, exact_div,
-            recip_scale)
-    if granularity == "row":
-        scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-        _launch(kernel, x, q_bytes, scale, scale, _ROW, *args)
+    kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
+
+    def launch(mode, scale, amax, scale_vec):
+        kernel[grid](
+            xv, qv, scale, amax, M, K, xv.stride(0), xv.stride(1), qv.stride(0), qv.stride(1),
+            k_per_split, HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
+            SCALE_VEC=scale_vec, X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
+            UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
+            INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
+            RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
+            INV_SQRT=1.0 / math.sqrt(block) if block else 1.0, R=max(block // 16, 1),
+            FIRST_PASS=1 if mode == _WITH_SCALE else 0,
+            LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
+            EXACT_DIV=exact_div, INT64=extent >= 2**31, **kwargs,
+        )
+
+    rows = x.shape[0]
+    if granularity == "row" and not per_k and grid[1] == 1:
+        # One launch: each program owns whole lines, absmax then quantize (re-read from L2).
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        launch(_ROW, scale, scale, False)
         return q, scale
-    amax = torch.empty((M,), dtype=torch.float32, device=x.device)
-    _launch(kernel, x, q_bytes, amax, amax, _AMAX_ONLY, *args)
-    scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
-    _launch(kernel, x, q_bytes, scale, scale, _WITH_SCALE, *args)
+    # Two launches: the absmax of each scale's group (atomic max over the programs that share
+    # it), the scales computed by torch exactly as the reference computes them, then quantize.
+    amax = torch.zeros((rows,), dtype=torch.float32, device=x.device)
+    launch(_AMAX_ONLY, amax, amax, False)
+    if granularity == "row":
+        scale = (amax.clamp_min(_MIN_AMAX) / spec.max_value).reshape(rows, 1)
+    else:
+        scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
+    launch(_WITH_SCALE, scale, scale, granularity == "row")
     return q, scale
 
 
-def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, *,
+def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1, *,
                              precision="split", soft_fp8=None, block_m=None, num_warps=None,
-                             nt=None, exact_div=True, recip_scale=None):
+                             nt=None, split=None, exact_div=True, recip_scale=None):
     """Run the Triton kernel directly: on CUDA tensors compiled, on CPU tensors through the
-    Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, scale float32 [M, 1] or [1, 1]).
+    Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, contiguous; scale float32
+    [M, 1] or [1, 1]): the rows of block_hadamard(x, block, dim) quantized per row (or tensor).
 
+    dim=1 rotates along the rows ("inner"); any strides are read in place, so `t.t()` gives the
+        quantized transpose of `t` with no transposing pass (grad-weight's dYᵀ and Xᵀ).
+    dim=0 rotates along the columns ("outer": H along tokens), still one scale per row.
     precision: "split" (float32 values as 3 bf16 dot operands) or "ieee" (float32 dots).
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
-    block_m / nt / num_warps: override the launch configuration (GPU_CONFIG; benchmarks).
+    block_m / nt / num_warps / split: override the launch configuration (GPU_CONFIG,
+        GPU_TRANSPOSED_CONFIG, GPU_OUTER_CONFIG; split > 1 divides K over programs, then the
+        scales need a second launch).
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
         knob: not bit-exact, and no faster on an H100).
     recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
         there) rather than amax / max (default on the CPU)."""
     interpret = x.device.type != "cuda"
     kernel = _interpreted_kernel() if interpret else _kernel
-    return _hadamard_quantize_impl(kernel, x, fmt, granularity, block, precision, soft_fp8,
-                                   interpret, block_m, num_warps, nt, exact_div, recip_scale)
+    return _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim, precision, soft_fp8,
+                                   interpret, block_m, num_warps, nt, split, exact_div,
+                                   recip_scale)
 
 
-def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0):
+def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1):
     """The plain-torch composition the kernel implements."""
-    _check_args(x, fmt, granularity, block)
-    rotated = block_hadamard(x, block, dim=1) if block else x.float()
+    _check_args(x, fmt, granularity, block, dim)
+    rotated = block_hadamard(x, block, dim=dim) if block else x.float()
     return quantize(rotated, fmt, granularity)
 
 
 @triton_op("halo::hadamard_quantize", mutates_args=())
-def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str,
-                      block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-Hadamard rotation along dim 1 (block 0: none) then quantization to `fmt`.
-    CUDA: the fused Triton kernel; other devices: the plain-torch reference."""
+def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
+                      dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-Hadamard rotation along `dim` (block 0: none) then quantization to `fmt`, one
+    scale per row (or per tensor). CUDA: the fused Triton kernel; other devices: the plain-torch
+    reference."""
     if x.device.type != "cuda":
-        return hadamard_quantize_reference(x, fmt, granularity, block)
-    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block)
+        return hadamard_quantize_reference(x, fmt, granularity, block, dim)
+    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block, dim)
 
 
 def measure_bandwidth(M, K, block, fmt="fp8_e4m3", granularity="row", dtype=torch.bfloat16,

@@ -86,6 +86,54 @@ def test_interpreter_gpu_like_launch_configs(block_m, nt):
             assert _compare(q, s, *hadamard_quantize_reference(x, fmt, gran, block)) <= 2
 
 
+# (lines, K, block, split): the transposed-view and dim-0 variants; split > 1 makes programs
+# share a scale (atomic absmax, then a second launch).
+STRIDED_CASES = [(33, 256, 64, 1), (130, 768, 256, 2), (7, 48, 16, 3), (40, 512, 0, 2)]
+
+
+@pytest.mark.parametrize("lines,k,block,split", STRIDED_CASES)
+def test_interpreter_transposed_view(lines, k, block, split):
+    """dYᵀ / Xᵀ for grad-weight: a transposed view [lines, K] with stride (1, lines) is read in
+    place; the output is the contiguous quantized transpose, rotated along K (the tokens)."""
+    for i, (fmt, gran) in enumerate([(f, g) for f in FMTS for g in GRANULARITIES]):
+        base = _input(k, lines, torch.bfloat16 if i % 2 else torch.float32, lines + k + i,
+                      outliers=True)
+        x = base.t()
+        assert x.stride() == (1, lines)
+        q, s = hadamard_quantize_triton(x, fmt, gran, block, split=split)
+        assert q.is_contiguous() and q.shape == (lines, k)
+        q_ref, s_ref = hadamard_quantize_reference(x, fmt, gran, block)
+        mismatches = _compare(q, s, q_ref, s_ref)
+        assert mismatches <= (0 if block == 0 else max(2, q.numel() // 1000))
+
+
+@pytest.mark.parametrize("m,n,block,split", [(256, 33, 64, 1), (768, 130, 256, 2), (48, 7, 16, 3),
+                                             (512, 40, 0, 2)])
+def test_interpreter_dim0_outer_rotation(m, n, block, split):
+    """The "outer" rotation: H along dim 0 (tokens), still one scale per row of the result."""
+    for i, (fmt, gran) in enumerate([(f, g) for f in FMTS for g in GRANULARITIES]):
+        x = _input(m, n, torch.bfloat16 if i % 2 else torch.float32, m + n + i, outliers=False)
+        x[torch.randperm(m, generator=torch.Generator().manual_seed(i))[: max(1, m // 64)]] *= 100
+        q, s = hadamard_quantize_triton(x, fmt, gran, block, dim=0, split=split)
+        assert q.is_contiguous() and q.shape == (m, n)
+        q_ref, s_ref = hadamard_quantize_reference(x, fmt, gran, block, dim=0)
+        assert s.shape == s_ref.shape == ((m, 1) if gran == "row" else (1, 1))
+        mismatches = _compare(q, s, q_ref, s_ref)
+        assert mismatches <= (0 if block == 0 else max(2, q.numel() // 1000))
+    # ...and dim=0 rotates: the quantized values differ from the unrotated ones.
+    if block:
+        assert not torch.equal(q, hadamard_quantize_reference(x, fmt, gran, 0)[0])
+
+
+def test_interpreter_split_row_launch():
+    """Row-major input with K split over programs: same values as the one-launch path."""
+    x = _input(9, 1280, torch.bfloat16, 21, outliers=True)
+    for fmt in FMTS:
+        q1, s1 = hadamard_quantize_triton(x, fmt, "row", 128)
+        q2, s2 = hadamard_quantize_triton(x, fmt, "row", 128, split=3)
+        assert torch.equal(s1, s2) and torch.equal(q1.view(torch.uint8), q2.view(torch.uint8))
+
+
 def test_interpreter_cuda_style_scale():
     """On CUDA the kernel computes the scale as torch does there, amax * float32(1 / max)."""
     x = _input(33, 256, torch.bfloat16, 7, outliers=True)
@@ -177,6 +225,10 @@ def test_bad_arguments():
         hadamard_quantize_triton(x, "int8", "column", 16)
     with pytest.raises(ValueError):
         hadamard_quantize_triton(x.to(torch.float64), "int8", "row", 16)
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x, "int8", "row", 16, dim=2)
+    with pytest.raises(ValueError):
+        hadamard_quantize_triton(x, "int8", "row", 16, dim=0)  # 16 does not divide 4 rows
 
 
 def test_custom_op_on_cpu_is_the_reference():
@@ -233,6 +285,34 @@ def test_gpu_float32_and_small_blocks(precision, block):
             assert mismatches <= q.numel() // 10000
             if block == 0:
                 assert mismatches == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["transposed", "dim0"])
+@pytest.mark.parametrize("fmt,gran", [("fp8_e4m3", "row"), ("int8", "tensor"), ("int8", "row")])
+def test_gpu_grad_layouts_match_reference(variant, fmt, gran):
+    """Real shapes of the backward's operands: dYᵀ of dY [8192, 4095 + 1] read in place
+    (grad-weight, rotation along tokens) and dY rotated along tokens (grad-input "outer")."""
+    for tokens, width, block in ((8192, 4096, 256), (4100, 1000, 0), (2048, 336, 128)):
+        dy = _input(tokens, width, torch.bfloat16, tokens + width, outliers=True, device="cuda")
+        x, dim = (dy.t(), 1) if variant == "transposed" else (dy, 0)
+        q, s = hadamard_quantize_triton(x, fmt, gran, block, dim)
+        assert q.is_contiguous() and q.shape == x.shape
+        mismatches = _compare(q, s, *hadamard_quantize_reference(x, fmt, gran, block, dim))
+        assert mismatches <= (0 if block == 0 else q.numel() // 10000)
+
+
+@pytest.mark.gpu
+def test_gpu_grad_layouts_in_compiled_graph():
+    def f(dy):
+        q1, s1 = torch.ops.halo.hadamard_quantize(dy.t(), "fp8_e4m3", "row", 256)
+        q2, s2 = torch.ops.halo.hadamard_quantize(dy, "fp8_e4m3", "row", 256, 0)
+        return q1.float() * s1, q2.float() * s2
+
+    dy = _input(512, 384, torch.bfloat16, 6, outliers=True, device="cuda")
+    compiled = torch.compile(f, fullgraph=True)
+    for got, want in zip(compiled(dy), f(dy)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

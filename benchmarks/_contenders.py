@@ -1,0 +1,45 @@
+"""The contenders the layer and decoder benchmarks compare, side by side in one process: bf16
+Inductor, the halo backend at each HALO level, and torchao's float8 training recipes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import halo_compile  # noqa: F401  (registers the ops; the backend is an entry point)
+
+HALO = {
+    "halo fp8 no-Hadamard": {"format": "fp8_e4m3", "hadamard": "none"},
+    "halo fp8 halo1": {"format": "fp8_e4m3", "hadamard": "halo1"},
+    "halo fp8 halo2": {"format": "fp8_e4m3", "hadamard": "halo2"},
+    "halo fp8 all_inner": {"format": "fp8_e4m3", "hadamard": "all_inner"},
+}
+TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "tensorwise"}
+# Most telling first, so that a run cut short still compares them.
+NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao float8 rowwise",
+         "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner")
+
+
+def compile_fn(name: str, module: nn.Module):
+    """Return (a compiled callable for `module`, None) or (None, the reason it is skipped).
+    torchao converts the module (its nn.Linear children in place) before compiling."""
+    if name == "bf16 inductor":
+        return torch.compile(module), None
+    if name in HALO:
+        return torch.compile(module, backend="halo", options=HALO[name]), None
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:  # torchao missing or built for another torch
+        return None, f"torchao import failed: {e}"
+    config = Float8LinearConfig.from_recipe_name(TORCHAO[name])
+    # Swaps nn.Linear children in place; a bare nn.Linear comes back as a new module.
+    module = convert_to_float8_training(module, config=config)
+    return torch.compile(module), None
+
+
+def parse_names(text: str):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; known: {list(NAMES)}")
+    return names

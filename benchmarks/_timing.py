@@ -1,0 +1,82 @@
+"""Timing and reporting helpers shared by the benchmark scripts (run as `python benchmarks/x.py`,
+so this module is importable as `_timing`)."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+
+def median_ms(step, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of `step()`, each call timed with CUDA events after `warmup` calls.
+    Synchronizes after every call, so host-side launch overhead between calls is not hidden by
+    queued work, but host time inside a call (launches, syncs) is counted."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def time_fwd_bwd(fn, x, grad, reps: int) -> float:
+    """Median milliseconds of `fn(x).backward(grad)`."""
+    return median_ms(lambda: fn(x).backward(grad), reps)
+
+
+def peak_gib(step) -> float:
+    """Peak GPU memory (GiB) allocated while running `step()` once, from a synchronized start."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def kernel_breakdown(step, reps: int, top: int = 15) -> str:
+    """torch.profiler table of the GPU kernels of `reps` calls of `step()`, by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    try:
+        return averages.table(sort_by="self_device_time_total", row_limit=top,
+                              max_name_column_width=70)
+    except (KeyError, AttributeError):  # older torch names it after CUDA
+        return averages.table(sort_by="self_cuda_time_total", row_limit=top,
+                              max_name_column_width=70)
+
+
+def environment() -> str:
+    import triton
+
+    return (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+            f"{triton.__version__}, python {platform.python_version()}, "
+            f"{datetime.date.today()}")
+
+
+def markdown_table(title: str, headers, rows) -> str:
+    lines = [title, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines + ["", environment()])
+
+
+def emit(table: str, markdown_path) -> None:
+    """Print the table and append it to `markdown_path` (if given)."""
+    print(table, flush=True)
+    if markdown_path:
+        with open(markdown_path, "a") as f:
+            f.write(table + "\n\n")

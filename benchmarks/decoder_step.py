@@ -1,0 +1,89 @@
+"""One training step (forward, backward, AdamW) of Llama-3-8B-shaped decoder layers (hidden
+4096, intermediate 14336, 32 heads, 8 KV heads; transformers' LlamaModel built from a config,
+bf16, SDPA attention) at sequence 4096, batch 1: tokens/s and peak memory for bf16 Inductor, the
+halo backend's variants and torchao float8 training, side by side in one process.
+
+    python benchmarks/decoder_step.py [--layers 2] [--seq 4096] [--markdown out.md]
+
+Each decoder layer is compiled on its own (regional compilation: the layers share one compiled
+graph); the tiny embedding (vocab 256) and the final norm stay eager. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _contenders import NAMES, compile_fn, parse_names
+from _timing import emit, markdown_table, median_ms, peak_gib
+
+
+def build_model(layers: int):
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, num_hidden_layers=layers, vocab_size=256,
+                         max_position_embeddings=8192, rope_theta=500000.0,
+                         attn_implementation="sdpa", use_cache=False)
+    return LlamaModel(config).to("cuda", torch.bfloat16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--contenders", default=",".join(NAMES))
+    parser.add_argument("--markdown", help="append the table as markdown to this file")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    names = parse_names(args.contenders)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in build_model(args.layers).state_dict().items()}
+    embeds = torch.randn(1, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    bf16_tps = None
+    for name in names:
+        torch._dynamo.reset()
+        model = build_model(args.layers)
+        model.load_state_dict(state)
+        skipped = None
+        for i, layer in enumerate(model.layers):
+            compiled, skipped = compile_fn(name, layer)
+            if skipped:
+                break
+            model.layers[i] = compiled
+        if skipped:
+            print(f"{name}: skipped ({skipped})", flush=True)
+            rows.append((name, "skipped", "-", "-", "-", skipped))
+            continue
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        def step():
+            out = model(inputs_embeds=embeds).last_hidden_state
+            loss = out.float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        loss = float(step())
+        ms = median_ms(step, args.reps)
+        peak = peak_gib(step)
+        tps = args.seq / (ms * 1e-3)
+        bf16_tps = tps if name == "bf16 inductor" else bf16_tps
+        rows.append((name, f"{ms:.1f}", f"{tps:.0f}", f"{tps / bf16_tps:.2f}x" if bf16_tps else "-",
+                     f"{peak:.2f}", f"first loss {loss:.4f}"))
+        print(rows[-1], flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+    emit(markdown_table(
+        f"Training step (fwd+bwd+AdamW), {args.layers} Llama-3-8B-shaped decoder layers, seq "
+        f"{args.seq}, batch 1, bf16",
+        ["contender", "ms / step", "tokens/s", "x bf16 inductor", "peak GiB", "note"], rows),
+        args.markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Bandwidth of the fused Hadamard + quantize Triton kernel against a copy (x.clone()).
+
+    python benchmarks/hadamard_quantize.py [--markdown out.md] [--sweep]
+
+GB/s counts the bytes read once and written once (input, 8-bit values, float32 scales); the copy
+reads and writes the input. Timed as CUDA graphs (triton.testing.do_bench_cudagraph, median), so
+launch overhead is left out. Variants: the layouts the three matmuls of a linear need (rows, a
+transposed view for grad-weight, rotation along dim 0 for the "outer" grad-input). --sweep also
+times launch configurations (BLOCK_M, NT, num_warps, split) of each variant. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+
+from _timing import emit, markdown_table
+from halo_compile.kernels.triton_hadamard_quantize import hadamard_quantize_triton
+
+SHAPES = [(8192, 4096), (8192, 14336)]
+# name -> (operand builder from a [tokens, features] bf16 tensor, dim, fmt, granularity, block)
+VARIANTS = {
+    "rows, fp8 row, block 256": (lambda t: t, 1, "fp8_e4m3", "row", 256),
+    "rows, fp8 row, no rotation": (lambda t: t, 1, "fp8_e4m3", "row", 0),
+    "rows, int8 tensor, block 256": (lambda t: t, 1, "int8", "tensor", 256),
+    "transposed view (grad-weight), fp8 row, block 256": (lambda t: t.t(), 1, "fp8_e4m3", "row",
+                                                          256),
+    "dim 0 (outer grad-input), fp8 row, block 256": (lambda t: t, 0, "fp8_e4m3", "row", 256),
+}
+SWEEP = {
+    "rows": [dict(block_m=bm, nt=nt, num_warps=w) for bm, nt, w in
+             [(1, 4, 4), (2, 2, 4), (1, 1, 1), (4, 1, 4)]],
+    "strided": [dict(block_m=bm, split=sp) for bm, sp in
+                itertools.product((16, 32, 64), (None, 1))],
+}
+
+
+def gbps(nbytes: int, fn) -> float:
+    fn()
+    ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", help="append the table as markdown to this file")
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    rows = []
+    for m, k in SHAPES:
+        t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        copy_bytes = 2 * t.numel() * t.element_size()
+        copy = gbps(copy_bytes, lambda: t.clone())
+        rows.append((f"{m}x{k}", "copy (x.clone())", "-", f"{copy:.0f}", "100%"))
+        print(rows[-1], flush=True)
+        for name, (build, dim, fmt, gran, block) in VARIANTS.items():
+            x = build(t)
+            nbytes = t.numel() * (t.element_size() + 1) + (x.shape[0] if gran == "row" else 1) * 4
+            configs = [{}]
+            if args.sweep:
+                configs += SWEEP["strided" if dim == 0 or x.stride(1) != 1 else "rows"]
+            for cfg in configs:
+                bw = gbps(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block, dim,
+                                                                   **cfg))
+                label = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"
+                rows.append((f"{m}x{k}", name, label, f"{bw:.0f}", f"{bw / copy:.0%}"))
+                print(rows[-1], flush=True)
+    emit(markdown_table("Hadamard + quantize kernel, bf16 input, GB/s (read + write)",
+                        ["shape", "variant", "launch", "GB/s", "of copy"], rows), args.markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Forward+backward of one nn.Linear at Llama-3-8B shapes (tokens 8192): bf16 Inductor, the
+halo backend (fp8, no Hadamard, halo1, halo2, all_inner) and torchao float8 training (rowwise,
+tensorwise), timed side by side in one process.
+
+    python benchmarks/linear.py [--tokens 8192] [--markdown out.md] [--contenders a,b]
+
+Prints a table: median ms of forward+backward (grad-input and grad-weight), TFLOP/s over the
+6 * tokens * in * out flops of the three matmuls, speed-up vs bf16 Inductor, and the output's
+relative error vs the bf16 result. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn as nn
+
+from _contenders import NAMES, compile_fn, parse_names
+from _timing import emit, kernel_breakdown, markdown_table, time_fwd_bwd
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES),
+                        help="in x out, comma separated")
+    parser.add_argument("--contenders", default=",".join(NAMES))
+    parser.add_argument("--markdown", help="append the table as markdown to this file")
+    parser.add_argument("--profile", default="",
+                        help="contenders to profile (comma separated): per-kernel GPU times")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    names = parse_names(args.contenders)
+    rows = []
+    for shape in args.shapes.split(","):
+        d_in, d_out = map(int, shape.split("x"))
+        torch.manual_seed(0)
+        base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(args.tokens, d_in, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True)
+        grad = torch.randn(args.tokens, d_out, device="cuda", dtype=torch.bfloat16)
+        reference = base(x).detach().float()
+        flops = 6 * args.tokens * d_in * d_out
+        bf16_ms = None
+        for name in names:
+            torch._dynamo.reset()
+            fn, skipped = compile_fn(name, copy.deepcopy(base))
+            if skipped:
+                print(f"{shape} {name}: skipped ({skipped})", flush=True)
+                rows.append((shape, name, "skipped", "-", "-", skipped))
+                continue
+            out = fn(x).detach().float()
+            err = ((out - reference).norm() / reference.norm()).item()
+            ms = time_fwd_bwd(fn, x, grad, args.reps)
+            bf16_ms = ms if name == "bf16 inductor" else bf16_ms
+            if name in args.profile.split(","):
+                print(f"--- {shape} {name}: GPU kernels over 5 forward+backward ---")
+                print(kernel_breakdown(lambda: fn(x).backward(grad), 5), flush=True)
+            rows.append((shape, name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
+                         f"{bf16_ms / ms:.2f}x" if bf16_ms else "-", f"{err:.2e}"))
+            print(rows[-1], flush=True)
+    emit(markdown_table(
+        f"nn.Linear forward+backward, tokens {args.tokens}, bf16 (in x out)",
+        ["in x out", "contender", "ms (median)", "TFLOP/s", "x bf16 inductor",
+         "rel. err vs bf16"], rows), args.markdown)
+
+
+if __name__ == "__main__":
+    main()
