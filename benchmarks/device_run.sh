@@ -13,9 +13,10 @@ cd /tmp  # import halo_compile from the installed wheel, not the checkout
 REPO=$OLDPWD
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
-python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"
-python3 "$REPO/benchmarks/mlp_block.py" --markdown "$OUT/mlp_block.md" 2>&1 | tee "$OUT/mlp_block.log"
+timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"
 cd "$REPO/benchmarks"  # the scripts import their shared helpers (_timing, _contenders) from here
-python3 hadamard_quantize.py --markdown "$OUT/hadamard_quantize.md" 2>&1 | tee "$OUT/hadamard_quantize.log"
-python3 linear.py --markdown "$OUT/linear.md" 2>&1 | tee "$OUT/linear.log"
-python3 decoder_step.py --markdown "$OUT/decoder_step.md" 2>&1 | tee "$OUT/decoder_step.log"
+run() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 "$@" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"; }
+run linear 120 linear.py --reps 10 --shapes 4096x14336
+run decoder_step 120 decoder_step.py --reps 5
+run lora_finetune 100 lora_finetune.py --reps 5
+run rotated_inference 100 rotated_inference.py

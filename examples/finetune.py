@@ -12,6 +12,11 @@ variant starts from the same weights and sees the same batches and masks in the 
     pip install -e .[demo]
     python examples/finetune.py                  # CPU: a few minutes on 2 cores
     python examples/finetune.py --device cuda    # real FP8/INT8 GEMMs on the GPU
+    python examples/finetune.py --lora           # LoRA adapters, pretrained weights frozen
+
+With --lora (needs `peft`), rank-16 LoRA adapters on every encoder linear are trained (and the
+MLM head's new transform in full); the pretrained weights stay frozen, and halo rotates and
+quantizes each of them once (cached), not at every step.
 
 On CPU halo computes with plain-torch reference kernels that reproduce the FP8/INT8 rounding
 exactly but simulate it in float32, so the CPU timings show the simulation's cost, not a speed-up.
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import halo_compile
+from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
 
 # Halo options of each variant; None is the high-precision baseline.
 VARIANTS: dict[str, Optional[dict]] = {
@@ -87,6 +93,9 @@ class VariantResult:
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # includes compilation for halo variants
     tokens_per_second: float = 0.0  # after the first step
+    # Frozen weights (LoRA's base layers) rotated+quantized: in step 1, and over the whole run.
+    weight_quantizations_first_step: int = 0
+    weight_quantizations: int = 0
 
     def final_train_loss(self, window: int = 10) -> float:
         """Mean over the last steps: one step's loss is dominated by its batch."""
@@ -133,6 +142,18 @@ def load_pretrained_mlm(model_dir: Path) -> torch.nn.Module:
         {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
     )
     return model
+
+
+def with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """LoRA adapters on every encoder linear; the MLM head's transform (new, randomly initialised:
+    it cannot stay frozen) trained in full; every other weight frozen."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+        target_modules=r".*encoder\.layer\.\d+\..*(query|key|value|dense)",
+        modules_to_save=["transform"])
+    return peft.get_peft_model(model, config)
 
 
 def stdlib_docstrings() -> list[str]:
@@ -247,13 +268,15 @@ def train_variant(name: str, halo_options: Optional[dict], initial_model: torch.
     if halo_options is not None:
         model = torch.compile(model, backend="halo",
                               options={**halo_options, "compiler": args.compiler})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 10)
     decay = args.steps - warmup + 1
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, (args.steps - step) / decay))
 
     result = VariantResult(name)
+    quantizations_before = FROZEN_WEIGHTS.computations
     start = time.perf_counter()
     for step, batch in enumerate(tqdm(train_batches, desc=f"{name:>16}", unit="step")):
         batch = batch.to(args.device)
@@ -266,7 +289,10 @@ def train_variant(name: str, halo_options: Optional[dict], initial_model: torch.
         result.train_losses.append(loss.item())  # .item() also waits for the GPU: honest timing
         if step == 0:
             result.first_step_seconds = time.perf_counter() - start
+            result.weight_quantizations_first_step = (FROZEN_WEIGHTS.computations
+                                                      - quantizations_before)
     result.seconds = time.perf_counter() - start
+    result.weight_quantizations = FROZEN_WEIGHTS.computations - quantizations_before
     steady_tokens = (len(train_batches) - 1) * train_batches[0].input_ids.numel()
     steady_seconds = result.seconds - result.first_step_seconds
     result.tokens_per_second = steady_tokens / steady_seconds if steady_seconds > 0 else math.nan
@@ -355,9 +381,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--compiler", choices=("inductor", "aot_eager"), default=None,
                         help="what runs the graph after halo's rewrite (default: inductor on "
                              "cuda, aot_eager on cpu)")
-    parser.add_argument("--lr", type=float, default=2e-4,
+    parser.add_argument("--lora", action="store_true",
+                        help="train LoRA adapters (needs peft) with the pretrained weights frozen")
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="LoRA rank with --lora (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
                         help="peak AdamW learning rate (linear warm-up over 10%% of the steps, "
-                             "then linear decay; default: %(default)s)")
+                             "then linear decay; default: 2e-4, with --lora 1e-3)")
     parser.add_argument("--eval-sequences", type=int, default=64,
                         help="held-out sequences to evaluate on, at most all there are "
                              "(default: %(default)s)")
@@ -372,6 +402,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.steps, args.batch_size, args.seq_len, args.eval_sequences = 4, 4, 32, 8
     if args.compiler is None:
         args.compiler = "inductor" if args.device == "cuda" else "aot_eager"
+    if args.lr is None:
+        args.lr = 1e-3 if args.lora else 2e-4
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
@@ -408,6 +440,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VariantResult]:
     initial_model = MaskedLMLoss(load_pretrained_mlm(model_dir))
     print(f"MiniLM from {model_dir}: {sum(p.numel() for p in initial_model.parameters()):,} "
           f"parameters (MLM head new, decoder tied to the word embeddings)")
+    if args.lora:
+        initial_model = with_lora(initial_model, args.lora_rank)
+        trainable = sum(p.numel() for p in initial_model.parameters() if p.requires_grad)
+        print(f"LoRA rank {args.lora_rank}: {trainable:,} trainable parameters, the pretrained "
+              f"weights frozen")
     print(f"data: {len(docs)} stdlib docstrings -> {len(train_sequences)} train / "
           f"{len(eval_sequences)} eval sequences of {args.seq_len} tokens; "
           f"{args.steps} steps x {args.batch_size} sequences")
@@ -427,7 +464,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VariantResult]:
             # The per-layer table here; the structure found (attention, norms) in results.md.
             print(f"halo report ({name}):\n{halo_compile.HaloReport(report.layers, [])}\n")
 
-    title = (f"MiniLM MLM fine-tuning on stdlib docstrings, {args.device}, "
+    for r in results:
+        if r.weight_quantizations:
+            print(f"{r.name}: frozen weights rotated and quantized {r.weight_quantizations} times "
+                  f"in {args.steps} steps ({r.weight_quantizations_first_step} in step 1)")
+    method = f"LoRA r={args.lora_rank}" if args.lora else "MLM"
+    title = (f"MiniLM {method} fine-tuning on stdlib docstrings, {args.device}, "
              f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens")
     plot_path = args.out / "loss_curves.png"
     plot_losses(results, initial_eval_loss, plot_path, title)

@@ -9,18 +9,15 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from halo_compile.config import HaloConfig
+from halo_compile.distributed import unsharded_parameters
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
 from halo_compile.report import GraphRecord, record_graph
 
-# id(parameter) -> (weak reference to it, config). Not a WeakKeyDictionary: that compares keys
-# with Tensor.__eq__ (elementwise), which fails for any parameter configured or looked up twice.
-_CONFIGURED: "dict[int, tuple[weakref.ref, HaloConfig]]" = {}
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    if _CONFIGURED.get(key, (None,))[0] is ref:
-        del _CONFIGURED[key]
+# Configured modules and their options. Looked up through their parameters at compile time, and
+# through FSDP2's unsharded parameters: fully_shard replaces a module's parameters by sharded
+# ones and swaps unsharded ones in around forward, and the graphs read those.
+_CONFIGURED: "weakref.WeakKeyDictionary[torch.nn.Module, HaloConfig]" = weakref.WeakKeyDictionary()
 
 
 def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, Any], None] = None,
@@ -30,16 +27,21 @@ def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, An
     if options is not None and kwargs:
         raise ValueError("pass halo options either as a dict/HaloConfig or as keywords, not both")
     config = HaloConfig.from_options(options if options is not None else kwargs)
-    for param in model.parameters():
-        key = id(param)
-        _CONFIGURED[key] = (weakref.ref(param, lambda ref, key=key: _forget(key, ref)), config)
+    _CONFIGURED.pop(model, None)  # the latest configure() call wins: keep insertion order
+    _CONFIGURED[model] = config
     return config
 
 
+def configured_options(model: torch.nn.Module) -> Optional[HaloConfig]:
+    """The options `configure(model, ...)` attached to `model`, if any."""
+    return _CONFIGURED.get(model)
+
+
 def _configured_for(tensors: GraphTensors) -> Optional[HaloConfig]:
-    for param in tensors.parameters():
-        ref, config = _CONFIGURED.get(id(param), (None, None))
-        if ref is not None and ref() is param:
+    graph_params = {id(p) for p in tensors.parameters()}  # alive: ids are unique
+    for module, config in reversed(list(_CONFIGURED.items())):
+        if any(id(p) in graph_params
+               for p in (*module.parameters(), *unsharded_parameters(module))):
             return config
     return None
 
@@ -52,7 +54,7 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     if options is None:
         config = _configured_for(tensors) or HaloConfig()
     ctx = PassManager().run(gm, example_inputs, config)
-    record = GraphRecord(ctx.layer_reports, ctx.analysis.describe())
+    record = GraphRecord(ctx.layer_reports, ctx.analysis.describe() + ctx.fusion.notes)
     record.add_parameters(tensors.parameters())
     record_graph(record)
     if config.compiler == "aot_eager":

@@ -10,13 +10,20 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+from halo_compile.kernels.emulated_quantized_linear import EMULATED_FORMATS
 from halo_compile.kernels.quantize import FORMATS as _QUANT_FORMATS
 from halo_compile.kernels.quantize import GRANULARITIES, ROUNDINGS
 from halo_compile.kernels.scaled_matmul import ROTATIONS
 
-FORMATS = (*_QUANT_FORMATS, "none")
+FORMATS = (*_QUANT_FORMATS, *EMULATED_FORMATS, "none")  # 4-bit ones: inference, emulated
 NONFINITE_POLICIES = ("raise", "propagate")
 COMPILERS = ("inductor", "aot_eager")
+# Where rotations live. "none"/"online": weights untouched, operands rotated on the fly as
+# `hadamard` says (HALO). "fused": QuaRot-style rotations folded into the weights (passes/
+# fuse_norms.py, rotate_residual.py, fold_online_rotations.py; docs/rotation.md).
+ROTATE_MODES = ("none", "online", "fused")
+# LoRA adapter matmuls (peft's lora_A / lora_B): small, trained, and cheap in high precision.
+ADAPTER_POLICIES = ("high_precision", "quantize")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -83,12 +90,14 @@ class LayerConfig:
     scale: str = "row"
     grad_rounding: str = "nearest"
     min_features: int = 64
+    adapters: str = "high_precision"  # a LoRA lora_A / lora_B linear: "quantize" to quantize it
 
     def __post_init__(self):
         object.__setattr__(self, "hadamard", parse_hadamard(self.hadamard))
         _check_choice("format", self.format, FORMATS)
         _check_choice("scale", self.scale, GRANULARITIES)
         _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
+        _check_choice("adapters", self.adapters, ADAPTER_POLICIES)
         block = self.hadamard_block
         if block != "full" and not (
             isinstance(block, int) and not isinstance(block, bool) and block >= 16
@@ -124,10 +133,12 @@ class HaloConfig:
     layers: tuple[tuple[str, Optional[Mapping[str, Any]]], ...] = ()
     nonfinite: str = "raise"
     compiler: str = "inductor"
+    rotate: str = "none"
 
     def __post_init__(self):
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("compiler", self.compiler, COMPILERS)
+        _check_choice("rotate", self.rotate, ROTATE_MODES)
         for pattern, override in self.layers:
             if not isinstance(pattern, str):
                 raise ValueError(f"halo option 'layers': keys must be strings, got {pattern!r}")
@@ -143,7 +154,7 @@ class HaloConfig:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"halo options must be a dict or HaloConfig, got {type(options)}")
-        global_keys = ("layers", "nonfinite", "compiler")
+        global_keys = ("layers", "nonfinite", "compiler", "rotate")
         _check_keys(options, LAYER_KEYS + global_keys, "halo options")
         defaults = cls._apply(LayerConfig(), {k: v for k, v in options.items() if k in LAYER_KEYS},
                               "halo options")
@@ -156,6 +167,7 @@ class HaloConfig:
                          for pattern, o in layers.items()),
             nonfinite=options.get("nonfinite", "raise"),
             compiler=options.get("compiler", "inductor"),
+            rotate=options.get("rotate", "none"),
         )
 
     def for_layer(self, fqn: str) -> Optional[LayerConfig]:

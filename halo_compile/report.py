@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from halo_compile.distributed import unsharded_parameters
+
 
 @dataclass(frozen=True)
 class MatmulPlan:
@@ -47,13 +49,18 @@ class LayerReport:
     grad_input: Optional[MatmulPlan] = None
     grad_weight: Optional[MatmulPlan] = None
     reason: str = ""  # why the layer stays in high precision
+    frozen: bool = False  # weight needs no grad: quantized once per version, no grad-weight matmul
+    rotation: str = ""  # rotate="fused": what was folded into the weight, or why not
+    folded_bytes: int = 0  # size of the folded weight the graph computes from the parameter
 
     def row(self) -> list[str]:
         shape = f"{self.in_features}->{self.out_features}"
         if not self.quantized:
-            return [self.fqn, shape, "high precision", "", "", "", self.reason]
-        return [self.fqn, shape, f"{self.format}/{self.scale}", str(self.forward),
-                str(self.grad_input), str(self.grad_weight), ""]
+            return [self.fqn, shape, "high precision", self.rotation, "", "", self.reason]
+        grad_weight = "frozen (cached weight)" if self.frozen else str(self.grad_weight)
+        forward = self.rotation or str(self.forward)
+        return [self.fqn, shape, f"{self.format}/{self.scale}", forward,
+                str(self.grad_input), grad_weight, ""]
 
 
 @dataclass
@@ -104,6 +111,11 @@ class HaloReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (f"halo: {len(self.quantized)} of {len(self.layers)} linears quantized; "
                    f"{len(self.high_precision)} left in high precision")
+        folded = sum(layer.folded_bytes for layer in self.layers)
+        if folded:
+            summary += (f"\nrotate='fused': {folded / 2**20:.2f} MiB of folded weights computed "
+                        "in the graph from the parameters on every call (Inductor freezing "
+                        "computes them once; docs/rotation.md)")
         return "\n".join([summary, *lines, *(["", "structure:"] + self.structure
                                              if self.structure else [])])
 
@@ -111,7 +123,8 @@ class HaloReport:
 def report(model: torch.nn.Module) -> HaloReport:
     """The per-layer report of a model compiled with backend="halo" (after its first call)."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module
-    params = {id(p): p for p in model.parameters()}
+    # Under FSDP2 the graphs read the unsharded parameters, not the sharded ones.
+    params = {id(p): p for p in (*model.parameters(), *unsharded_parameters(model))}
     by_fqn: dict[str, LayerReport] = {}
     structure: list[str] = []
     for record in _RECORDS:

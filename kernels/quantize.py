@@ -7,6 +7,7 @@ rounding of the format, which makes CPU results match what the GPU's GEMM consum
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -48,22 +49,34 @@ def absmax(x: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def check_finite(amax: torch.Tensor, where: str) -> None:
-    """Raise NonFiniteInputError if an absmax is inf/NaN (any inf/NaN in a tensor reaches it).
+    """Raise NonFiniteInputError if an absmax (or a scale) is inf/NaN: any inf/NaN in a tensor
+    reaches its absmax. See `check_operands_finite` for when it raises on CUDA."""
+    _check_finite({where: amax})
 
-    On the CPU at once. On CUDA without a host sync, which would stall the launch queue at every
-    matmul (measured: a third of an FP8 linear's time): the verdict is copied to pinned memory
-    behind an event and read by a later check once the event has completed, or by
-    `raise_pending_nonfinite()`. The error then names the matmul where it happened."""
-    if amax.device.type == "cuda":
-        _DEFERRED_CHECKS.submit(amax, where)
-    elif not bool(torch.isfinite(amax).all()):
-        raise _nonfinite_error(where)
+
+def check_operands_finite(amax_a: torch.Tensor, amax_b: torch.Tensor, where: str) -> None:
+    """`check_finite` for both operands of a matmul at once (one verdict to read back on CUDA).
+
+    On the CPU it raises at once. On CUDA a host sync per matmul would stall the launch queue
+    (measured: a third of an FP8 linear's time), so the verdict is copied to pinned memory behind
+    an event and read by a later check once the event has completed, or by
+    `raise_pending_nonfinite()`. The error names the matmul and operand where it happened."""
+    _check_finite({f"{where} (left operand)": amax_a, f"{where} (right operand)": amax_b})
 
 
 def raise_pending_nonfinite() -> None:
     """Wait for every deferred CUDA inf/NaN check and raise NonFiniteInputError if one failed.
     Call it where a step must be known clean (before `optimizer.step()`, at a checkpoint)."""
     _DEFERRED_CHECKS.poll(wait=True)
+
+
+def _check_finite(amaxes: "dict[str, torch.Tensor]") -> None:
+    if next(iter(amaxes.values())).device.type == "cuda":
+        _DEFERRED_CHECKS.submit(amaxes)
+        return
+    for where, amax in amaxes.items():
+        if not bool(torch.isfinite(amax).all()):
+            raise _nonfinite_error(where)
 
 
 def _nonfinite_error(where: str) -> NonFiniteInputError:
@@ -75,29 +88,32 @@ def _nonfinite_error(where: str) -> NonFiniteInputError:
 
 
 class _DeferredChecks:
-    """Pending CUDA inf/NaN verdicts, oldest first: (where, pinned host flag, event)."""
+    """Pending CUDA verdicts, oldest first: (names, pinned peaks, event). A peak (the max of an
+    absmax tensor) is inf/NaN exactly when its tensor held an inf/NaN."""
 
     def __init__(self):
         self._pending: deque = deque()
 
-    def submit(self, amax: torch.Tensor, where: str) -> None:
-        verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
-        verdict.copy_(~torch.isfinite(amax).all(), non_blocking=True)
+    def submit(self, amaxes: "dict[str, torch.Tensor]") -> None:
+        peaks = torch.stack([amax.amax().float() for amax in amaxes.values()])
+        host = torch.empty(peaks.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(peaks, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending.append((where, verdict, event))
+        self._pending.append((list(amaxes), host, event))
         self.poll(wait=False)
 
     def poll(self, wait: bool) -> None:
         while self._pending:
-            where, verdict, event = self._pending[0]
+            names, host, event = self._pending[0]
             if not wait and not event.query():
                 return
             event.synchronize()
             self._pending.popleft()
-            if bool(verdict):
-                self._pending.clear()  # later verdicts follow from this one
-                raise _nonfinite_error(where)
+            for where, peak in zip(names, host.tolist()):
+                if not math.isfinite(peak):
+                    self._pending.clear()  # later verdicts follow from this one
+                    raise _nonfinite_error(where)
 
 
 _DEFERRED_CHECKS = _DeferredChecks()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_matrix
-from .quantize import absmax, check_finite, quantize
+from .quantize import absmax, check_operands_finite, quantize
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 
 ROTATIONS = ("none", "inner", "outer")
@@ -58,8 +58,7 @@ def _rotate_operands(a, b, rotation: str, max_block: int):
 def _quantize_operands(a, b, fmt, granularity, rounding_a, rounding_b, check, where):
     amax_a, amax_b = absmax(a, granularity), absmax(b, granularity)
     if check:
-        check_finite(amax_a, f"{where} (left operand)")
-        check_finite(amax_b, f"{where} (right operand)")
+        check_operands_finite(amax_a, amax_b, where)
     qa, sa = quantize(a, fmt, granularity, rounding_a, amax_a)
     qb, sb = quantize(b, fmt, granularity, rounding_b, amax_b)
     return qa, sa, qb, sb
@@ -71,8 +70,7 @@ def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a
     ra, rb, outer_block = _rotate_operands(a, b, rotation, max_block)
     if fmt == "none":
         if check_finite_inputs:
-            check_finite(absmax(ra, "tensor"), f"{where} (left operand)")
-            check_finite(absmax(rb, "tensor"), f"{where} (right operand)")
+            check_operands_finite(absmax(ra, "tensor"), absmax(rb, "tensor"), where)
         out = ra @ rb.t()
     else:
         qa, sa, qb, sb = _quantize_operands(
@@ -176,8 +174,7 @@ def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_fin
     qa, sa = hadamard_quantize_triton(a, fmt, granularity, block, 0 if outer else 1)
     qb, sb = hadamard_quantize_triton(b, fmt, granularity, 0 if outer else block, 1)
     if check_finite_inputs:  # the scales are inf/NaN exactly where the operand is
-        check_finite(sa, f"{where} (left operand)")
-        check_finite(sb, f"{where} (right operand)")
+        check_operands_finite(sa, sb, where)
     if outer:
         sa = sa * (1.0 / math.sqrt(block))  # H's normalisation, folded into the GEMM epilogue
     out = gemm(qa, sa, qb, sb, fmt, out_dtype)

@@ -63,7 +63,8 @@ class GraphTensors:
         self._values: dict[fx.Node, object] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, example_inputs):
-            self._values[node] = value
+            recorded = _dynamo_example(node)
+            self._values[node] = recorded if isinstance(recorded, torch.nn.Parameter) else value
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 self._values[node] = _resolve_attr(gm, node.target)
@@ -74,6 +75,17 @@ class GraphTensors:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [v for v in self._values.values() if isinstance(v, torch.nn.Parameter)]
+
+
+def _dynamo_example(node: fx.Node):
+    """The real tensor Dynamo recorded for a graph input. The DDP optimizer hands each bucket's
+    subgraph fake example inputs (fake parameters still pass isinstance(_, Parameter)); its
+    placeholders keep Dynamo's record of the real parameter."""
+    grapharg = node.meta.get("grapharg")
+    try:
+        return getattr(grapharg, "example", None)
+    except AssertionError:  # the tensor behind the record was freed
+        return None
 
 
 def _resolve_attr(gm: fx.GraphModule, target: str):

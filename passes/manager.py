@@ -14,8 +14,12 @@ from .analysis import GraphAnalysis
 from .find_attention import FindAttention
 from .find_linears import FindLinears
 from .find_norms import FindNormsAndResiduals
+from .fold_online_rotations import FoldOnlineRotations
+from .folding import FusionState
+from .fuse_norms import FuseNorms
 from .graph_utils import GraphTensors
 from .quantize_linears import QuantizeLinears
+from .rotate_residual import RotateResidualStream
 
 
 @dataclass
@@ -26,10 +30,13 @@ class PassContext:
     tensors: GraphTensors
     analysis: GraphAnalysis = field(default_factory=GraphAnalysis)
     layer_reports: list[LayerReport] = field(default_factory=list)
+    fusion: FusionState = field(default_factory=FusionState)  # rotate="fused": what was folded
 
 
 def default_passes() -> list:
-    return [FindLinears(), FindAttention(), FindNormsAndResiduals(), QuantizeLinears()]
+    # The three rotation passes only act with rotate="fused".
+    return [FindLinears(), FindAttention(), FindNormsAndResiduals(), FuseNorms(),
+            RotateResidualStream(), FoldOnlineRotations(), QuantizeLinears()]
 
 
 class PassManager:

@@ -7,12 +7,20 @@ cannot take: never a silently wrong result.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
 from halo_compile.config import LayerConfig
+from halo_compile.kernels.emulated_quantized_linear import EMULATED_FORMATS
 from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (registers op)
+    emulated_quantized_linear,
+)
+from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
+from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
 from halo_compile.report import LayerReport, MatmulPlan
 
 from .analysis import LinearSite
@@ -35,11 +43,15 @@ class QuantizeLinears:
             if site.bias is not None:
                 site.bias = replaced.get(site.bias, site.bias)
             layer = ctx.config.for_layer(site.fqn)
+            if layer is not None and site.fqn in ctx.fusion.prerotated:  # rotate="fused"
+                layer = dataclasses.replace(
+                    layer, hadamard=dataclasses.replace(layer.hadamard, forward="none"))
+            fusion = dict(rotation=ctx.fusion.describe(site.fqn),
+                          folded_bytes=ctx.fusion.folded_bytes.get(site.fqn, 0))
             reason = self._reason_to_skip(site, layer, ctx)
             if reason:
-                ctx.layer_reports.append(
-                    LayerReport(site.fqn, site.in_features, site.out_features, False, reason=reason)
-                )
+                ctx.layer_reports.append(LayerReport(
+                    site.fqn, site.in_features, site.out_features, False, reason=reason, **fusion))
                 continue
             tokens = _token_count(site)
             plans = _plan_matmuls(site, layer, tokens)
@@ -47,14 +59,17 @@ class QuantizeLinears:
             self._rewrite(ctx.gm.graph, site, layer, ctx.config.nonfinite == "raise")
             replaced[old_node] = site.node
             ctx.layer_reports.append(LayerReport(
-                site.fqn, site.in_features, site.out_features, True, layer.format, layer.scale,
-                *plans,
+                site.fqn, site.in_features, site.out_features, True, layer.format,
+                "row, emulated" if layer.format in EMULATED_FORMATS else layer.scale,
+                *plans, frozen=_is_frozen(site), **fusion,
             ))
 
     @staticmethod
     def _reason_to_skip(site: LinearSite, layer, ctx) -> str:
         if layer is None:
             return f"excluded by layers[{ctx.config.excluded_by(site.fqn)!r}]"
+        if layer.adapters == "high_precision" and _is_lora_adapter(site.fqn):
+            return "LoRA adapter (per-layer option adapters='quantize' quantizes it)"
         w = site.weight
         if w.dtype not in SUPPORTED_DTYPES:
             return f"weight dtype {w.dtype} not supported"
@@ -74,19 +89,51 @@ class QuantizeLinears:
     def _rewrite(graph: fx.Graph, site: LinearSite, layer: LayerConfig, check_finite: bool):
         node = site.node
         with graph.inserting_before(node):
-            weight = site.weight_node
-            if site.weight_transposed:
-                weight = graph.call_method("t", (weight,))
-            new = graph.call_function(
-                torch.ops.halo.quantized_linear.default,
-                (site.x, weight, site.bias, layer.format, layer.scale, layer.hadamard.forward,
-                 layer.hadamard.grad_input, layer.hadamard.grad_weight, layer.max_block,
-                 layer.grad_rounding, check_finite, site.fqn),
-            )
+            if _is_frozen(site) and layer.format not in EMULATED_FORMATS:
+                # Rotated and quantized once per weight version, not per call. Drop what an
+                # earlier compilation cached: the weight may have been edited through `.data`
+                # (peft's merge does that), which its version counter does not see.
+                FROZEN_WEIGHTS.forget([site.weight])
+                new = graph.call_function(
+                    torch.ops.halo.frozen_linear.default,
+                    (site.x, site.weight_node, site.bias, site.weight_transposed, layer.format,
+                     layer.scale, layer.hadamard.forward, layer.hadamard.grad_input,
+                     layer.max_block, layer.grad_rounding, check_finite, site.fqn),
+                )
+            else:
+                weight = site.weight_node
+                if site.weight_transposed:
+                    weight = graph.call_method("t", (weight,))
+                if layer.format in EMULATED_FORMATS:  # 4-bit: inference, plain-torch emulation
+                    new = graph.call_function(
+                        torch.ops.halo.emulated_quantized_linear.default,
+                        (site.x, weight, site.bias, layer.format, layer.hadamard.forward,
+                         layer.max_block, check_finite, site.fqn),
+                    )
+                else:
+                    new = graph.call_function(
+                        torch.ops.halo.quantized_linear.default,
+                        (site.x, weight, site.bias, layer.format, layer.scale,
+                         layer.hadamard.forward, layer.hadamard.grad_input,
+                         layer.hadamard.grad_weight, layer.max_block, layer.grad_rounding,
+                         check_finite, site.fqn),
+                    )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         site.node = new
+
+
+def _is_frozen(site: LinearSite) -> bool:
+    """A weight that gets no gradient (a PEFT base layer): Dynamo guards on requires_grad, so a
+    weight unfrozen later recompiles into the trained-weight path."""
+    # A weight folded by the rotation passes is computed in the graph: not the cached parameter.
+    return not site.weight.requires_grad and site.weight_node.op in ("placeholder", "get_attr")
+
+
+def _is_lora_adapter(fqn: str) -> bool:
+    """peft names LoRA's linears `<layer>.lora_A.<adapter>` and `<layer>.lora_B.<adapter>`."""
+    return any(part in ("lora_A", "lora_B") for part in fqn.split("."))
 
 
 def _token_count(site: LinearSite):

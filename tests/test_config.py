@@ -66,7 +66,8 @@ def test_every_key():
 def test_layer_keys():
     """Every field of LayerConfig is a top-level option and a per-layer override key."""
     assert set(halo_compile.config.LAYER_KEYS) == {
-        "format", "hadamard", "hadamard_block", "scale", "grad_rounding", "min_features"}
+        "format", "hadamard", "hadamard_block", "scale", "grad_rounding", "min_features",
+        "adapters"}
 
 
 def test_from_options_passes_a_config_through():

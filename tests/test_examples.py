@@ -46,3 +46,21 @@ def test_quick_finetune_runs_every_variant(tmp_path, capsys, monkeypatch):
         # Four steps from the same weights on the same batches: quantization moves the eval loss
         # by well under 1% here; 10% catches a broken rewrite without flaking.
         assert abs(r.eval_loss / baseline.eval_loss - 1) < 0.10, (r.name, r.eval_loss)
+
+
+def test_quick_lora_finetune_quantizes_frozen_weights_once(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("peft", reason="--lora needs peft: pip install -e .[hf]")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    demo = load_demo(monkeypatch)
+    results = demo.main(["--quick", "--lora", "--variants", "baseline,fp8-hadamard",
+                         "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    baseline, halo = results
+
+    # Every pretrained linear is frozen: quantized in step 1, never again.
+    assert baseline.weight_quantizations == 0
+    assert halo.weight_quantizations == halo.weight_quantizations_first_step > 0
+    assert "frozen (cached weight)" in printed and "LoRA adapter" in printed
+    assert "trainable parameters" in printed
+    assert all(math.isfinite(loss) for loss in halo.train_losses)
+    assert abs(halo.eval_loss / baseline.eval_loss - 1) < 0.10, halo.eval_loss

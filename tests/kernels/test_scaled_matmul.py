@@ -479,9 +479,11 @@ def test_cuda_non_finite_is_raised_by_a_later_call_without_a_sync():
     a = torch.randn(64, 64, device="cuda")
     bad = a.clone()
     bad[0, 0] = float("nan")
-    _op(bad, a, "fp8_e4m3", "none", check=True)  # queued; its verdict is not read yet
-    torch.cuda.synchronize()  # its event has completed: the next check reads the verdict
     with pytest.raises(NonFiniteInputError, match="left operand"):
+        # Raised by this call if its verdict is already back, else by the next one: once the
+        # event has completed, any later check reads it, without a sync of its own.
+        _op(bad, a, "fp8_e4m3", "none", check=True)
+        torch.cuda.synchronize()
         _op(a, a, "fp8_e4m3", "none", check=True)
 
 

@@ -1,0 +1,95 @@
+"""`halo::emulated_quantized_linear`: 4-bit weight/activation quantization for inference, emulated.
+
+Formats (symmetric integers, round to nearest, QuaRot's RTN baseline):
+    "int4"  W4A4: weights per output channel, activations per token, both 4-bit (±7)
+    "w4a8"  W4A8: 4-bit weights per output channel, 8-bit activations per token (±127)
+The quantized values are dequantized and multiplied in float32: the plain-torch reference, on
+any device. No GPU has a 4-bit GEMM path here, so the report marks these layers "emulated".
+The backward is a straight-through estimator (high-precision matmuls), for completeness: these
+formats are meant for inference with rotate="fused".
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .hadamard import block_hadamard, hadamard_block_size
+from .quantize import absmax, check_finite
+
+EMULATED_FORMATS = {"int4": (4, 4), "w4a8": (4, 8)}  # format -> (weight bits, activation bits)
+_MIN_AMAX = 1e-12
+
+
+def fake_quantize_rows(t: torch.Tensor, bits: int, check: bool, where: str) -> torch.Tensor:
+    """Symmetric round-to-nearest to `bits` with one scale per row, returned dequantized
+    (float32; float64 stays float64)."""
+    amax = absmax(t, "row")
+    if check:
+        check_finite(amax, where)
+    levels = 2 ** (bits - 1) - 1
+    scale = amax.clamp_min(_MIN_AMAX).to(t.dtype if t.dtype == torch.float64 else torch.float32)
+    scale = scale / levels
+    return torch.round(t / scale).clamp(-levels, levels) * scale
+
+
+def emulated_quantized_linear_reference(x, weight, bias, fmt, forward_rotation, max_block,
+                                        check_finite_inputs=True, name="linear"):
+    """y = Q_a(x H) Q_w(W H)ᵀ + bias, H a block Hadamard along in-features when
+    `forward_rotation` is "inner" (else none)."""
+    weight_bits, act_bits = EMULATED_FORMATS[fmt]
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x2d, w = x.reshape(-1, x.shape[-1]).to(compute_dtype), weight.to(compute_dtype)
+    block = hadamard_block_size(w.shape[1], max_block) if forward_rotation == "inner" else 0
+    if block:
+        x2d, w = block_hadamard(x2d, block, dim=1), block_hadamard(w, block, dim=1)
+    y = (fake_quantize_rows(x2d, act_bits, check_finite_inputs, f"{name} forward (activation)")
+         @ fake_quantize_rows(w, weight_bits, check_finite_inputs, f"{name} forward (weight)").t())
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("halo::emulated_quantized_linear", mutates_args=())
+def emulated_quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    forward_rotation: str,
+    max_block: int,
+    check_finite: bool,
+    name: str,
+) -> torch.Tensor:
+    return emulated_quantized_linear_reference(x, weight, bias, fmt, forward_rotation, max_block,
+                                               check_finite, name)
+
+
+@emulated_quantized_linear.register_fake
+def _(x, weight, bias, fmt, forward_rotation, max_block, check_finite, name):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"{name}: x and weight do not match")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out):
+    """Straight-through: the gradients of the unquantized linear."""
+    x, weight = ctx.saved_tensors
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = (dy @ weight.to(dy.dtype)).reshape(x.shape) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if ctx.needs_input_grad[1]:
+        grad_w = (dy.t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)).to(weight.dtype)
+    grad_b = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = dy.sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+emulated_quantized_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,148 @@
+"""`halo::frozen_linear`: `halo::quantized_linear` for a weight that does not require grad.
+
+A frozen weight (a PEFT/LoRA base layer) is rotated and quantized once per version and cached
+(weight_cache.py), instead of at every call; its gradient is never computed, so the backward is
+the grad-input matmul alone, and the input is not saved for backward.
+
+`halo::frozen_weight_matmul(a, weight, transpose_weight, ...)` computes exactly what
+`halo::scaled_matmul(a, op(weight).to(a.dtype), ...)` does (op: transpose or not, so both the
+forward `X Wᵀ` and the grad-input `dY W` read the stored parameter itself, which is what keeps
+its identity and version counter visible to the cache), with the weight side from the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .hadamard import block_hadamard, hadamard_block_size
+from .quantize import absmax, check_finite, quantize
+from .scaled_matmul import cuda_gemm, reference_gemm
+from .weight_cache import FROZEN_WEIGHTS
+
+
+def _frozen_weight_matmul(gemm, a, weight, transpose_weight, fmt, rotation, max_block,
+                          granularity, rounding_a, check_finite_inputs, where):
+    out_dtype = a.dtype
+    # The placements of scaled_matmul.py: "inner" rotates both operands along K (the weight's
+    # side is cached), "outer" rotates `a` along M and the output back.
+    inner = hadamard_block_size(a.shape[1], max_block) if rotation == "inner" else 0
+    outer = hadamard_block_size(a.shape[0], max_block) if rotation == "outer" else 0
+    qb, sb = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner, transpose_weight,
+                                      a.dtype, check_finite_inputs, where)
+    if inner:
+        ra = block_hadamard(a, inner, dim=1)
+    elif outer:
+        ra = block_hadamard(a, outer, dim=0)
+    else:
+        ra = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
+    amax = absmax(ra, granularity if fmt != "none" else "tensor")
+    if check_finite_inputs:
+        check_finite(amax, f"{where} (left operand)")
+    if fmt == "none":
+        out = ra @ qb.t()
+    else:
+        qa, sa = quantize(ra, fmt, granularity, rounding_a, amax)
+        out = gemm(qa, sa, qb, sb, fmt, out_dtype)
+    if outer:
+        out = block_hadamard(out, outer, dim=0)
+    return out.to(out_dtype).contiguous()
+
+
+@torch.library.custom_op("halo::frozen_weight_matmul", mutates_args=())
+def frozen_weight_matmul(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    transpose_weight: bool,
+    fmt: str,
+    rotation: str,
+    max_block: int,
+    granularity: str,
+    rounding_a: str,
+    check_finite_inputs: bool,
+    where: str,
+) -> torch.Tensor:
+    """A [M, K] @ op(weight)ᵀ -> [M, N] (op(weight) [N, K]), the weight side cached."""
+    return _frozen_weight_matmul(reference_gemm, a, weight, transpose_weight, fmt, rotation,
+                                 max_block, granularity, rounding_a, check_finite_inputs, where)
+
+
+@frozen_weight_matmul.register_kernel("cuda")
+def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, rounding_a,
+      check_finite_inputs, where):
+    return _frozen_weight_matmul(cuda_gemm, a, weight, transpose_weight, fmt, rotation,
+                                 max_block, granularity, rounding_a, check_finite_inputs, where)
+
+
+@frozen_weight_matmul.register_fake
+def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, rounding_a,
+      check_finite_inputs, where):
+    n, k = (weight.shape[1], weight.shape[0]) if transpose_weight else weight.shape
+    torch._check(a.dim() == 2 and a.shape[1] == k,
+                 lambda: f"{where}: operand and frozen weight do not match")
+    return a.new_empty((a.shape[0], n))
+
+
+@torch.library.custom_op("halo::frozen_linear", mutates_args=())
+def frozen_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight_transposed: bool,
+    fmt: str,
+    granularity: str,
+    forward_rotation: str,
+    grad_input_rotation: str,
+    max_block: int,
+    grad_rounding: str,
+    check_finite: bool,
+    name: str,
+) -> torch.Tensor:
+    """y = x @ Wᵀ + bias, with W = weight, or weightᵀ when `weight_transposed` (stored [in, out],
+    GPT-2's Conv1D). `weight` must not require grad."""
+    y = torch.ops.halo.frozen_weight_matmul(
+        x.reshape(-1, x.shape[-1]), weight, weight_transposed, fmt, forward_rotation, max_block,
+        granularity, "nearest", check_finite, f"{name} forward")
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@frozen_linear.register_fake
+def _(x, weight, bias, weight_transposed, fmt, granularity, forward_rotation,
+      grad_input_rotation, max_block, grad_rounding, check_finite, name):
+    in_features, out_features = weight.shape if weight_transposed else weight.shape[::-1]
+    torch._check(x.shape[-1] == in_features, lambda: f"{name}: x and weight do not match")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, transposed, fmt, granularity, _, gi_rot, max_block, rounding, check, name = \
+        inputs
+    if weight.requires_grad:
+        raise ValueError(f"halo::frozen_linear ({name}): the weight requires grad; use "
+                         "halo::quantized_linear for a trained weight")
+    ctx.save_for_backward(weight)
+    ctx.x_shape = x.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.settings = (transposed, fmt, gi_rot, max_block, granularity, rounding, check, name)
+
+
+def _backward(ctx, grad_out):
+    (weight,) = ctx.saved_tensors
+    transposed, fmt, gi_rot, max_block, granularity, rounding, check, name = ctx.settings
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        # dX = dY W: contraction over out-features; W [out, in] is op(weight)ᵀ.
+        grad_x = torch.ops.halo.frozen_weight_matmul(
+            dy, weight, not transposed, fmt, gi_rot, max_block, granularity, rounding, check,
+            f"{name} grad-input",
+        ).reshape(ctx.x_shape)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        grad_b = dy.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, grad_b, None, None, None, None, None, None, None, None, None
+
+
+frozen_linear.register_autograd(_backward, setup_context=_setup_context)

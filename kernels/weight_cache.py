@@ -1,0 +1,136 @@
+"""A cache of tensors derived from frozen weights (rotated, quantized), kept per weight version.
+
+A frozen weight (a PEFT/LoRA base layer, an inference model) is the same tensor at every step, so
+its rotated and quantized form need not be recomputed at every call. `WeightCache.get` memoizes
+any derivation of a weight under a tag; `WeightCache.quantized` is the one the quantized matmuls
+use: `weight` (or its transpose) in the operand dtype, rotated by a block Hadamard along its last
+dimension, quantized per row or per tensor -- exactly what `halo::scaled_matmul` computes for its
+right operand, see `quantize_weight_reference`.
+
+An entry is keyed by the tensor object given (held by weak reference: it goes when the weight
+goes) and the tag, and is valid while the weight's version counter (`_version`, bumped by every
+in-place write that autograd sees: optimizer steps, `copy_` under no_grad, `load_state_dict`) and
+storage are unchanged. Writes through `.data` (peft's `merge`, for one) bypass the version
+counter: the quantize pass calls `forget` on each frozen weight when it compiles a graph (merging
+changes the module, so Dynamo recompiles); after editing `.data` yourself, call
+`FROZEN_WEIGHTS.forget()`.
+
+The cached tensors are shared between calls: consume them inside a kernel, never return them from
+a custom op (Inductor may reuse an op's output buffer for later results).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Optional
+
+import torch
+
+from .hadamard import block_hadamard
+from .quantize import absmax, check_finite, quantize
+
+
+def quantize_weight_reference(weight: torch.Tensor, fmt: str, granularity: str, block: int,
+                              transpose: bool = False, dtype: Optional[torch.dtype] = None,
+                              check: bool = True, where: str = "weight"):
+    """The plain-torch derivation the cache stores: `op(weight)` (its transpose if `transpose`)
+    cast to `dtype` (the other operand's; default: the weight's), rotated along its last
+    dimension in blocks of `block` (0: not rotated), then quantized to `fmt` with `granularity`
+    scales. Returns (values, float32 scales); for fmt "none", (rotated float tensor, None).
+    Raises NonFiniteInputError on inf/NaN when `check`."""
+    b = weight.t() if transpose else weight
+    b = b.to(dtype or weight.dtype)
+    compute_dtype = torch.float64 if b.dtype == torch.float64 else torch.float32
+    rotated = block_hadamard(b, block, dim=1) if block else b.to(compute_dtype)
+    amax = absmax(rotated, granularity if fmt != "none" else "tensor")
+    if check:
+        check_finite(amax, f"{where} (frozen weight)")
+    if fmt == "none":
+        return rotated, None
+    return quantize(rotated, fmt, granularity, "nearest", amax)
+
+
+@dataclass
+class _Entry:
+    weight: weakref.ref
+    version: int
+    data_ptr: int
+    value: Any
+
+    def valid_for(self, weight: torch.Tensor) -> bool:
+        return (self.weight() is weight and self.version == weight._version
+                and self.data_ptr == weight.data_ptr())
+
+
+class WeightCache:
+    """Derived tensors per (weight, version, tag). `computations` counts the derivations run
+    (cache misses), `hits` the calls served from the cache: tests assert on them."""
+
+    def __init__(self):
+        self._entries: dict[tuple[int, Hashable], _Entry] = {}
+        self.computations = 0
+        self.hits = 0
+
+    def get(self, weight: torch.Tensor, tag: Hashable, compute: Callable[[torch.Tensor], Any]):
+        """`compute(weight)`, computed once per version of `weight` for each `tag`. The tag must
+        name everything besides the weight that the result depends on."""
+        if weight.is_inference():  # no version counter to tell a change: never cache
+            self.computations += 1
+            return compute(weight)
+        key = (id(weight), tag)
+        entry = self._entries.get(key)
+        if entry is not None and entry.valid_for(weight):
+            self.hits += 1
+            return entry.value
+        value = compute(weight)
+        self.computations += 1
+        ref = weakref.ref(weight, lambda ref, key=key: self._drop(key, ref))
+        self._entries[key] = _Entry(ref, weight._version, weight.data_ptr(), value)
+        return value
+
+    def quantized(self, weight: torch.Tensor, fmt: str, granularity: str, block: int,
+                  transpose: bool = False, dtype: Optional[torch.dtype] = None,
+                  check: bool = True, where: str = "weight"):
+        """`quantize_weight_reference(weight, ...)`, cached. The layout is part of the tag, so a
+        view of the weight never gets the weight's entry."""
+        dtype = dtype or weight.dtype
+        tag = ("quantized", fmt, granularity, block, transpose, dtype,
+               tuple(weight.shape), weight.stride(), weight.storage_offset())
+        return self.get(weight, tag, lambda w: quantize_weight_reference(
+            w, fmt, granularity, block, transpose, dtype, check, where))
+
+    def forget(self, weights: Optional[Iterable[torch.Tensor]] = None) -> None:
+        """Drop the entries of `weights` (all entries when None): for writes the version counter
+        does not see."""
+        if weights is None:
+            self._entries.clear()
+            return
+        ids = {id(w) for w in weights}
+        for key in [key for key in self._entries if key[0] in ids]:
+            del self._entries[key]
+
+    def nbytes(self) -> int:
+        """Memory held by the cached tensors."""
+        return sum(t.numel() * t.element_size() for entry in self._entries.values()
+                   for t in _tensors(entry.value))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop(self, key, ref) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.weight is ref:
+            del self._entries[key]
+
+
+def _tensors(value) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+FROZEN_WEIGHTS = WeightCache()
+"""The cache the frozen-weight matmuls use (kernels/frozen_linear.py)."""

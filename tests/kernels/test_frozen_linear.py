@@ -1,0 +1,140 @@
+"""`halo::frozen_linear` / `halo::frozen_weight_matmul`: the trained-weight ops' exact results,
+with the frozen weight quantized once per version."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers the ops)
+from halo_compile.kernels.quantize import NonFiniteInputError
+from halo_compile.kernels.scaled_matmul import scaled_matmul_reference
+from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+
+ROTATIONS = ["none", "inner", "outer"]
+
+
+def _inputs(seed, tokens=64, d_in=96, d_out=80, outliers=True):
+    """x [2, tokens/2, in] with a few 100x channels, a frozen weight [out, in], bias, dY."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, tokens // 2, d_in, generator=g, dtype=torch.float64)
+    if outliers:
+        x[..., torch.randperm(d_in, generator=g)[:2]] *= 100.0
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    b = torch.randn(d_out, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, tokens // 2, d_out, generator=g, dtype=torch.float64)
+    return x, w, b, gy
+
+
+def _frozen(w, transposed=False):
+    return torch.nn.Parameter((w.t().contiguous() if transposed else w).float(),
+                              requires_grad=False)
+
+
+def _rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("fmt,granularity", [("fp8_e4m3", "row"), ("int8", "tensor"),
+                                             ("none", "row")])
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matmul_equals_scaled_matmul_exactly(seed, fmt, granularity, rotation, transpose):
+    """Same rotation, same rounding: bit-identical to halo::scaled_matmul on op(weight)."""
+    x, w, _, _ = _inputs(seed)
+    a = x.reshape(-1, x.shape[-1]).float()
+    weight = _frozen(w.t() if transpose else w)  # op(weight) is [out, in] either way
+    out = torch.ops.halo.frozen_weight_matmul(a, weight, transpose, fmt, rotation, 0,
+                                              granularity, "nearest", True, "m")
+    ref = scaled_matmul_reference(a, weight.t() if transpose else weight, fmt, rotation, 0,
+                                  granularity)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fwd,gi", list(itertools.product(ROTATIONS, ROTATIONS)))
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_linear_equals_quantized_linear_with_a_frozen_weight(seed, fwd, gi, fmt):
+    """Output, grad-input and grad-bias equal halo::quantized_linear's; no weight gradient."""
+    x, w, b, gy = _inputs(seed)
+    args = (fmt, "row", fwd, gi)
+    xf, xq = x.float().requires_grad_(), x.float().requires_grad_()
+    bf, bq = b.float().requires_grad_(), b.float().requires_grad_()
+    weight = _frozen(w)
+    y = torch.ops.halo.frozen_linear(xf, weight, bf, False, *args, 0, "nearest", True, "lin")
+    y.backward(gy.float())
+    yq = torch.ops.halo.quantized_linear(xq, weight, bq, *args, "none", 0, "nearest", True, "lin")
+    yq.backward(gy.float())
+    assert torch.equal(y, yq) and torch.equal(xf.grad, xq.grad) and torch.equal(bf.grad, bq.grad)
+    assert weight.grad is None
+    # And within the format's error of float64 (test_quantized_linear.py's bounds, outliers
+    # in x: rotated fp8 measured 3.0e-2 .. 3.9e-2).
+    x64 = x.clone().requires_grad_()
+    F.linear(x64, w, b).backward(gy)
+    bound = 4.2e-2 if fmt == "fp8_e4m3" else 6e-2
+    assert _rel(y, F.linear(x, w, b)) < bound and _rel(xf.grad, x64.grad) < bound
+
+
+def test_weight_stored_transposed():
+    """GPT-2's Conv1D stores [in, out]: same results as the [out, in] weight."""
+    x, w, b, gy = _inputs(3)
+    outs = []
+    for transposed in (False, True):
+        xl = x.float().requires_grad_()
+        y = torch.ops.halo.frozen_linear(xl, _frozen(w, transposed), b.float(), transposed,
+                                         "fp8_e4m3", "row", "inner", "outer", 0, "nearest",
+                                         True, "lin")
+        y.backward(gy.float())
+        outs.append((y, xl.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_weight_quantized_once_per_version():
+    x, w, b, gy = _inputs(4)
+    weight = _frozen(w)
+    FROZEN_WEIGHTS.forget()
+    before = FROZEN_WEIGHTS.computations
+    for _ in range(3):
+        xl = x.float().requires_grad_()
+        torch.ops.halo.frozen_linear(xl, weight, None, False, "fp8_e4m3", "row", "inner",
+                                     "outer", 0, "nearest", True, "lin").backward(gy.float())
+    # Two derived copies: Q(W H) for the forward, Q(Wᵀ) for grad-input.
+    assert FROZEN_WEIGHTS.computations - before == 2
+    with torch.no_grad():
+        weight.add_(0.01)
+    torch.ops.halo.frozen_linear(x.float(), weight, None, False, "fp8_e4m3", "row", "inner",
+                                 "outer", 0, "nearest", True, "lin")
+    assert FROZEN_WEIGHTS.computations - before == 3
+
+
+def test_a_weight_that_requires_grad_is_refused():
+    x, w, b, _ = _inputs(5)
+    with pytest.raises(ValueError, match="lin.*requires grad"):
+        torch.ops.halo.frozen_linear(x.float().requires_grad_(), w.float().requires_grad_(),
+                                     None, False, "int8", "row", "none", "none", 0, "nearest",
+                                     True, "lin")
+
+
+@pytest.mark.parametrize("where", ["forward", "grad-input"])
+def test_non_finite_raises_with_the_matmul_name(where):
+    x, w, b, gy = _inputs(6)
+    (x if where == "forward" else gy)[0, 1, 2] = float("nan")
+    xl = x.float().requires_grad_()
+    with pytest.raises(NonFiniteInputError, match=f"lin {where}"):
+        torch.ops.halo.frozen_linear(xl, _frozen(w), None, False, "fp8_e4m3", "row", "inner",
+                                     "outer", 0, "nearest", True, "lin").backward(gy.float())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "none"])
+def test_opcheck(fmt):
+    x, w, b, _ = _inputs(7, tokens=48, d_in=48, d_out=32)
+    args = (x.float().requires_grad_(), _frozen(w), b.float().requires_grad_(), False, fmt,
+            "row", "inner", "outer", 0, "nearest", True, "lin")
+    opcheck(torch.ops.halo.frozen_linear.default, args,
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                        "test_aot_dispatch_dynamic"))
+    matmul_args = (x[0].float(), _frozen(w), False, fmt, "inner", 0, "row", "nearest", True, "m")
+    opcheck(torch.ops.halo.frozen_weight_matmul.default, matmul_args)

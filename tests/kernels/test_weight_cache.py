@@ -1,0 +1,139 @@
+"""kernels/weight_cache.py: derived copies of frozen weights, computed once per weight version."""
+
+import gc
+
+import pytest
+import torch
+
+from halo_compile.kernels.hadamard import block_hadamard
+from halo_compile.kernels.quantize import NonFiniteInputError, dequantize
+from halo_compile.kernels.weight_cache import WeightCache, quantize_weight_reference
+
+
+def _weight(seed, out_features=48, in_features=64, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    if outliers:  # a few input channels 100x: what the rotation is for
+        w[:, torch.randperm(in_features, generator=g)[:2]] *= 100.0
+    return torch.nn.Parameter(w, requires_grad=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fmt,bound", [("fp8_e4m3", 7e-2), ("int8", 2e-2)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_reference_dequantizes_to_the_rotated_weight(seed, fmt, bound, transpose):
+    w = _weight(seed)
+    q, scale = quantize_weight_reference(w, fmt, "row", 16, transpose=transpose)
+    exact = block_hadamard((w.t() if transpose else w).double(), 16, dim=1)
+    assert q.shape == exact.shape and scale.shape == (exact.shape[0], 1)
+    error = (dequantize(q, scale).double() - exact).norm() / exact.norm()
+    assert error < bound, error.item()
+
+
+def test_reference_casts_to_the_operand_dtype_first():
+    w = _weight(0, outliers=False)
+    q, scale = quantize_weight_reference(w, "fp8_e4m3", "tensor", 0, dtype=torch.bfloat16)
+    q_bf16, scale_bf16 = quantize_weight_reference(w.to(torch.bfloat16), "fp8_e4m3", "tensor", 0)
+    assert torch.equal(q.view(torch.uint8), q_bf16.view(torch.uint8))
+    assert torch.equal(scale, scale_bf16)
+
+
+def test_reference_rejects_nonfinite_weights():
+    w = _weight(0)
+    with torch.no_grad():
+        w[3, 5] = float("nan")
+    with pytest.raises(NonFiniteInputError, match="layer.w"):
+        quantize_weight_reference(w, "int8", "row", 0, where="layer.w")
+
+
+def test_computed_once_per_version():
+    cache, w = WeightCache(), _weight(0)
+    first = cache.quantized(w, "fp8_e4m3", "row", 64)
+    for _ in range(3):
+        again = cache.quantized(w, "fp8_e4m3", "row", 64)
+        assert again[0] is first[0] and again[1] is first[1]
+    assert (cache.computations, cache.hits) == (1, 3)
+
+    with torch.no_grad():
+        w.mul_(0.5)  # an in-place write autograd sees bumps the version: recomputed once
+    changed = cache.quantized(w, "fp8_e4m3", "row", 64)
+    cache.quantized(w, "fp8_e4m3", "row", 64)
+    assert (cache.computations, cache.hits) == (2, 4)
+    assert torch.equal(changed[1], first[1] * 0.5)
+    assert len(cache) == 1  # the stale entry was replaced, not kept
+
+
+def test_each_setting_is_its_own_entry():
+    cache, w = WeightCache(), _weight(1)
+    settings = [("fp8_e4m3", "row", 64, False, None), ("fp8_e4m3", "row", 0, False, None),
+                ("fp8_e4m3", "tensor", 64, False, None), ("int8", "row", 64, False, None),
+                ("fp8_e4m3", "row", 16, True, None), ("fp8_e4m3", "row", 64, False, torch.bfloat16)]
+    values = [cache.quantized(w, *s) for s in settings]
+    assert cache.computations == len(settings) and len(cache) == len(settings)
+    for (fmt, granularity, block, transpose, dtype), (q, scale) in zip(settings, values):
+        ref_q, ref_scale = quantize_weight_reference(w, fmt, granularity, block, transpose, dtype)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(scale, ref_scale)
+
+
+def test_a_view_never_gets_the_weights_entry():
+    cache, w = WeightCache(), _weight(2, 64, 64)
+    cache.quantized(w, "int8", "row", 0)
+    q_view, _ = cache.quantized(w[:32], "int8", "row", 0)  # same storage, other layout
+    assert cache.computations == 2 and q_view.shape == (32, 64)
+
+
+def test_new_storage_through_data_is_seen():
+    cache, w = WeightCache(), _weight(3)
+    cache.quantized(w, "int8", "row", 0)
+    w.data = torch.randn_like(w)  # peft's safe merge swaps the tensor like this
+    q, scale = cache.quantized(w, "int8", "row", 0)
+    ref_q, ref_scale = quantize_weight_reference(w, "int8", "row", 0)
+    assert cache.computations == 2
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+
+def test_forget_drops_entries_that_data_writes_made_stale():
+    cache, w, other = WeightCache(), _weight(4), _weight(5)
+    cache.quantized(w, "int8", "row", 0)
+    cache.quantized(other, "int8", "row", 0)
+    w.data += 1.0  # in place through .data: the version counter does not move
+    cache.forget([w])
+    q, scale = cache.quantized(w, "int8", "row", 0)
+    ref_q, ref_scale = quantize_weight_reference(w, "int8", "row", 0)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    cache.quantized(other, "int8", "row", 0)
+    assert (cache.computations, cache.hits) == (3, 1)
+    cache.forget()
+    assert len(cache) == 0
+
+
+def test_entries_go_with_their_weight():
+    cache, w = WeightCache(), _weight(6)
+    cache.quantized(w, "fp8_e4m3", "row", 64)
+    assert len(cache) == 1 and cache.nbytes() == 48 * 64 + 48 * 4  # fp8 values + fp32 scales
+    del w
+    gc.collect()
+    assert len(cache) == 0 and cache.nbytes() == 0
+
+
+def test_inference_tensors_are_never_cached():
+    cache = WeightCache()
+    with torch.inference_mode():
+        w = torch.randn(32, 32)
+    cache.quantized(w, "int8", "row", 0)
+    cache.quantized(w, "int8", "row", 0)
+    assert (cache.computations, cache.hits, len(cache)) == (2, 0, 0)
+
+
+def test_get_memoizes_any_derivation():
+    cache, w = WeightCache(), _weight(7)
+    calls = []
+
+    def fold(weight):
+        calls.append(1)
+        return weight * 2.0
+
+    assert torch.equal(cache.get(w, "fold", fold), w * 2.0)
+    assert cache.get(w, "fold", fold) is cache.get(w, "fold", fold)
+    assert len(calls) == 1
