@@ -18,10 +18,10 @@ from halo_compile.kernels.scaled_matmul import ROTATIONS
 FORMATS = (*_QUANT_FORMATS, *EMULATED_FORMATS, "none")  # 4-bit ones: inference, emulated
 NONFINITE_POLICIES = ("raise", "propagate")
 COMPILERS = ("inductor", "aot_eager")
-# Where rotations live. "none"/"online": weights untouched, operands rotated on the fly as
-# `hadamard` says (HALO). "fused": QuaRot-style rotations folded into the weights (passes/
-# fuse_norms.py, rotate_residual.py, fold_online_rotations.py; docs/rotation.md).
-ROTATE_MODES = ("none", "online", "fused")
+# Where rotations live. "online": weights untouched, operands rotated on the fly as `hadamard`
+# says (HALO; `hadamard="none"` turns them off). "fused": QuaRot-style rotations folded into the
+# weights (passes/fuse_norms.py, rotate_residual.py, fold_online_rotations.py; docs/rotation.md).
+ROTATE_MODES = ("online", "fused")
 # LoRA adapter matmuls (peft's lora_A / lora_B): small, trained, and cheap in high precision.
 ADAPTER_POLICIES = ("high_precision", "quantize")
 
@@ -133,7 +133,7 @@ class HaloConfig:
     layers: tuple[tuple[str, Optional[Mapping[str, Any]]], ...] = ()
     nonfinite: str = "raise"
     compiler: str = "inductor"
-    rotate: str = "none"
+    rotate: str = "online"
 
     def __post_init__(self):
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
@@ -167,7 +167,7 @@ class HaloConfig:
                          for pattern, o in layers.items()),
             nonfinite=options.get("nonfinite", "raise"),
             compiler=options.get("compiler", "inductor"),
-            rotate=options.get("rotate", "none"),
+            rotate=options.get("rotate", "online"),
         )
 
     def for_layer(self, fqn: str) -> Optional[LayerConfig]:
