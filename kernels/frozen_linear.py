@@ -16,38 +16,22 @@ from typing import Optional
 
 import torch
 
-from .hadamard import block_hadamard, hadamard_block_size
-from .quantize import absmax, check_finite, quantize
-from .scaled_matmul import cuda_gemm, reference_gemm
+from .scaled_matmul import (
+    cuda_gemm,
+    product_with_quantized_right,
+    reference_gemm,
+    rotated_left_operand,
+)
 from .weight_cache import FROZEN_WEIGHTS
 
 
 def _frozen_weight_matmul(gemm, a, weight, transpose_weight, fmt, rotation, max_block,
                           granularity, rounding_a, check_finite_inputs, where):
-    out_dtype = a.dtype
-    # The placements of scaled_matmul.py: "inner" rotates both operands along K (the weight's
-    # side is cached), "outer" rotates `a` along M and the output back.
-    inner = hadamard_block_size(a.shape[1], max_block) if rotation == "inner" else 0
-    outer = hadamard_block_size(a.shape[0], max_block) if rotation == "outer" else 0
-    qb, sb = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner, transpose_weight,
-                                      a.dtype, check_finite_inputs, where)
-    if inner:
-        ra = block_hadamard(a, inner, dim=1)
-    elif outer:
-        ra = block_hadamard(a, outer, dim=0)
-    else:
-        ra = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
-    amax = absmax(ra, granularity if fmt != "none" else "tensor")
-    if check_finite_inputs:
-        check_finite(amax, f"{where} (left operand)")
-    if fmt == "none":
-        out = ra @ qb.t()
-    else:
-        qa, sa = quantize(ra, fmt, granularity, rounding_a, amax)
-        out = gemm(qa, sa, qb, sb, fmt, out_dtype)
-    if outer:
-        out = block_hadamard(out, outer, dim=0)
-    return out.to(out_dtype).contiguous()
+    ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
+    right = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner_block, transpose_weight,
+                                     a.dtype, check_finite_inputs, where)
+    return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
+                                        outer_block, a.dtype, check_finite_inputs, where)
 
 
 @torch.library.custom_op("halo::frozen_weight_matmul", mutates_args=())

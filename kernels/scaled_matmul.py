@@ -33,55 +33,62 @@ import torch
 import torch.nn.functional as F
 
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_matrix
-from .quantize import absmax, check_operands_finite, quantize
+from .quantize import absmax, check_finite, check_operands_finite, quantize
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 
 ROTATIONS = ("none", "inner", "outer")
 FORMATS = ("fp8_e4m3", "int8", "none")
 
 
-def _rotate_operands(a, b, rotation: str, max_block: int):
-    """Rotate the operands in float32 (float64 stays float64, as in block_hadamard); returns
-    (a, b, block along M to undo on the output)."""
-    compute_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if rotation == "inner":
-        block = hadamard_block_size(a.shape[1], max_block)
-        if block:
-            return block_hadamard(a, block, dim=1), block_hadamard(b, block, dim=1), 0
-    elif rotation == "outer":
-        block = hadamard_block_size(a.shape[0], max_block)
-        if block:
-            return block_hadamard(a, block, dim=0), b.to(compute_dtype), block
-    return a.to(compute_dtype), b.to(compute_dtype), 0
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Rotations and scaling run in float32 (float64 stays float64, as in block_hadamard)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _quantize_operands(a, b, fmt, granularity, rounding_a, rounding_b, check, where):
-    amax_a, amax_b = absmax(a, granularity), absmax(b, granularity)
+def rotated_left_operand(a, rotation: str, max_block: int):
+    """A rotated as `rotation` places it. Returns (A in the compute dtype, the block the right
+    operand must be rotated by along K ("inner"), the block to undo on the output ("outer"))."""
+    if rotation == "inner" and (block := hadamard_block_size(a.shape[1], max_block)):
+        return block_hadamard(a, block, dim=1), block, 0
+    if rotation == "outer" and (block := hadamard_block_size(a.shape[0], max_block)):
+        return block_hadamard(a, block, dim=0), 0, block
+    return a.to(_compute_dtype(a)), 0, 0
+
+
+def quantized_operand(x, fmt, granularity, block, rounding, check, where):
+    """One operand, rotated along its last dimension in blocks of `block` (0: not rotated, or
+    already rotated), then quantized. Returns (values, float32 scales); for fmt "none",
+    (the float tensor, None). Raises NonFiniteInputError on inf/NaN when `check`."""
+    x = block_hadamard(x, block, dim=1) if block else x.to(_compute_dtype(x))
+    amax = absmax(x, granularity if fmt != "none" else "tensor")
     if check:
-        check_operands_finite(amax_a, amax_b, where)
-    qa, sa = quantize(a, fmt, granularity, rounding_a, amax_a)
-    qb, sb = quantize(b, fmt, granularity, rounding_b, amax_b)
-    return qa, sa, qb, sb
-
-
-def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b,
-                   check_finite_inputs, where):
-    out_dtype = a.dtype
-    ra, rb, outer_block = _rotate_operands(a, b, rotation, max_block)
+        check_finite(amax, where)
     if fmt == "none":
-        if check_finite_inputs:
-            check_operands_finite(absmax(ra, "tensor"), absmax(rb, "tensor"), where)
-        out = ra @ rb.t()
-    else:
-        qa, sa, qb, sb = _quantize_operands(
-            ra, rb, fmt, granularity, rounding_a, rounding_b, check_finite_inputs, where
-        )
-        out = gemm(qa, sa, qb, sb, fmt, out_dtype)
+        return x, None
+    return quantize(x, fmt, granularity, rounding, amax)
+
+
+def product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a, outer_block,
+                                 out_dtype, check, where):
+    """The rotated left operand `ra` times the right operand `right` = quantized_operand(...):
+    quantize `ra`, run `gemm`, undo an "outer" rotation on the output."""
+    qa, sa = quantized_operand(ra, fmt, granularity, 0, rounding_a, check,
+                               f"{where} (left operand)")
+    out = qa @ right[0].t() if fmt == "none" else gemm(qa, sa, *right, fmt, out_dtype)
     if outer_block:
         out = block_hadamard(out, outer_block, dim=0)
     # Contiguous, as the fake kernel promises (Inductor asserts output strides): the outer
     # rotation's movedim and the CUDA GEMM's un-padding slice would otherwise leak strides.
     return out.to(out_dtype).contiguous()
+
+
+def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b,
+                   check_finite_inputs, where):
+    ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
+    right = quantized_operand(b, fmt, granularity, inner_block, rounding_b, check_finite_inputs,
+                              f"{where} (right operand)")
+    return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
+                                        outer_block, a.dtype, check_finite_inputs, where)
 
 
 def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):

@@ -27,28 +27,20 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 
 import torch
 
-from .hadamard import block_hadamard
-from .quantize import absmax, check_finite, quantize
+from .scaled_matmul import quantized_operand
 
 
 def quantize_weight_reference(weight: torch.Tensor, fmt: str, granularity: str, block: int,
                               transpose: bool = False, dtype: Optional[torch.dtype] = None,
                               check: bool = True, where: str = "weight"):
     """The plain-torch derivation the cache stores: `op(weight)` (its transpose if `transpose`)
-    cast to `dtype` (the other operand's; default: the weight's), rotated along its last
-    dimension in blocks of `block` (0: not rotated), then quantized to `fmt` with `granularity`
-    scales. Returns (values, float32 scales); for fmt "none", (rotated float tensor, None).
-    Raises NonFiniteInputError on inf/NaN when `check`."""
+    cast to `dtype` (the other operand's; default: the weight's), then scaled_matmul's right
+    operand: rotated along its last dimension in blocks of `block` (0: not rotated) and quantized
+    to `fmt` with `granularity` scales. Returns (values, float32 scales); for fmt "none",
+    (rotated float tensor, None). Raises NonFiniteInputError on inf/NaN when `check`."""
     b = weight.t() if transpose else weight
-    b = b.to(dtype or weight.dtype)
-    compute_dtype = torch.float64 if b.dtype == torch.float64 else torch.float32
-    rotated = block_hadamard(b, block, dim=1) if block else b.to(compute_dtype)
-    amax = absmax(rotated, granularity if fmt != "none" else "tensor")
-    if check:
-        check_finite(amax, f"{where} (frozen weight)")
-    if fmt == "none":
-        return rotated, None
-    return quantize(rotated, fmt, granularity, "nearest", amax)
+    return quantized_operand(b.to(dtype or weight.dtype), fmt, granularity, block, "nearest",
+                             check, f"{where} (frozen weight)")
 
 
 @dataclass
