@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from halo_compile.config import HaloConfig
+from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
@@ -24,9 +24,7 @@ def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, An
               **kwargs) -> HaloConfig:
     """Attach halo options to a model, for when `torch.compile` is called elsewhere (a trainer)
     without `options=`. Options given to `torch.compile` itself take precedence."""
-    if options is not None and kwargs:
-        raise ValueError("pass halo options either as a dict/HaloConfig or as keywords, not both")
-    config = HaloConfig.from_options(options if options is not None else kwargs)
+    config = config_from_call(options, kwargs)
     _CONFIGURED.pop(model, None)  # the latest configure() call wins: keep insertion order
     _CONFIGURED[model] = config
     return config

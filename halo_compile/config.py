@@ -193,3 +193,12 @@ class HaloConfig:
             raise ValueError(f"{where} must be a dict of layer options or None, got {override!r}")
         _check_keys(override, LAYER_KEYS, where)
         return dataclasses.replace(base, **override)
+
+
+def config_from_call(options: Union[HaloConfig, Mapping[str, Any], None],
+                     kwargs: Mapping[str, Any]) -> HaloConfig:
+    """The validated config of an API call that takes options as a dict/HaloConfig or as
+    keywords (`configure(model, format="int8")`), not both."""
+    if options is not None and kwargs:
+        raise ValueError("pass halo options either as a dict/HaloConfig or as keywords, not both")
+    return HaloConfig.from_options(options if options is not None else kwargs)

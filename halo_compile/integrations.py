@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from transformers import TrainerCallback
 
-from halo_compile.config import HaloConfig
+from halo_compile.config import HaloConfig, config_from_call
 
 
 def compile_in_place(model: torch.nn.Module,
@@ -36,11 +36,7 @@ def compile_in_place(model: torch.nn.Module,
                      **kwargs) -> torch.nn.Module:
     """Compile `model` with backend="halo" in place and return it. Options are validated now, so
     a typo fails here rather than at the first training step."""
-    if options is not None and kwargs:
-        raise ValueError("pass halo options either as a dict/HaloConfig or as keywords, not both")
-    options = options if options is not None else kwargs
-    HaloConfig.from_options(options)  # raises ValueError naming a bad option
-    model.compile(backend="halo", options=options)
+    model.compile(backend="halo", options=config_from_call(options, kwargs))  # validated now
     return model
 
 
@@ -50,11 +46,7 @@ class HaloCallback(TrainerCallback):
     the Trainer would otherwise compile the model a second time, with a backend of its own."""
 
     def __init__(self, options: Union[HaloConfig, Mapping[str, Any], None] = None, **kwargs):
-        if options is not None and kwargs:
-            raise ValueError("pass halo options either as a dict/HaloConfig or as keywords, "
-                             "not both")
-        self.options = options if options is not None else kwargs
-        HaloConfig.from_options(self.options)
+        self.options = config_from_call(options, kwargs)
 
     def on_init_end(self, args, state, control, model: Optional[torch.nn.Module] = None,
                     **kwargs):

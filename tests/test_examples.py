@@ -41,6 +41,7 @@ def test_quick_finetune_runs_every_variant(tmp_path, capsys, monkeypatch):
     for r in results:
         assert all(math.isfinite(loss) for loss in r.train_losses), r.name
         assert math.isfinite(r.eval_loss), r.name
+        assert math.isfinite(r.quantized_eval_loss), r.name
     baseline = results[0]
     for r in results[1:]:
         # Four steps from the same weights on the same batches: quantization moves the eval loss
