@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from halo_compile.passes.analysis import GraphAnalysis
 from halo_compile.passes.find_norms import FindNormsAndResiduals
 
-# the model builders and the graph capture are shared with the attention tests
-from test_find_attention import (
+from analysis_models import (
     HIDDEN, LAYERS, VOCAB, RMSNorm, TinyTransformer, analyze, hf_model, token_ids,
 )
 
