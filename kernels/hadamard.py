@@ -9,6 +9,7 @@ dimension.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +36,14 @@ def hadamard_matrix(block: int, dtype=torch.float32, device=None) -> torch.Tenso
     while h.shape[0] < block:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return (h / math.sqrt(block)).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def hadamard_signs(block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ±1 Sylvester matrix (H_block * sqrt(block), exact in every float dtype), built once per
+    block, dtype and device: hot paths must not rebuild it (log2(block) concatenations) per call.
+    Shared: never modify it in place."""
+    return (hadamard_matrix(block, torch.float64, device) * math.sqrt(block)).round().to(dtype)
 
 
 def block_hadamard(x: torch.Tensor, block: int, dim: int = -1) -> torch.Tensor:

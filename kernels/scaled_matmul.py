@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .hadamard import block_hadamard, hadamard_block_size, hadamard_matrix
+from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs
 from .quantize import absmax, check_finite, check_operands_finite, quantize
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 
@@ -188,7 +188,7 @@ def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_fin
     if outer:
         # Undo the rotation on the output rows: ±1 block (exact in bf16) times each block of
         # rows, a batched GEMM in the output's dtype with float32 accumulation.
-        signs = hadamard_matrix(block, out.dtype, out.device) * math.sqrt(block)
+        signs = hadamard_signs(block, out.dtype, out.device)
         out = torch.matmul(signs, out.reshape(-1, block, out.shape[1])).reshape(out.shape)
     return out.to(out_dtype).contiguous()
 

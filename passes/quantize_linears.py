@@ -13,11 +13,11 @@ import torch
 import torch.fx as fx
 
 from halo_compile.config import LayerConfig
-from halo_compile.kernels.emulated_quantized_linear import EMULATED_FORMATS
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
 from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (registers op)
+    EMULATED_FORMATS,
     emulated_quantized_linear,
 )
+from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
