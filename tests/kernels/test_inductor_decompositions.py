@@ -1,0 +1,146 @@
+"""Inductor's view of the quantized matmuls: the decomposition computes what the op computes,
+applies exactly where the fused kernel does, and (GPU) leaves Inductor's generated code with
+the Triton kernel and the FP8 GEMM instead of calls back into halo's Python ops."""
+
+import pytest
+import torch
+
+import halo_compile  # noqa: F401  (registers the backend)
+from halo_compile.kernels.hadamard import sylvester_signs
+from halo_compile.kernels.inductor_decompositions import (
+    decompose_quantized_linear,
+    decompose_scaled_matmul,
+    halo_decompositions,
+)
+from halo_compile.kernels.quantize import NonFiniteInputError, raise_pending_nonfinite
+from halo_compile.kernels.scaled_matmul import (
+    cuda_gemm,
+    fused_block,
+    fused_scaled_matmul,
+    scaled_matmul_reference,
+)
+
+
+def _rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _operands(m, n, k, dtype, seed, device="cpu", outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g, dtype=torch.float64)
+    if outliers:  # a few channels 100x larger
+        a[:, torch.randperm(k, generator=g)[:max(1, k // 64)]] *= 100
+    b = torch.randn(n, k, generator=g, dtype=torch.float64)
+    return a.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def _decomposed(a, b, fmt, rotation, max_block=256, check=True):
+    """The pieces the decomposition emits, run eagerly: on the CPU the quantize op is the
+    reference and the GEMM is torch's CPU `_scaled_mm` / `_int_mm`."""
+    block = fused_block(a, b, fmt, rotation, max_block, "nearest", "nearest")
+    return fused_scaled_matmul(
+        cuda_gemm, a, b, fmt, rotation, block, "row", check, "test",
+        quantize_operand=lambda x, *args: torch.ops.halo.hadamard_quantize(x, fmt, *args[1:]),
+        signs=sylvester_signs)
+
+
+# The decomposed path rounds where the op's reference does not: the GEMM's output to bf16 (FP8
+# row-wise `_scaled_mm` writes bf16), and "outer"'s un-rotation in the output's dtype. So bf16
+# outputs agree to bf16's resolution (2^-8 relative) and float32 ones to float32 summation order.
+BOUNDS = {torch.bfloat16: 2**-7, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("rotation", ["none", "inner", "outer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decomposed_pieces_match_reference(fmt, rotation, dtype, seed):
+    # Odd-ish sizes: M 80 and N 40 are not multiples of the GEMM's 16-alignment after blocks.
+    a, b = _operands(80, 40, 96, dtype, seed)
+    out = _decomposed(a, b, fmt, rotation)
+    ref = scaled_matmul_reference(a, b, fmt, rotation, 256, "row")
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    assert _rel(out, ref) < BOUNDS[dtype]
+
+
+def test_decomposed_pieces_pad_unaligned_gemm_dims():
+    a, b = _operands(37, 21, 64, torch.bfloat16, 3)
+    out = _decomposed(a, b, "fp8_e4m3", "inner")
+    assert _rel(out, scaled_matmul_reference(a, b, "fp8_e4m3", "inner", 256, "row")) < 2**-7
+
+
+def test_decomposed_check_names_the_operand():
+    a, b = _operands(32, 32, 64, torch.float32, 4)
+    b[3, 5] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=r"test \(right operand\)"):
+        _decomposed(a, b, "fp8_e4m3", "inner")
+    raise_pending_nonfinite()
+    assert torch.isnan(_decomposed(a, b, "fp8_e4m3", "inner", check=False)).any()
+
+
+def test_decompositions_leave_what_the_fused_kernel_does_not_cover():
+    a, b = _operands(32, 32, 64, torch.bfloat16, 5)
+    args = ("fp8_e4m3", "inner", 256, "row", "nearest", "nearest", True, "t")
+    assert decompose_scaled_matmul(a, b, *args) is NotImplemented  # CPU: the reference runs
+    w = b.clone()
+    assert decompose_quantized_linear(a, w, None, "fp8_e4m3", "row", "inner", "inner", "outer",
+                                      256, "nearest", True, "t") is NotImplemented
+    # On CUDA too: stochastic rounding, blocks above 256, format none and float64 stay whole.
+    assert fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
+    assert fused_block(a, b, "fp8_e4m3", "inner", 0, "nearest", "nearest") == 64
+    assert fused_block(a.double(), b.double(), "int8", "none", 0, "nearest", "nearest") is None
+    assert set(halo_decompositions()) == {torch.ops.halo.scaled_matmul.default,
+                                          torch.ops.halo.quantized_linear.default}
+
+
+def _compiled_linear_code(x, weight, options):
+    """Inductor's generated code (forward and backward) and results for one halo linear."""
+    from torch._inductor.utils import run_and_get_code
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=x.device,
+                             dtype=x.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    compiled = torch.compile(linear, backend="halo", options=options, fullgraph=True)
+
+    def step():
+        y = compiled(x)
+        y.backward(torch.ones_like(y))
+        return y
+
+    y, code = run_and_get_code(step)
+    return y, linear.weight.grad, "\n".join(code)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hadamard", ["none", "halo2", "all_inner"])
+def test_gpu_generated_code_launches_kernels_not_python_ops(hadamard):
+    x, w = _operands(512, 768, 1024, torch.bfloat16, 6, device="cuda")
+    x.requires_grad_(True)
+    y, grad_w, code = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": hadamard})
+    assert "halo.quantized_linear" not in code and "halo.scaled_matmul" not in code
+    assert code.count("_hadamard_quantize_kernel") >= 6  # 2 operands x 3 matmuls
+    assert code.count("_scaled_mm") >= 3
+    # Same numbers as the op's eager CUDA body, which runs the same kernels.
+    with torch.no_grad():
+        rotations = {"none": ("none",) * 3, "halo2": ("inner", "outer", "inner"),
+                     "all_inner": ("inner",) * 3}[hadamard]
+        want = torch.ops.halo.quantized_linear(x, w, None, "fp8_e4m3", "row", *rotations, 256,
+                                               "nearest", True, "l")
+    assert _rel(y, want) < 2**-7
+    assert torch.isfinite(grad_w).all() and torch.isfinite(x.grad).all()
+    raise_pending_nonfinite()
+
+
+@pytest.mark.gpu
+def test_gpu_generated_code_keeps_the_deferred_check():
+    x, w = _operands(256, 256, 512, torch.bfloat16, 7, device="cuda")
+    _, _, code = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2"})
+    assert "halo.checked_scale" in code
+    _, _, code = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2",
+                                              "nonfinite": "propagate"})
+    assert "halo.checked_scale" not in code
+    x[0, 0] = float("inf")
+    with pytest.raises(NonFiniteInputError, match="forward"):
+        _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2"})
+        raise_pending_nonfinite()
