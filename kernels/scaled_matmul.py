@@ -186,18 +186,19 @@ def _(sa, sb, sa_factor, where):
     return torch.empty_like(sa)
 
 
-def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,
-                        where, quantize_operand=hadamard_quantize_triton,
-                        signs=hadamard_signs):
-    """The fused path: each operand rotated and quantized by one Triton kernel launch, then
-    `gemm`. `block` comes from `fused_block`. `quantize_operand` runs the kernel: compiled on
-    CUDA, interpreted on the CPU (where tests run it with `reference_gemm`), or
-    `torch.ops.halo.hadamard_quantize` when Inductor traces it (inductor_decompositions.py),
-    which also passes the traceable `sylvester_signs` for `signs`."""
+def fused_product(gemm, a, quantize_right, fmt, rotation, block, granularity,
+                  check_finite_inputs, where, quantize_operand=hadamard_quantize_triton,
+                  signs=hadamard_signs):
+    """The fused path: the left operand rotated and quantized by one Triton kernel launch,
+    times the right operand that `quantize_right(block it must be rotated by along K)` returns
+    as (values, scales), through `gemm`. `block` comes from `fused_block`. `quantize_operand`
+    runs the kernel: compiled on CUDA, interpreted on the CPU (where tests run it with
+    `reference_gemm`), or `torch.ops.halo.hadamard_quantize` when Inductor traces it
+    (inductor_decompositions.py), which also passes the traceable `sylvester_signs`."""
     out_dtype = a.dtype
     outer = rotation == "outer" and block
     qa, sa = quantize_operand(a, fmt, granularity, block, 0 if outer else 1)
-    qb, sb = quantize_operand(b, fmt, granularity, 0 if outer else block, 1)
+    qb, sb = quantize_right(0 if outer else block)
     # H's normalisation for "outer", folded into the GEMM epilogue; the scales are inf/NaN
     # exactly where the operand is.
     sa_factor = 1.0 / math.sqrt(block) if outer else 1.0
@@ -212,6 +213,16 @@ def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_fin
         out = torch.matmul(signs(block, out.dtype, out.device),
                            out.reshape(-1, block, out.shape[1])).reshape(out.shape)
     return out.to(out_dtype).contiguous()
+
+
+def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,
+                        where, quantize_operand=hadamard_quantize_triton,
+                        signs=hadamard_signs):
+    """`fused_product` with B rotated and quantized by the same kernel."""
+    return fused_product(gemm, a,
+                         lambda b_block: quantize_operand(b, fmt, granularity, b_block, 1),
+                         fmt, rotation, block, granularity, check_finite_inputs, where,
+                         quantize_operand, signs)
 
 
 @scaled_matmul.register_kernel("cuda")
