@@ -14,6 +14,7 @@ before the all-gather), through FSDP2's tensor-subclass hooks `fsdp_pre_all_gath
 from __future__ import annotations
 
 import contextlib
+import math
 from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Optional, Union
 
@@ -23,9 +24,10 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from halo_compile.config import HaloConfig, LayerConfig
-from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size
+from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size, hadamard_signs
 from halo_compile.kernels.quantize import FORMATS as QUANT_FORMATS
 from halo_compile.kernels.quantize import dequantize, quantize
+from halo_compile.kernels.triton_hadamard_quantize import MAX_BLOCK
 
 
 def _fsdp_params(module: nn.Module) -> Iterator[Any]:
@@ -75,8 +77,9 @@ class QuantizedAllGatherWeight(torch.Tensor):
     Hadamard, `block` 0: none) and quantizes it with one scale per row; FSDP2 shards dim 0, so
     every row and its scale are local and no amax needs communicating. The all-gather moves the
     1-byte values and the float32 row scales; afterwards the weight is dequantized and rotated
-    back, so the compiled graph sees an ordinary weight, and the forward's own rotation and
-    quantization reproduce the gathered values (the same rows, scales and rounding). Everything
+    back (one GEMM with the ±1 Hadamard block, in the compute dtype), so the compiled graph sees
+    an ordinary weight, whose re-quantization in the forward lands on the gathered values up to
+    that dtype's rounding (the same rows, block and scales). Everything
     else (optimizer, state_dict) sees the high-precision tensor inside.
     """
 
@@ -122,17 +125,25 @@ class QuantizedAllGatherWeight(torch.Tensor):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         weight = self._tensor
-        if self._block:
-            weight = block_hadamard(weight, self._block, dim=1)
-        values, scales = quantize(weight, self._format, "row")
+        if self._block <= MAX_BLOCK:  # one fused kernel on CUDA, the reference elsewhere
+            values, scales = torch.ops.halo.hadamard_quantize(weight, self._format, "row",
+                                                              self._block, 1)
+        else:
+            values, scales = quantize(block_hadamard(weight, self._block, dim=1),
+                                      self._format, "row")
         return (values, scales), None
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         values, scales = all_gather_outputs
-        weight = dequantize(values, scales)
-        if self._block:  # H is symmetric and orthogonal: its own inverse
-            weight = block_hadamard(weight, self._block, dim=1)
-        weight = weight.to(param_dtype)
+        if self._block:
+            # H is symmetric and orthogonal, its own inverse: one GEMM of the exact 8-bit values
+            # with the ±1 block, then the row scales and H's 1/sqrt(block).
+            rows, cols = values.shape
+            signs = hadamard_signs(self._block, param_dtype, values.device)
+            weight = torch.matmul(values.to(param_dtype).reshape(-1, self._block), signs)
+            weight = weight.reshape(rows, cols) * (scales / math.sqrt(self._block)).to(param_dtype)
+        else:
+            weight = dequantize(values, scales).to(param_dtype)
         if out is not None:
             # Later all-gathers refill the unsharded parameter in place, as FSDP2's own path
             # does: backward's saved reference to it must stay valid.
