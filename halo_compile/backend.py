@@ -60,9 +60,5 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
 
-    from halo_compile.kernels.inductor_decompositions import halo_decompositions
-
-    return compile_fx(gm, example_inputs,
-                      decompositions={**select_decomp_table(), **halo_decompositions()})
+    return compile_fx(gm, example_inputs)

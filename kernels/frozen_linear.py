@@ -23,6 +23,7 @@ from .scaled_matmul import (
     product_with_quantized_right,
     reference_gemm,
     rotated_left_operand,
+    scale_for_gemm,
 )
 from .weight_cache import FROZEN_WEIGHTS
 
@@ -54,16 +55,60 @@ def frozen_weight_matmul(
                                  max_block, granularity, rounding_a, check_finite_inputs, where)
 
 
-def fused_frozen_weight_matmul(gemm, a, weight, transpose_weight, fmt, rotation, block,
-                               granularity, check_finite_inputs, where, **kernels):
+def fused_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, block, granularity,
+                               check_finite_inputs, where, **kernels):
     """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
-    Triton kernel, the weight side from the cache. `block` comes from `fused_block`."""
-    def cached_weight(inner_block):
-        return FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner_block, transpose_weight,
-                                        a.dtype, check_finite_inputs, where)
+    Triton kernel, then `halo::frozen_weight_gemm` with the cached weight. `block` comes from
+    `fused_block`; `kernels` as fused_product takes them."""
+    def right_gemm(qa, sa, sa_factor, b_block):
+        return torch.ops.halo.frozen_weight_gemm(qa, sa, sa_factor, weight, transpose_weight,
+                                                 fmt, granularity, b_block, a.dtype,
+                                                 check_finite_inputs, where)
 
-    return fused_product(gemm, a, cached_weight, fmt, rotation, block, granularity,
-                         check_finite_inputs, where, **kernels)
+    return fused_product(a, right_gemm, fmt, rotation, block, granularity, **kernels)
+
+
+def _frozen_weight_gemm(gemm, qa, sa, sa_factor, weight, transpose_weight, fmt, granularity,
+                        block, out_dtype, check_finite_inputs, where):
+    qb, sb = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, block, transpose_weight,
+                                      out_dtype, check_finite_inputs, where)
+    sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
+    return gemm(qa, sa, qb, sb, fmt, out_dtype).to(out_dtype)
+
+
+@torch.library.custom_op("halo::frozen_weight_gemm", mutates_args=())
+def frozen_weight_gemm(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    sa_factor: float,
+    weight: torch.Tensor,
+    transpose_weight: bool,
+    fmt: str,
+    granularity: str,
+    block: int,
+    out_dtype: torch.dtype,
+    check_finite_inputs: bool,
+    where: str,
+) -> torch.Tensor:
+    """The quantized activation (qa, scales sa * sa_factor) times op(weight) rotated along K by
+    `block` and quantized, from the cache: the GEMM half of the fused frozen path. The cache is
+    read inside the op, never returned from it (Inductor may reuse an op's output buffer)."""
+    return _frozen_weight_gemm(reference_gemm, qa, sa, sa_factor, weight, transpose_weight, fmt,
+                               granularity, block, out_dtype, check_finite_inputs, where)
+
+
+@frozen_weight_gemm.register_kernel("cuda")
+def _(qa, sa, sa_factor, weight, transpose_weight, fmt, granularity, block, out_dtype,
+      check_finite_inputs, where):
+    return _frozen_weight_gemm(cuda_gemm, qa, sa, sa_factor, weight, transpose_weight, fmt,
+                               granularity, block, out_dtype, check_finite_inputs, where)
+
+
+@frozen_weight_gemm.register_fake
+def _(qa, sa, sa_factor, weight, transpose_weight, fmt, granularity, block, out_dtype,
+      check_finite_inputs, where):
+    n = weight.shape[1] if transpose_weight else weight.shape[0]
+    return qa.new_empty((qa.shape[0], n), dtype=out_dtype)
 
 
 @frozen_weight_matmul.register_kernel("cuda")
@@ -71,8 +116,8 @@ def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, roundi
       check_finite_inputs, where):
     block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
     if block is not None:
-        return fused_frozen_weight_matmul(cuda_gemm, a, weight, transpose_weight, fmt, rotation,
-                                          block, granularity, check_finite_inputs, where)
+        return fused_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, block,
+                                          granularity, check_finite_inputs, where)
     return _frozen_weight_matmul(cuda_gemm, a, weight, transpose_weight, fmt, rotation,
                                  max_block, granularity, rounding_a, check_finite_inputs, where)
 
@@ -84,6 +129,16 @@ def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, roundi
     torch._check(a.dim() == 2 and a.shape[1] == k,
                  lambda: f"{where}: operand and frozen weight do not match")
     return a.new_empty((a.shape[0], n))
+
+
+def frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
+                          forward_rotation, max_block, check_finite, name):
+    y = torch.ops.halo.frozen_weight_matmul(
+        x.reshape(-1, x.shape[-1]), weight, weight_transposed, fmt, forward_rotation, max_block,
+        granularity, "nearest", check_finite, f"{name} forward")
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @torch.library.custom_op("halo::frozen_linear", mutates_args=())
@@ -103,12 +158,8 @@ def frozen_linear(
 ) -> torch.Tensor:
     """y = x @ Wᵀ + bias, with W = weight, or weightᵀ when `weight_transposed` (stored [in, out],
     GPT-2's Conv1D). `weight` must not require grad."""
-    y = torch.ops.halo.frozen_weight_matmul(
-        x.reshape(-1, x.shape[-1]), weight, weight_transposed, fmt, forward_rotation, max_block,
-        granularity, "nearest", check_finite, f"{name} forward")
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
+                                 forward_rotation, max_block, check_finite, name)
 
 
 @frozen_linear.register_fake

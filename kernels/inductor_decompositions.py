@@ -3,14 +3,18 @@
 A custom op stays an opaque call in Inductor's generated code: a call back into Python whose
 body launches the Triton kernels through Triton's Python launcher and the GEMM through the
 dispatcher. That host work (~0.7 ms per quantized matmul, measured: docs/BENCHMARKS.md) exceeded
-the GPU time of the kernels it launched at Llama-3-8B shapes. So, while AOTAutograd traces the
-forward and the registered backward, `halo::quantized_linear` and `halo::scaled_matmul` on CUDA
-are replaced by the fused path's pieces:
+the GPU time of the kernels it launched at Llama-3-8B shapes. So, while AOTAutograd
+functionalizes the forward and the registered backward (the same hook through which a
+`triton_op` is decomposed: a FunctionalTensorMode rule, so that the nested triton_op is traced
+into its kernel in turn), `halo::quantized_linear` and `halo::scaled_matmul` on CUDA
+(and their frozen-weight versions, `halo::frozen_linear` and `halo::frozen_weight_matmul`) are
+replaced by the fused path's pieces:
 
 * `halo::hadamard_quantize`, a `triton_op`: Inductor emits the Triton kernel into its output
   code and launches it with its own launcher;
 * `halo::checked_scale`, the deferred inf/NaN check (an op call, only when checks are on);
-* `aten._scaled_mm` / `aten._int_mm`: extern cuBLASLt calls;
+* `aten._scaled_mm` / `aten._int_mm`: extern cuBLASLt calls (for a frozen weight, the op
+  `halo::frozen_weight_gemm`, which reads the cached weight and runs the GEMM);
 * the scale, padding and outer-rotation arithmetic, as aten ops that Inductor fuses.
 
 The ops stay whole (an opaque call, their body as before) where the fused kernel does not apply:
@@ -22,14 +26,24 @@ from __future__ import annotations
 
 import torch
 
+from .frozen_linear import (
+    frozen_linear,
+    frozen_linear_forward,
+    frozen_weight_matmul,
+    fused_frozen_weight_matmul,
+)
 from .hadamard import sylvester_signs
-from .quantized_linear import linear_forward
-from .scaled_matmul import cuda_gemm, fused_block, fused_scaled_matmul
+from .quantized_linear import linear_forward, quantized_linear
+from .scaled_matmul import cuda_gemm, fused_block, fused_scaled_matmul, scaled_matmul
 from .triton_hadamard_quantize import hadamard_quantize  # noqa: F401  (registers the op)
 
 
 def _hadamard_quantize_op(x, fmt, granularity, block, dim):
     return torch.ops.halo.hadamard_quantize(x, fmt, granularity, block, dim)
+
+
+TRACEABLE_KERNELS = {"quantize_operand": _hadamard_quantize_op, "signs": sylvester_signs}
+"""What the fused path runs when traced: the kernel as its triton_op, the ±1 block as ops."""
 
 
 def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, rounding_a,
@@ -40,8 +54,7 @@ def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, roundin
     if block is None:
         return NotImplemented
     return fused_scaled_matmul(cuda_gemm, a, b, fmt, rotation, block, granularity,
-                               check_finite_inputs, where,
-                               quantize_operand=_hadamard_quantize_op, signs=sylvester_signs)
+                               check_finite_inputs, where, **TRACEABLE_KERNELS)
 
 
 def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotation,
@@ -55,9 +68,62 @@ def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotati
                           check_finite, name)
 
 
-def halo_decompositions() -> dict:
-    """Entries to add to Inductor's decomposition table (`compile_fx(..., decompositions=)`)."""
-    return {
-        torch.ops.halo.scaled_matmul.default: decompose_scaled_matmul,
-        torch.ops.halo.quantized_linear.default: decompose_quantized_linear,
-    }
+def decompose_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, max_block,
+                                   granularity, rounding_a, check_finite_inputs, where):
+    if a.device.type != "cuda":
+        return NotImplemented
+    block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
+    if block is None:
+        return NotImplemented
+    return fused_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, block,
+                                      granularity, check_finite_inputs, where,
+                                      **TRACEABLE_KERNELS)
+
+
+def decompose_frozen_linear(x, weight, bias, weight_transposed, fmt, granularity,
+                            forward_rotation, grad_input_rotation, max_block, grad_rounding,
+                            check_finite, name):
+    if x.device.type != "cuda":
+        return NotImplemented
+    return frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
+                                 forward_rotation, max_block, check_finite, name)
+
+
+DECOMPOSITIONS = {
+    scaled_matmul: decompose_scaled_matmul,
+    quantized_linear: decompose_quantized_linear,
+    frozen_weight_matmul: decompose_frozen_weight_matmul,
+    frozen_linear: decompose_frozen_linear,
+}
+"""Each op's decomposition (returning NotImplemented where the op stays whole)."""
+
+
+def _decomposition_disabled() -> bool:
+    """torch.export keeps custom ops whole (as it keeps triton_ops): so do we."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # a torch without the switch
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _register(op, decomposition) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    plain = (torch.Tensor, FakeTensor, FunctionalTensor)
+
+    def rule(mode, func, types, args, kwargs):
+        if _decomposition_disabled() or any(not issubclass(t, plain) for t in types):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode:
+            out = decomposition(*args, **kwargs)
+        if out is NotImplemented:
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        return out
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+for _op, _decomposition in DECOMPOSITIONS.items():
+    _register(_op, _decomposition)

@@ -186,27 +186,27 @@ def _(sa, sb, sa_factor, where):
     return torch.empty_like(sa)
 
 
-def fused_product(gemm, a, quantize_right, fmt, rotation, block, granularity,
-                  check_finite_inputs, where, quantize_operand=hadamard_quantize_triton,
-                  signs=hadamard_signs):
-    """The fused path: the left operand rotated and quantized by one Triton kernel launch,
-    times the right operand that `quantize_right(block it must be rotated by along K)` returns
-    as (values, scales), through `gemm`. `block` comes from `fused_block`. `quantize_operand`
-    runs the kernel: compiled on CUDA, interpreted on the CPU (where tests run it with
-    `reference_gemm`), or `torch.ops.halo.hadamard_quantize` when Inductor traces it
+def scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where):
+    """`sa * sa_factor`, the left operand's GEMM scales; with the check on, through
+    `halo::checked_scale` (the scales are inf/NaN exactly where their operand is)."""
+    if check_finite_inputs:
+        return torch.ops.halo.checked_scale(sa, sb, sa_factor, where)
+    return sa * sa_factor if sa_factor != 1.0 else sa
+
+
+def fused_product(a, right_gemm, fmt, rotation, block, granularity,
+                  quantize_operand=hadamard_quantize_triton, signs=hadamard_signs):
+    """The fused path: A rotated and quantized by one Triton kernel launch, then
+    `right_gemm(qa, sa, sa_factor, b_block)`, which brings the right operand (rotated along K by
+    `b_block`), scales A by sa * sa_factor and runs the GEMM. `block` comes from `fused_block`.
+    `quantize_operand` runs the kernel: compiled on CUDA, interpreted on the CPU (where tests
+    run it with `reference_gemm`), or `torch.ops.halo.hadamard_quantize` when Inductor traces it
     (inductor_decompositions.py), which also passes the traceable `sylvester_signs`."""
     out_dtype = a.dtype
     outer = rotation == "outer" and block
     qa, sa = quantize_operand(a, fmt, granularity, block, 0 if outer else 1)
-    qb, sb = quantize_right(0 if outer else block)
-    # H's normalisation for "outer", folded into the GEMM epilogue; the scales are inf/NaN
-    # exactly where the operand is.
-    sa_factor = 1.0 / math.sqrt(block) if outer else 1.0
-    if check_finite_inputs:
-        sa = torch.ops.halo.checked_scale(sa, sb, sa_factor, where)
-    elif outer:
-        sa = sa * sa_factor
-    out = gemm(qa, sa, qb, sb, fmt, out_dtype)
+    # "outer": H's normalisation folded into A's scales, applied in the GEMM epilogue.
+    out = right_gemm(qa, sa, 1.0 / math.sqrt(block) if outer else 1.0, 0 if outer else block)
     if outer:
         # Undo the rotation on the output rows: ±1 block (exact in bf16) times each block of
         # rows, a batched GEMM in the output's dtype with float32 accumulation.
@@ -219,10 +219,13 @@ def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_fin
                         where, quantize_operand=hadamard_quantize_triton,
                         signs=hadamard_signs):
     """`fused_product` with B rotated and quantized by the same kernel."""
-    return fused_product(gemm, a,
-                         lambda b_block: quantize_operand(b, fmt, granularity, b_block, 1),
-                         fmt, rotation, block, granularity, check_finite_inputs, where,
-                         quantize_operand, signs)
+    def right_gemm(qa, sa, sa_factor, b_block):
+        qb, sb = quantize_operand(b, fmt, granularity, b_block, 1)
+        sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
+        return gemm(qa, sa, qb, sb, fmt, a.dtype)
+
+    return fused_product(a, right_gemm, fmt, rotation, block, granularity, quantize_operand,
+                         signs)
 
 
 @scaled_matmul.register_kernel("cuda")

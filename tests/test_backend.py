@@ -404,3 +404,18 @@ def test_backend_found_by_name_via_entry_point():
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-2:] == ["['0', '2']", "OK"]
+
+
+def test_top_level_folders_import_as_the_installed_packages():
+    """Run from a checkout, `kernels/` and `passes/` are importable as top-level packages
+    (transformers imports `kernels` to probe for Hugging Face's package of that name): they must
+    hand back halo_compile.kernels / .passes, not register the ops a second time."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent("""
+        import sys
+        import halo_compile.kernels, halo_compile.passes
+        import kernels, passes
+        assert kernels is halo_compile.kernels and passes is halo_compile.passes
+        assert not any(name.startswith(("kernels.", "passes.")) for name in sys.modules)
+    """)
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)

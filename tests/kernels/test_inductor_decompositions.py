@@ -8,9 +8,9 @@ import torch
 import halo_compile  # noqa: F401  (registers the backend)
 from halo_compile.kernels.hadamard import sylvester_signs
 from halo_compile.kernels.inductor_decompositions import (
+    DECOMPOSITIONS,
     decompose_quantized_linear,
     decompose_scaled_matmul,
-    halo_decompositions,
 )
 from halo_compile.kernels.quantize import NonFiniteInputError, raise_pending_nonfinite
 from halo_compile.kernels.scaled_matmul import (
@@ -89,8 +89,8 @@ def test_decompositions_leave_what_the_fused_kernel_does_not_cover():
     assert fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
     assert fused_block(a, b, "fp8_e4m3", "inner", 0, "nearest", "nearest") == 64
     assert fused_block(a.double(), b.double(), "int8", "none", 0, "nearest", "nearest") is None
-    assert set(halo_decompositions()) == {torch.ops.halo.scaled_matmul.default,
-                                          torch.ops.halo.quantized_linear.default}
+    assert {op._name for op in DECOMPOSITIONS} == {
+        "scaled_matmul", "quantized_linear", "frozen_weight_matmul", "frozen_linear"}
 
 
 def _compiled_linear_code(x, weight, options):
