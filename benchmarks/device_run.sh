@@ -27,7 +27,7 @@ stage() {
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     linear) bench linear 120 linear.py --reps 10 --shapes 4096x14336 ;;
-    decoder) bench decoder_step 200 decoder_step.py --reps 5 \
+    decoder) bench decoder_step 170 decoder_step.py --reps 5 \
         --contenders "bf16 inductor,halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,torchao float8 tensorwise" ;;
     lora) bench lora_finetune 150 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 120 rotated_inference.py ;;
