@@ -29,14 +29,14 @@ stage() {
     linear) bench linear 120 linear.py --reps 10 --shapes 4096x14336 ;;
     decoder) bench decoder_step 170 decoder_step.py --reps 5 \
         --contenders "bf16 inductor,halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,torchao float8 tensorwise" ;;
-    lora) bench lora_finetune 150 lora_finetune.py --reps 5 ;;
-    rotated) bench rotated_inference 120 rotated_inference.py ;;
+    lora) bench lora_finetune 140 lora_finetune.py --reps 5 ;;
+    rotated) bench rotated_inference 100 rotated_inference.py ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         timeout 300 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" fsdp_step.py \
         --markdown "$LOGS/fsdp_step.md" 2>&1 | tail -40 | tee "$LOGS/fsdp_step.log") ;;
     demo) local model=(); [ -d "$REPO/.whl/minilm_bf16" ] && model=(--model-dir "$REPO/.whl/minilm_bf16")
-        timeout 330 python3 "$REPO/examples/finetune.py" --device cuda --lora "${model[@]}" \
-        --steps 200 --batch-size 32 --seq-len 128 --out "$LOGS/demo" 2>&1 | tr "\r" "\n" | grep -v "it/s]$" | tee "$LOGS/demo.log" ;;
+        timeout 190 python3 "$REPO/examples/finetune.py" --device cuda --lora "${model[@]}" \
+        --steps 100 --batch-size 32 --seq-len 128 --variants baseline,fp8-hadamard,fp8-no-hadamard --out "$LOGS/demo" 2>&1 | tr "\r" "\n" | grep -v "it/s]$" | tee "$LOGS/demo.log" ;;
     *) echo "unknown stage $1"; return 1 ;;
     esac
 }
