@@ -110,6 +110,9 @@ def main() -> None:
             reference, baseline = logits, rate
         err = ((logits - reference).norm() / reference.norm()).item()
         rows.append((name, rate, rate / baseline, err))
+        # Each row as soon as it is measured: a run cut by a time limit still reports.
+        print(f"{name}: {rate:,.0f} tokens/s, {rate / baseline:.2f}x, logits rel. err {err:.2e}",
+              flush=True)
     fused_report = None
     if any(options for options, _ in VARIANTS.values()):
         fused_report = str(halo_compile.report(model)).splitlines()[:2]
