@@ -18,8 +18,9 @@ replaced by the fused path's pieces:
 * the scale, padding and outer-rotation arithmetic, as aten ops that Inductor fuses.
 
 The ops stay whole (an opaque call, their body as before) where the fused kernel does not apply:
-stochastic rounding, Hadamard blocks above 256, format "none", float64; and off CUDA, where the
-reference is what runs.
+stochastic rounding, Hadamard blocks above 256, format "none", float64; off CUDA, where the
+reference is what runs; for tensor subclasses; and under torch.export. (aot_eager functionalizes
+too, so it runs the same pieces, eagerly.)
 """
 
 from __future__ import annotations
@@ -111,10 +112,11 @@ def _register(op, decomposition) -> None:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
-    plain = (torch.Tensor, FakeTensor, FunctionalTensor)
+    def plain(t):  # tensor subclasses (DTensor, ...) get the op whole, as triton_op does
+        return t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor)
 
     def rule(mode, func, types, args, kwargs):
-        if _decomposition_disabled() or any(not issubclass(t, plain) for t in types):
+        if _decomposition_disabled() or not all(plain(t) for t in types):
             return mode.__torch_dispatch__(func, types, args, kwargs)
         with mode:
             out = decomposition(*args, **kwargs)

@@ -144,3 +144,39 @@ def test_gpu_generated_code_keeps_the_deferred_check():
     with pytest.raises(NonFiniteInputError, match="forward"):
         _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2"})
         raise_pending_nonfinite()
+
+
+def test_functionalization_rule_decomposes_and_traces_the_nested_triton_op():
+    """The mechanism, on the CPU: a rule registered as halo's ops register theirs replaces the op
+    in AOTAutograd's graph, and the triton_op it calls is traced through in turn (on CUDA into
+    its kernel, here into its reference), so neither is left as an opaque call."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    from halo_compile.kernels.inductor_decompositions import _register
+
+    @torch.library.custom_op("halo_test::quantized_copy", mutates_args=())
+    def quantized_copy(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @quantized_copy.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    def decomposition(x):
+        q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 16, 1)
+        return q.float() * s
+
+    _register(quantized_copy, decomposition)
+    graphs = []
+
+    def capture(gm, _):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    x = torch.randn(8, 32)
+    out = torch.compile(lambda t: torch.ops.halo_test.quantized_copy(t),
+                        backend=aot_autograd(fw_compiler=capture), fullgraph=True)(x)
+    q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 16, 1)
+    assert torch.equal(out, q.float() * s)  # the decomposition ran, not the op's clone
+    assert "halo_test" not in graphs[0] and "hadamard_quantize" not in graphs[0]
