@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from halo_compile.distributed import unsharded_parameters
+from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,14 @@ class HaloReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (f"halo: {len(self.quantized)} of {len(self.layers)} linears quantized; "
                    f"{len(self.high_precision)} left in high precision")
-        folded = sum(layer.folded_bytes for layer in self.layers)
+        folded = sum(layer.folded_bytes for layer in self.layers if not layer.frozen)
         if folded:
             summary += (f"\nrotate='fused': {folded / 2**20:.2f} MiB of folded weights computed "
-                        "in the graph from the parameters on every call (Inductor freezing "
-                        "computes them once; docs/rotation.md)")
+                        "in the graph from the trained parameters on every call (Inductor "
+                        "freezing computes them once; docs/rotation.md)")
+        if any(layer.frozen for layer in self.layers):
+            summary += (f"\nfrozen weights: folded, rotated and quantized once per version; the "
+                        f"cache holds {FROZEN_WEIGHTS.nbytes() / 2**20:.2f} MiB (all models)")
         return "\n".join([summary, *lines, *(["", "structure:"] + self.structure
                                              if self.structure else [])])
 

@@ -12,7 +12,7 @@ its identity and version counter visible to the cache), with the weight side fro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -28,11 +28,11 @@ from .scaled_matmul import (
 from .weight_cache import FROZEN_WEIGHTS
 
 
-def _frozen_weight_matmul(gemm, a, weight, transpose_weight, fmt, rotation, max_block,
-                          granularity, rounding_a, check_finite_inputs, where):
+def _frozen_weight_matmul(gemm, a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
+                          max_block, granularity, rounding_a, check_finite_inputs, where):
     ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
     right = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner_block, transpose_weight,
-                                     a.dtype, check_finite_inputs, where)
+                                     a.dtype, check_finite_inputs, where, fold, fold_inputs)
     return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
                                         outer_block, a.dtype, check_finite_inputs, where)
 
@@ -41,6 +41,8 @@ def _frozen_weight_matmul(gemm, a, weight, transpose_weight, fmt, rotation, max_
 def frozen_weight_matmul(
     a: torch.Tensor,
     weight: torch.Tensor,
+    fold: str,
+    fold_inputs: List[torch.Tensor],
     transpose_weight: bool,
     fmt: str,
     rotation: str,
@@ -50,28 +52,30 @@ def frozen_weight_matmul(
     check_finite_inputs: bool,
     where: str,
 ) -> torch.Tensor:
-    """A [M, K] @ op(weight)ᵀ -> [M, N] (op(weight) [N, K]), the weight side cached."""
-    return _frozen_weight_matmul(reference_gemm, a, weight, transpose_weight, fmt, rotation,
-                                 max_block, granularity, rounding_a, check_finite_inputs, where)
+    """A [M, K] @ op(W)ᵀ -> [M, N] (op(W) [N, K]), W = FOLDS.apply(fold, weight, fold_inputs)
+    (the weight itself for fold ""), the weight side cached."""
+    return _frozen_weight_matmul(reference_gemm, a, weight, fold, fold_inputs, transpose_weight,
+                                 fmt, rotation, max_block, granularity, rounding_a,
+                                 check_finite_inputs, where)
 
 
-def fused_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, block, granularity,
-                               check_finite_inputs, where, **kernels):
+def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
+                               block, granularity, check_finite_inputs, where, **kernels):
     """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
     Triton kernel, then `halo::frozen_weight_gemm` with the cached weight. `block` comes from
     `fused_block`; `kernels` as fused_product takes them."""
     def right_gemm(qa, sa, sa_factor, b_block):
-        return torch.ops.halo.frozen_weight_gemm(qa, sa, sa_factor, weight, transpose_weight,
-                                                 fmt, granularity, b_block, a.dtype,
-                                                 check_finite_inputs, where)
+        return torch.ops.halo.frozen_weight_gemm(qa, sa, sa_factor, weight, fold, fold_inputs,
+                                                 transpose_weight, fmt, granularity, b_block,
+                                                 a.dtype, check_finite_inputs, where)
 
     return fused_product(a, right_gemm, fmt, rotation, block, granularity, **kernels)
 
 
-def _frozen_weight_gemm(gemm, qa, sa, sa_factor, weight, transpose_weight, fmt, granularity,
-                        block, out_dtype, check_finite_inputs, where):
+def _frozen_weight_gemm(gemm, qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt,
+                        granularity, block, out_dtype, check_finite_inputs, where):
     qb, sb = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, block, transpose_weight,
-                                      out_dtype, check_finite_inputs, where)
+                                      out_dtype, check_finite_inputs, where, fold, fold_inputs)
     sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
     return gemm(qa, sa, qb, sb, fmt, out_dtype).to(out_dtype)
 
@@ -82,6 +86,8 @@ def frozen_weight_gemm(
     sa: torch.Tensor,
     sa_factor: float,
     weight: torch.Tensor,
+    fold: str,
+    fold_inputs: List[torch.Tensor],
     transpose_weight: bool,
     fmt: str,
     granularity: str,
@@ -93,49 +99,53 @@ def frozen_weight_gemm(
     """The quantized activation (qa, scales sa * sa_factor) times op(weight) rotated along K by
     `block` and quantized, from the cache: the GEMM half of the fused frozen path. The cache is
     read inside the op, never returned from it (Inductor may reuse an op's output buffer)."""
-    return _frozen_weight_gemm(reference_gemm, qa, sa, sa_factor, weight, transpose_weight, fmt,
-                               granularity, block, out_dtype, check_finite_inputs, where)
+    return _frozen_weight_gemm(reference_gemm, qa, sa, sa_factor, weight, fold, fold_inputs,
+                               transpose_weight, fmt, granularity, block, out_dtype,
+                               check_finite_inputs, where)
 
 
 @frozen_weight_gemm.register_kernel("cuda")
-def _(qa, sa, sa_factor, weight, transpose_weight, fmt, granularity, block, out_dtype,
-      check_finite_inputs, where):
-    return _frozen_weight_gemm(cuda_gemm, qa, sa, sa_factor, weight, transpose_weight, fmt,
-                               granularity, block, out_dtype, check_finite_inputs, where)
+def _(qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
+      out_dtype, check_finite_inputs, where):
+    return _frozen_weight_gemm(cuda_gemm, qa, sa, sa_factor, weight, fold, fold_inputs,
+                               transpose_weight, fmt, granularity, block, out_dtype,
+                               check_finite_inputs, where)
 
 
 @frozen_weight_gemm.register_fake
-def _(qa, sa, sa_factor, weight, transpose_weight, fmt, granularity, block, out_dtype,
-      check_finite_inputs, where):
+def _(qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
+      out_dtype, check_finite_inputs, where):
     n = weight.shape[1] if transpose_weight else weight.shape[0]
     return qa.new_empty((qa.shape[0], n), dtype=out_dtype)
 
 
 @frozen_weight_matmul.register_kernel("cuda")
-def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, rounding_a,
-      check_finite_inputs, where):
+def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, granularity,
+      rounding_a, check_finite_inputs, where):
     block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
     if block is not None:
-        return fused_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, block,
-                                          granularity, check_finite_inputs, where)
-    return _frozen_weight_matmul(cuda_gemm, a, weight, transpose_weight, fmt, rotation,
-                                 max_block, granularity, rounding_a, check_finite_inputs, where)
+        return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
+                                          rotation, block, granularity, check_finite_inputs,
+                                          where)
+    return _frozen_weight_matmul(cuda_gemm, a, weight, fold, fold_inputs, transpose_weight, fmt,
+                                 rotation, max_block, granularity, rounding_a,
+                                 check_finite_inputs, where)
 
 
 @frozen_weight_matmul.register_fake
-def _(a, weight, transpose_weight, fmt, rotation, max_block, granularity, rounding_a,
-      check_finite_inputs, where):
+def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, granularity,
+      rounding_a, check_finite_inputs, where):
     n, k = (weight.shape[1], weight.shape[0]) if transpose_weight else weight.shape
     torch._check(a.dim() == 2 and a.shape[1] == k,
                  lambda: f"{where}: operand and frozen weight do not match")
     return a.new_empty((a.shape[0], n))
 
 
-def frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
+def frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt, granularity,
                           forward_rotation, max_block, check_finite, name):
     y = torch.ops.halo.frozen_weight_matmul(
-        x.reshape(-1, x.shape[-1]), weight, weight_transposed, fmt, forward_rotation, max_block,
-        granularity, "nearest", check_finite, f"{name} forward")
+        x.reshape(-1, x.shape[-1]), weight, fold, fold_inputs, weight_transposed, fmt,
+        forward_rotation, max_block, granularity, "nearest", check_finite, f"{name} forward")
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -145,6 +155,8 @@ def frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
 def frozen_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
+    fold: str,
+    fold_inputs: List[torch.Tensor],
     bias: Optional[torch.Tensor],
     weight_transposed: bool,
     fmt: str,
@@ -156,14 +168,15 @@ def frozen_linear(
     check_finite: bool,
     name: str,
 ) -> torch.Tensor:
-    """y = x @ Wᵀ + bias, with W = weight, or weightᵀ when `weight_transposed` (stored [in, out],
-    GPT-2's Conv1D). `weight` must not require grad."""
-    return frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
-                                 forward_rotation, max_block, check_finite, name)
+    """y = x @ Wᵀ + bias, with W = FOLDS.apply(fold, weight, fold_inputs) (`weight` itself for
+    fold ""), or its transpose when `weight_transposed` (stored [in, out], GPT-2's Conv1D).
+    Neither `weight` nor the fold inputs may require grad."""
+    return frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
+                                 granularity, forward_rotation, max_block, check_finite, name)
 
 
 @frozen_linear.register_fake
-def _(x, weight, bias, weight_transposed, fmt, granularity, forward_rotation,
+def _(x, weight, fold, fold_inputs, bias, weight_transposed, fmt, granularity, forward_rotation,
       grad_input_rotation, max_block, grad_rounding, check_finite, name):
     in_features, out_features = weight.shape if weight_transposed else weight.shape[::-1]
     torch._check(x.shape[-1] == in_features, lambda: f"{name}: x and weight do not match")
@@ -171,31 +184,32 @@ def _(x, weight, bias, weight_transposed, fmt, granularity, forward_rotation,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, transposed, fmt, granularity, _, gi_rot, max_block, rounding, check, name = \
-        inputs
-    if weight.requires_grad:
-        raise ValueError(f"halo::frozen_linear ({name}): the weight requires grad; use "
-                         "halo::quantized_linear for a trained weight")
-    ctx.save_for_backward(weight)
+    (x, weight, fold, fold_inputs, bias, transposed, fmt, granularity, _, gi_rot, max_block,
+     rounding, check, name) = inputs
+    if weight.requires_grad or any(t.requires_grad for t in fold_inputs):
+        raise ValueError(f"halo::frozen_linear ({name}): the weight or a fold input requires "
+                         "grad; use halo::quantized_linear for a trained weight")
+    ctx.save_for_backward(weight, *fold_inputs)
+    ctx.fold = fold
     ctx.x_shape = x.shape
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.settings = (transposed, fmt, gi_rot, max_block, granularity, rounding, check, name)
 
 
 def _backward(ctx, grad_out):
-    (weight,) = ctx.saved_tensors
+    weight, *fold_inputs = ctx.saved_tensors
     transposed, fmt, gi_rot, max_block, granularity, rounding, check, name = ctx.settings
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = grad_b = None
     if ctx.needs_input_grad[0]:
         # dX = dY W: contraction over out-features; W [out, in] is op(weight)ᵀ.
         grad_x = torch.ops.halo.frozen_weight_matmul(
-            dy, weight, not transposed, fmt, gi_rot, max_block, granularity, rounding, check,
-            f"{name} grad-input",
+            dy, weight, ctx.fold, fold_inputs, not transposed, fmt, gi_rot, max_block,
+            granularity, rounding, check, f"{name} grad-input",
         ).reshape(ctx.x_shape)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         grad_b = dy.sum(0).to(ctx.bias_dtype)
-    return grad_x, None, grad_b, None, None, None, None, None, None, None, None, None
+    return (grad_x, None, None, [None] * len(fold_inputs), grad_b, *[None] * 9)
 
 
 frozen_linear.register_autograd(_backward, setup_context=_setup_context)

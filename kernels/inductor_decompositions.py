@@ -69,25 +69,26 @@ def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotati
                           check_finite, name)
 
 
-def decompose_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, max_block,
-                                   granularity, rounding_a, check_finite_inputs, where):
+def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
+                                   max_block, granularity, rounding_a, check_finite_inputs,
+                                   where):
     if a.device.type != "cuda":
         return NotImplemented
     block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
     if block is None:
         return NotImplemented
-    return fused_frozen_weight_matmul(a, weight, transpose_weight, fmt, rotation, block,
-                                      granularity, check_finite_inputs, where,
+    return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
+                                      rotation, block, granularity, check_finite_inputs, where,
                                       **TRACEABLE_KERNELS)
 
 
-def decompose_frozen_linear(x, weight, bias, weight_transposed, fmt, granularity,
-                            forward_rotation, grad_input_rotation, max_block, grad_rounding,
-                            check_finite, name):
+def decompose_frozen_linear(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
+                            granularity, forward_rotation, grad_input_rotation, max_block,
+                            grad_rounding, check_finite, name):
     if x.device.type != "cuda":
         return NotImplemented
-    return frozen_linear_forward(x, weight, bias, weight_transposed, fmt, granularity,
-                                 forward_rotation, max_block, check_finite, name)
+    return frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
+                                 granularity, forward_rotation, max_block, check_finite, name)
 
 
 DECOMPOSITIONS = {

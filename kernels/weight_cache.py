@@ -7,10 +7,14 @@ use: `weight` (or its transpose) in the operand dtype, rotated by a block Hadama
 dimension, quantized per row or per tensor -- exactly what `halo::scaled_matmul` computes for its
 right operand, see `quantize_weight_reference`.
 
+A derivation may also read other frozen tensors ("fold inputs": under `rotate="fused"` a weight is
+first folded with the RMSNorm scale it reads and rotated, see passes/folding.py): `FOLDS` holds
+such fold functions under a key, and an entry then depends on every tensor it read.
+
 An entry is keyed by the tensor object given (held by weak reference: it goes when the weight
-goes) and the tag, and is valid while the weight's version counter (`_version`, bumped by every
-in-place write that autograd sees: optimizer steps, `copy_` under no_grad, `load_state_dict`) and
-storage are unchanged. Writes through `.data` (peft's `merge`, for one) bypass the version
+goes) and the tag, and is valid while the version counters of the weight and of each fold input
+(`_version`, bumped by every in-place write that autograd sees: optimizer steps, `copy_` under
+no_grad, `load_state_dict`) and their storage are unchanged. Writes through `.data` (peft's `merge`, for one) bypass the version
 counter: the quantize pass calls `forget` on each frozen weight when it compiles a graph (merging
 changes the module, so Dynamo recompiles); after editing `.data` yourself, call
 `FROZEN_WEIGHTS.forget()`.
@@ -43,16 +47,41 @@ def quantize_weight_reference(weight: torch.Tensor, fmt: str, granularity: str, 
                              check, f"{where} (frozen weight)")
 
 
+class FoldRegistry:
+    """Fold functions `fold(weight, *fold_inputs) -> weight'`, under string keys that custom ops
+    can take as arguments ("" is no fold). Registered at compile time by the quantize pass."""
+
+    def __init__(self):
+        self._folds: dict[str, Callable[..., torch.Tensor]] = {}
+
+    def register(self, fold: Callable[..., torch.Tensor]) -> str:
+        key = f"fold{len(self._folds)}"
+        self._folds[key] = fold
+        return key
+
+    def apply(self, key: str, weight: torch.Tensor, inputs) -> torch.Tensor:
+        return self._folds[key](weight, *inputs) if key else weight
+
+
+FOLDS = FoldRegistry()
+"""The fold functions the frozen-weight ops refer to by key."""
+
+
+def _state(t: torch.Tensor) -> tuple:
+    return (t._version, t.data_ptr())
+
+
 @dataclass
 class _Entry:
     weight: weakref.ref
-    version: int
-    data_ptr: int
+    state: tuple  # (version, data_ptr) of the weight, then of each other tensor it depends on
+    others: tuple  # weak references to those other tensors
     value: Any
 
-    def valid_for(self, weight: torch.Tensor) -> bool:
-        return (self.weight() is weight and self.version == weight._version
-                and self.data_ptr == weight.data_ptr())
+    def valid_for(self, weight: torch.Tensor, others: tuple) -> bool:
+        return (self.weight() is weight and len(others) == len(self.others)
+                and all(ref() is t for ref, t in zip(self.others, others))
+                and self.state == tuple(_state(t) for t in (weight, *others)))
 
 
 class WeightCache:
@@ -64,33 +93,38 @@ class WeightCache:
         self.computations = 0
         self.hits = 0
 
-    def get(self, weight: torch.Tensor, tag: Hashable, compute: Callable[[torch.Tensor], Any]):
-        """`compute(weight)`, computed once per version of `weight` for each `tag`. The tag must
-        name everything besides the weight that the result depends on."""
-        if weight.is_inference():  # no version counter to tell a change: never cache
-            self.computations += 1
+    def get(self, weight: torch.Tensor, tag: Hashable, compute: Callable[[torch.Tensor], Any],
+            others: tuple = ()):
+        """`compute(weight)`, computed once per version of `weight` (and of each tensor in
+        `others` that it also reads) for each `tag`. The tag must name everything else that the
+        result depends on."""
+        if any(t.is_inference() for t in (weight, *others)):
+            self.computations += 1  # no version counter to tell a change: never cache
             return compute(weight)
         key = (id(weight), tag)
         entry = self._entries.get(key)
-        if entry is not None and entry.valid_for(weight):
+        if entry is not None and entry.valid_for(weight, others):
             self.hits += 1
             return entry.value
         value = compute(weight)
         self.computations += 1
         ref = weakref.ref(weight, lambda ref, key=key: self._drop(key, ref))
-        self._entries[key] = _Entry(ref, weight._version, weight.data_ptr(), value)
+        self._entries[key] = _Entry(ref, tuple(_state(t) for t in (weight, *others)),
+                                    tuple(weakref.ref(t) for t in others), value)
         return value
 
     def quantized(self, weight: torch.Tensor, fmt: str, granularity: str, block: int,
                   transpose: bool = False, dtype: Optional[torch.dtype] = None,
-                  check: bool = True, where: str = "weight"):
-        """`quantize_weight_reference(weight, ...)`, cached. The layout is part of the tag, so a
-        view of the weight never gets the weight's entry."""
+                  check: bool = True, where: str = "weight", fold: str = "",
+                  fold_inputs: tuple = ()):
+        """`quantize_weight_reference(FOLDS.apply(fold, weight, fold_inputs), ...)`, cached. The
+        layout is part of the tag, so a view of the weight never gets the weight's entry."""
         dtype = dtype or weight.dtype
-        tag = ("quantized", fmt, granularity, block, transpose, dtype,
+        tag = ("quantized", fmt, granularity, block, transpose, dtype, fold,
                tuple(weight.shape), weight.stride(), weight.storage_offset())
         return self.get(weight, tag, lambda w: quantize_weight_reference(
-            w, fmt, granularity, block, transpose, dtype, check, where))
+            FOLDS.apply(fold, w, fold_inputs), fmt, granularity, block, transpose, dtype, check,
+            where), others=tuple(fold_inputs))
 
     def forget(self, weights: Optional[Iterable[torch.Tensor]] = None) -> None:
         """Drop the entries of `weights` (all entries when None): for writes the version counter

@@ -8,10 +8,11 @@ folds too). The functions below are those nodes' targets; `Q = diag(signs)Â·(I â
 drawn from an integer seed (None: no signs) by a hash of the position, computed in the graph, so
 no tensor constant has to be added to the Dynamo graph and CPU and GPU draw the same signs.
 
-Cost: the folds are recomputed on every call (one Hadamard pass over each folded weight) unless
-Inductor constant-folds them: compile with `torch._inductor.config.freezing = True` under
-`torch.no_grad()` for inference, which computes them once at compile time. The report lists the
-bytes of folded weights (`LayerReport.folded_bytes`).
+Cost: for a trained weight the folds are recomputed on every call (one Hadamard pass over each
+folded weight) unless Inductor constant-folds them (`torch._inductor.config.freezing = True`
+under `torch.no_grad()`). A frozen weight's chain of folds (FOLD_FUNCTIONS) is taken out of the
+graph by the quantize pass and run inside the frozen-weight cache, once per version. The report
+lists the bytes of folded weights (`LayerReport.folded_bytes`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def rotate_output_side(weight: torch.Tensor, seed: Optional[int], block: int) ->
 def scale_input_side(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`W diag(scale)`: a norm's scale vector folded into the linear that reads the norm."""
     return (weight * scale).to(weight.dtype)
+
+
+FOLD_FUNCTIONS = (rotate, rotate_output_side, scale_input_side)
+"""What `fold_weight` computes a weight with: a frozen weight's chain of them is cached whole."""
 
 
 @dataclass

@@ -20,10 +20,11 @@ from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (reg
 from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import FOLDS, FROZEN_WEIGHTS
 from halo_compile.report import LayerReport, MatmulPlan
 
 from .analysis import LinearSite
+from .folding import FOLD_FUNCTIONS
 from .graph_utils import fake_value
 
 GEMM_ALIGNMENT = 16  # FP8 cuBLASLt needs in/out features divisible by 16 (INT8 needs 8)
@@ -56,12 +57,12 @@ class QuantizeLinears:
             tokens = _token_count(site)
             plans = _plan_matmuls(site, layer, tokens)
             old_node = site.node
-            self._rewrite(ctx.gm.graph, site, layer, ctx.config.nonfinite == "raise")
+            frozen = self._rewrite(ctx, site, layer, ctx.config.nonfinite == "raise")
             replaced[old_node] = site.node
             ctx.layer_reports.append(LayerReport(
                 site.fqn, site.in_features, site.out_features, True, layer.format,
                 "row, emulated" if layer.format in EMULATED_FORMATS else layer.scale,
-                *plans, frozen=_is_frozen(site), **fusion,
+                *plans, frozen=frozen, **fusion,
             ))
 
     @staticmethod
@@ -86,20 +87,29 @@ class QuantizeLinears:
         return ""
 
     @staticmethod
-    def _rewrite(graph: fx.Graph, site: LinearSite, layer: LayerConfig, check_finite: bool):
-        node = site.node
+    def _rewrite(ctx, site: LinearSite, layer: LayerConfig, check_finite: bool) -> bool:
+        """Replace the linear by its halo op; True when it took the frozen-weight op."""
+        graph, node = ctx.gm.graph, site.node
+        frozen = None if layer.format in EMULATED_FORMATS else _frozen_weight(site, ctx)
         with graph.inserting_before(node):
-            if _is_frozen(site) and layer.format not in EMULATED_FORMATS:
-                # Rotated and quantized once per weight version, not per call. Drop what an
-                # earlier compilation cached: the weight may have been edited through `.data`
+            if frozen is not None:
+                # Folded, rotated and quantized once per weight version, not per call. Drop what
+                # an earlier compilation cached: the weight may have been edited through `.data`
                 # (peft's merge does that), which its version counter does not see.
                 FROZEN_WEIGHTS.forget([site.weight])
+                param_node, fold, fold_inputs, fold_nodes = frozen
                 new = graph.call_function(
                     torch.ops.halo.frozen_linear.default,
-                    (site.x, site.weight_node, site.bias, site.weight_transposed, layer.format,
-                     layer.scale, layer.hadamard.forward, layer.hadamard.grad_input,
-                     layer.max_block, layer.grad_rounding, check_finite, site.fqn),
+                    (site.x, param_node, fold, fold_inputs, site.bias, site.weight_transposed,
+                     layer.format, layer.scale, layer.hadamard.forward,
+                     layer.hadamard.grad_input, layer.max_block, layer.grad_rounding,
+                     check_finite, site.fqn),
                 )
+                node.replace_input_with(site.weight_node, param_node)
+                for fold_node in fold_nodes:  # in the cache now, not computed per call
+                    if not fold_node.users:
+                        graph.erase_node(fold_node)
+                site.weight_node = param_node
             else:
                 weight = site.weight_node
                 if site.weight_transposed:
@@ -122,13 +132,37 @@ class QuantizeLinears:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         site.node = new
+        return frozen is not None
 
 
-def _is_frozen(site: LinearSite) -> bool:
-    """A weight that gets no gradient (a PEFT base layer): Dynamo guards on requires_grad, so a
-    weight unfrozen later recompiles into the trained-weight path."""
-    # A weight folded by the rotation passes is computed in the graph: not the cached parameter.
-    return not site.weight.requires_grad and site.weight_node.op in ("placeholder", "get_attr")
+def _frozen_weight(site: LinearSite, ctx):
+    """For a weight that gets no gradient (a PEFT base layer, an inference model; Dynamo guards
+    on requires_grad, so a weight unfrozen later recompiles into the trained-weight path):
+    (its parameter node, the fold key, the fold input nodes, the fold nodes). Under
+    rotate="fused" the graph computes the weight from the parameter through fold functions
+    (passes/folding.py), which may read other frozen parameters (an RMSNorm's scale); that chain
+    is registered in `FOLDS` and the frozen op applies it inside the cache. None when the
+    weight or anything the chain reads requires grad, or the chain is not one of folds."""
+    chain, node = [], site.weight_node
+    while node.op == "call_function" and node.target in FOLD_FUNCTIONS and not node.kwargs:
+        chain.append(node)
+        node = node.args[0]
+    leaves = [arg for step in chain for arg in step.args[1:] if isinstance(arg, fx.Node)]
+    params = [ctx.tensors.parameter(n) for n in (node, *leaves)]
+    if any(p is None or p.requires_grad for p in params) or params[0] is not site.weight:
+        return None
+    if not chain:
+        return node, "", [], []
+    steps = [(step.target, [leaves.index(a) if isinstance(a, fx.Node) else None for a in
+                            step.args[1:]], step.args[1:]) for step in reversed(chain)]
+
+    def fold(weight, *inputs):
+        for fn, input_index, args in steps:
+            weight = fn(weight, *(a if i is None else inputs[i]
+                                  for i, a in zip(input_index, args)))
+        return weight
+
+    return node, FOLDS.register(fold), leaves, chain
 
 
 def _is_lora_adapter(fqn: str) -> bool:

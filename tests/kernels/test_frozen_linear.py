@@ -52,7 +52,7 @@ def test_matmul_equals_scaled_matmul_exactly(seed, fmt, granularity, rotation, t
     x, w, _, _ = _inputs(seed)
     a = x.reshape(-1, x.shape[-1]).float()
     weight = _frozen(w.t() if transpose else w)  # op(weight) is [out, in] either way
-    out = torch.ops.halo.frozen_weight_matmul(a, weight, transpose, fmt, rotation, 0,
+    out = torch.ops.halo.frozen_weight_matmul(a, weight, "", [], transpose, fmt, rotation, 0,
                                               granularity, "nearest", True, "m")
     ref = scaled_matmul_reference(a, weight.t() if transpose else weight, fmt, rotation, 0,
                                   granularity)
@@ -75,8 +75,8 @@ def test_fused_path_equals_fused_scaled_matmul(seed, fmt, rotation, transpose):
     b = (weight.t() if transpose else weight).to(a.dtype)
     block = fused_block(a, weight, fmt, rotation, 256, "nearest", "nearest")
     assert block == (0 if rotation == "none" else 32 if rotation == "inner" else 64)
-    out = fused_frozen_weight_matmul(a, weight, transpose, fmt, rotation, block, "row", True,
-                                     "m")
+    out = fused_frozen_weight_matmul(a, weight, "", [], transpose, fmt, rotation, block, "row",
+                                     True, "m")
     want = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row", True, "m")
     assert out.dtype == torch.bfloat16 and _rel(out, want) < 2**-7
     FROZEN_WEIGHTS.forget([weight])
@@ -92,7 +92,8 @@ def test_linear_equals_quantized_linear_with_a_frozen_weight(seed, fwd, gi, fmt)
     xf, xq = x.float().requires_grad_(), x.float().requires_grad_()
     bf, bq = b.float().requires_grad_(), b.float().requires_grad_()
     weight = _frozen(w)
-    y = torch.ops.halo.frozen_linear(xf, weight, bf, False, *args, 0, "nearest", True, "lin")
+    y = torch.ops.halo.frozen_linear(xf, weight, "", [], bf, False, *args, 0, "nearest", True,
+                                     "lin")
     y.backward(gy.float())
     yq = torch.ops.halo.quantized_linear(xq, weight, bq, *args, "none", 0, "nearest", True, "lin")
     yq.backward(gy.float())
@@ -112,7 +113,7 @@ def test_weight_stored_transposed():
     outs = []
     for transposed in (False, True):
         xl = x.float().requires_grad_()
-        y = torch.ops.halo.frozen_linear(xl, _frozen(w, transposed), b.float(), transposed,
+        y = torch.ops.halo.frozen_linear(xl, _frozen(w, transposed), "", [], b.float(), transposed,
                                          "fp8_e4m3", "row", "inner", "outer", 0, "nearest",
                                          True, "lin")
         y.backward(gy.float())
@@ -127,13 +128,13 @@ def test_weight_quantized_once_per_version():
     before = FROZEN_WEIGHTS.computations
     for _ in range(3):
         xl = x.float().requires_grad_()
-        torch.ops.halo.frozen_linear(xl, weight, None, False, "fp8_e4m3", "row", "inner",
+        torch.ops.halo.frozen_linear(xl, weight, "", [], None, False, "fp8_e4m3", "row", "inner",
                                      "outer", 0, "nearest", True, "lin").backward(gy.float())
     # Two derived copies: Q(W H) for the forward, Q(Wᵀ) for grad-input.
     assert FROZEN_WEIGHTS.computations - before == 2
     with torch.no_grad():
         weight.add_(0.01)
-    torch.ops.halo.frozen_linear(x.float(), weight, None, False, "fp8_e4m3", "row", "inner",
+    torch.ops.halo.frozen_linear(x.float(), weight, "", [], None, False, "fp8_e4m3", "row", "inner",
                                  "outer", 0, "nearest", True, "lin")
     assert FROZEN_WEIGHTS.computations - before == 3
 
@@ -142,8 +143,8 @@ def test_a_weight_that_requires_grad_is_refused():
     x, w, b, _ = _inputs(5)
     with pytest.raises(ValueError, match="lin.*requires grad"):
         torch.ops.halo.frozen_linear(x.float().requires_grad_(), w.float().requires_grad_(),
-                                     None, False, "int8", "row", "none", "none", 0, "nearest",
-                                     True, "lin")
+                                     "", [], None, False, "int8", "row", "none", "none", 0,
+                                     "nearest", True, "lin")
 
 
 @pytest.mark.parametrize("where", ["forward", "grad-input"])
@@ -152,17 +153,18 @@ def test_non_finite_raises_with_the_matmul_name(where):
     (x if where == "forward" else gy)[0, 1, 2] = float("nan")
     xl = x.float().requires_grad_()
     with pytest.raises(NonFiniteInputError, match=f"lin {where}"):
-        torch.ops.halo.frozen_linear(xl, _frozen(w), None, False, "fp8_e4m3", "row", "inner",
-                                     "outer", 0, "nearest", True, "lin").backward(gy.float())
+        torch.ops.halo.frozen_linear(xl, _frozen(w), "", [], None, False, "fp8_e4m3", "row",
+                                     "inner", "outer", 0, "nearest", True, "lin").backward(gy.float())
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "none"])
 def test_opcheck(fmt):
     x, w, b, _ = _inputs(7, tokens=48, d_in=48, d_out=32)
-    args = (x.float().requires_grad_(), _frozen(w), b.float().requires_grad_(), False, fmt,
+    args = (x.float().requires_grad_(), _frozen(w), "", [], b.float().requires_grad_(), False, fmt,
             "row", "inner", "outer", 0, "nearest", True, "lin")
     opcheck(torch.ops.halo.frozen_linear.default, args,
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                         "test_aot_dispatch_dynamic"))
-    matmul_args = (x[0].float(), _frozen(w), False, fmt, "inner", 0, "row", "nearest", True, "m")
+    matmul_args = (x[0].float(), _frozen(w), "", [], False, fmt, "inner", 0, "row", "nearest",
+                   True, "m")
     opcheck(torch.ops.halo.frozen_weight_matmul.default, matmul_args)
