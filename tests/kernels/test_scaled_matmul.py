@@ -315,6 +315,13 @@ def test_opcheck(fmt, rotation):
     )
 
 
+def test_checked_scale_opcheck_and_result():
+    g = torch.Generator().manual_seed(2)
+    sa, sb = torch.rand(8, 1, generator=g) + 0.1, torch.rand(5, 1, generator=g) + 0.1
+    opcheck(torch.ops.halo.checked_scale.default, (sa, sb, 0.25, "opcheck"))
+    assert torch.equal(torch.ops.halo.checked_scale(sa, sb, 0.25, "m"), sa * 0.25)
+
+
 def test_opcheck_odd_shapes_tensor_scales():
     g = torch.Generator().manual_seed(1)
     a, b = _randn((17, 40), g, torch.bfloat16), _randn((9, 40), g, torch.bfloat16)
