@@ -19,6 +19,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import halo_compile  # noqa: F401  (registers the ops; the backend is an entry point)
+from _timing import emit, markdown_table
 
 
 def launches(code: str) -> Counter:
@@ -59,16 +60,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"output_code_{args.hadamard}.py"
     path.write_text("\n\n# ---- next graph ----\n\n".join(codes))
-    lines = [f"Inductor output for one linear {args.shape}, tokens {args.tokens}, {options}, "
-             f"{torch.cuda.get_device_name()}, torch {torch.__version__} (code: {path.name})", "",
-             "| graph | launch | call sites |", "|---|---|---|"]
-    for graph, code in zip(("forward", "backward"), codes):
-        lines += [f"| {graph} | {what} | {n} |" for what, n in sorted(launches(code).items())]
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n\n")
+    rows = [(graph, what, n) for graph, code in zip(("forward", "backward"), codes)
+            for what, n in sorted(launches(code).items())]
+    title = (f"Inductor output for one linear {args.shape}, tokens {args.tokens}, {options} "
+             f"(code: {path.name})")
+    emit(markdown_table(title, ("graph", "launch", "call sites"), rows), args.markdown)
 
 
 if __name__ == "__main__":

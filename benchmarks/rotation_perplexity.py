@@ -7,8 +7,8 @@ A random model's perplexity is about its vocabulary size whatever the quantizati
 is trained first: fp32 eager, byte-level vocabulary (256), on the docstrings of Python's standard
 library (examples/finetune.py's corpus and split: every 10th docstring held out). A model this
 small and this briefly trained has none of the outlier channels of real LLMs, which are what the
-rotations are for, so they are then injected without changing its function (as
-tests/test_rotation.py::inject_outliers does; --outlier-factor 1 keeps the model as trained).
+rotations are for, so they are then injected without changing its function
+(halo_compile.testing.inject_outlier_channels; --outlier-factor 1 keeps the model as trained).
 Each format is evaluated through torch.compile(backend="halo") twice: unrotated
 (rotate="online", hadamard="none") and rotate="fused". Prints held-out perplexity and the logits'
 relative error against the fp32 model.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import transformers
 
 from _timing import emit
+from halo_compile.testing import inject_outlier_channels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from finetune import EVAL_EVERY_NTH_DOCSTRING, stdlib_docstrings  # noqa: E402
@@ -74,26 +75,6 @@ def train(model, stream: torch.Tensor, args) -> None:
                   f"{time.perf_counter() - start:.0f} s", flush=True)
             recent = []
     model.eval()
-
-
-def inject_outliers(model, factor: float) -> None:
-    """Make a few hidden channels of every norm's scale and a few intermediate channels of every
-    up_proj's rows `factor`x larger, and the weights that read them `factor`x smaller: the
-    activations entering the linears get real LLMs' outlier channels, the function stays."""
-    hidden = torch.tensor([5, 77, 100]) % model.config.hidden_size
-    inner = torch.tensor([3, 200]) % model.config.intermediate_size
-    with torch.no_grad():
-        norms_and_readers = [(model.model.norm, [model.lm_head])]
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            norms_and_readers += [(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                                  (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])]
-            mlp.up_proj.weight[inner] *= factor
-            mlp.down_proj.weight[:, inner] /= factor
-        for norm, readers in norms_and_readers:
-            norm.weight[hidden] *= factor
-            for linear in readers:
-                linear.weight[:, hidden] /= factor
 
 
 def evaluate(forward, batches, reference=None) -> tuple[float, list[torch.Tensor], float]:
@@ -153,7 +134,7 @@ def main() -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     trained_ppl, trained_logits, _ = evaluate(model, batches)
-    inject_outliers(model, args.outlier_factor)
+    inject_outlier_channels(model, args.outlier_factor)
     reference_ppl, reference, drift = evaluate(model, batches, trained_logits)
     print(f"held-out perplexity {trained_ppl:.3f} trained, {reference_ppl:.3f} with outliers "
           f"x{args.outlier_factor:g} (logits relative change {drift:.1e})", flush=True)

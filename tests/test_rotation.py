@@ -13,6 +13,7 @@ import transformers
 
 import halo_compile
 from halo_compile.kernels.emulated_quantized_linear import emulated_quantized_linear_reference
+from halo_compile.testing import inject_outlier_channels
 
 HIDDEN, LAYERS, HEADS, VOCAB = 64, 2, 4, 128
 ARCHS = {
@@ -165,31 +166,9 @@ def test_emulated_4bit_reference_against_float64():
 
 # --- quantized inference: fused rotations against none, on a model with outlier channels ---
 
-def inject_outliers(model: torch.nn.Module, factor: float = 50.0) -> torch.nn.Module:
-    """Give the activations entering the linears the outlier channels of real LLMs without
-    changing the model's function: a few hidden channels of each norm's scale and a few
-    intermediate channels of each up_proj's rows are `factor`x larger, and the weights that read
-    them are `factor`x smaller along those channels."""
-    hidden = torch.tensor([5, 77, 100]) % model.config.hidden_size
-    inner = torch.tensor([3, 200]) % model.config.intermediate_size
-    with torch.no_grad():
-        norms_and_readers = [(model.model.norm, [model.lm_head])]
-        for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            norms_and_readers += [(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-                                  (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])]
-            mlp.up_proj.weight[inner] *= factor
-            mlp.down_proj.weight[:, inner] /= factor
-        for norm, readers in norms_and_readers:
-            norm.weight[hidden] *= factor
-            for linear in readers:
-                linear.weight[:, hidden] /= factor
-    return model
-
-
 def outlier_llama(seed: int = 0) -> torch.nn.Module:
-    return inject_outliers(causal_lm("llama", seed, tied=False, hidden_size=128,
-                                     intermediate_size=256))
+    return inject_outlier_channels(causal_lm("llama", seed, tied=False, hidden_size=128,
+                                             intermediate_size=256))
 
 
 def perplexity(model, ids) -> float:
