@@ -7,10 +7,10 @@ layers, forward only, tokens/s side by side in one run.
 
 Variants (all torch.compile'd, under torch.no_grad(), weights frozen):
     bf16-inductor        plain Inductor
-    halo-fp8-fused       halo FP8 (row scales), rotate="fused", Inductor freezing on: the folded
-                         (rotated) weights are constant-folded at compile time, computed once
-    halo-fp8-fused-nofreeze   the same without freezing: the folds run in the graph at every call
-                         (shows what the rotated-weight cache saves)
+    halo-fp8-fused       halo FP8 (row scales), rotate="fused", Inductor freezing on (the
+                         parameters become constants)
+    halo-fp8-fused-nofreeze   the same without freezing. In both, the frozen weights are
+                         folded, rotated and quantized once, in halo's frozen-weight cache
     halo-fp8-online      halo FP8 with HALO's online forward Hadamard on every linear (halo1)
 """
 
