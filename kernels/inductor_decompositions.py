@@ -36,20 +36,28 @@ from .frozen_linear import (
 from .hadamard import sylvester_signs
 from .quantized_linear import linear_forward, quantized_linear
 from .scaled_matmul import cuda_gemm, fused_block, fused_scaled_matmul, scaled_matmul
+from .shared_operands import shared
 from .triton_hadamard_quantize import hadamard_quantize  # noqa: F401  (registers the op)
 
 
 def _hadamard_quantize_op(x, fmt, granularity, block, dim):
-    return torch.ops.halo.hadamard_quantize(x, fmt, granularity, block, dim)
+    # Once per operand object: linears reading one activation share it (shared_operands.py).
+    return shared(x, ("hadamard_quantize", fmt, granularity, block, dim),
+                  lambda t: torch.ops.halo.hadamard_quantize(t, fmt, granularity, block, dim))
 
 
 TRACEABLE_KERNELS = {"quantize_operand": _hadamard_quantize_op, "signs": sylvester_signs}
 """What the fused path runs when traced: the kernel as its triton_op, the ±1 block as ops."""
 
 
+def fused_device(t: torch.Tensor) -> bool:
+    """Where the ops decompose: CUDA (elsewhere the op's reference body is what runs)."""
+    return t.device.type == "cuda"
+
+
 def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, rounding_a,
                             rounding_b, check_finite_inputs, where):
-    if a.device.type != "cuda":
+    if not fused_device(a):
         return NotImplemented
     block = fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
     if block is None:
@@ -63,7 +71,7 @@ def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotati
                                grad_rounding, check_finite, name):
     # Only the forward: the registered autograd formula still runs above this (it is what emits
     # the backward's two halo::scaled_matmul calls, decomposed in turn).
-    if x.device.type != "cuda":
+    if not fused_device(x):
         return NotImplemented
     return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
                           check_finite, name)
@@ -72,7 +80,7 @@ def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotati
 def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
                                    max_block, granularity, rounding_a, check_finite_inputs,
                                    where):
-    if a.device.type != "cuda":
+    if not fused_device(a):
         return NotImplemented
     block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
     if block is None:
@@ -85,7 +93,7 @@ def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weigh
 def decompose_frozen_linear(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
                             granularity, forward_rotation, grad_input_rotation, max_block,
                             grad_rounding, check_finite, name):
-    if x.device.type != "cuda":
+    if not fused_device(x):
         return NotImplemented
     return frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
                                  granularity, forward_rotation, max_block, check_finite, name)

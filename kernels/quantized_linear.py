@@ -13,11 +13,12 @@ from typing import Optional
 import torch
 
 from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
+from .shared_operands import shared
 
 
 def linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
                    name):
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = shared(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
     y = torch.ops.halo.scaled_matmul(
         x2d, weight.to(x.dtype), fmt, forward_rotation, max_block, granularity,
         "nearest", "nearest", check_finite, f"{name} forward",
@@ -74,9 +75,10 @@ def _backward(ctx, grad_out):
         ).reshape(x.shape)
     if ctx.needs_input_grad[1]:
         # dW = dYᵀ X: contraction over tokens.
-        x2d = x.reshape(-1, x.shape[-1]).to(dy.dtype)
+        xt = shared(x, ("features x tokens", dy.dtype),
+                    lambda t: t.reshape(-1, t.shape[-1]).to(dy.dtype).t())
         grad_w = torch.ops.halo.scaled_matmul(
-            dy.t(), x2d.t(), fmt, gw_rot, max_block, granularity,
+            dy.t(), xt, fmt, gw_rot, max_block, granularity,
             rounding, "nearest", check, f"{name} grad-weight",
         ).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

@@ -2,6 +2,8 @@
 applies exactly where the fused kernel does, and (GPU) leaves Inductor's generated code with
 the Triton kernel and the FP8 GEMM instead of calls back into halo's Python ops."""
 
+import copy
+
 import pytest
 import torch
 
@@ -180,3 +182,52 @@ def test_functionalization_rule_decomposes_and_traces_the_nested_triton_op():
     q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 16, 1)
     assert torch.equal(out, q.float() * s)  # the decomposition ran, not the op's clone
     assert "halo_test" not in graphs[0] and "hadamard_quantize" not in graphs[0]
+
+
+class _QKV(torch.nn.Module):
+    """Three linears reading one activation, as q/k/v do."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(64, 48, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        h = x * 1.5  # the shared activation (a norm's output in a real layer)
+        return self.q(h) + self.k(h) - self.v(h)
+
+
+def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
+    """Traced on the CPU as on CUDA (the device test patched): q/k/v's shared input is rotated
+    and quantized once in the forward and its transpose once in the backward, and the result is
+    the reference's."""
+    import halo_compile.kernels.inductor_decompositions as decompositions
+    import halo_compile.kernels.triton_hadamard_quantize as kernel
+
+    calls = []
+    reference_body = kernel.hadamard_quantize_reference  # what the op runs off CUDA
+
+    def counting_quantize(x, *args):
+        calls.append(tuple(x.shape))
+        return reference_body(x, *args)
+
+    torch.manual_seed(0)
+    model, x = _QKV(), torch.randn(32, 64)
+    options = {"format": "fp8_e4m3", "hadamard": "halo2", "compiler": "aot_eager",
+               "min_features": 16}
+    reference = copy.deepcopy(model)
+    want = torch.compile(reference, backend="halo", options=options)(x)
+    want.sum().backward()
+
+    torch._dynamo.reset()  # same code: compile the patched path afresh
+    monkeypatch.setattr(decompositions, "fused_device", lambda t: True)
+    monkeypatch.setattr(kernel, "hadamard_quantize_reference", counting_quantize)
+    got = torch.compile(model, backend="halo", options=options)(x)
+    got.sum().backward()
+    # Per trace (AOTAutograd may trace the forward more than once): X [32, 64] once against the
+    # three weights [48, 64], Xᵀ [64, 32] once against the three dYᵀ [48, 32].
+    assert calls.count((32, 64)) >= 1 and calls.count((64, 32)) >= 1
+    assert calls.count((48, 64)) == 3 * calls.count((32, 64))
+    assert calls.count((48, 32)) == 3 * calls.count((64, 32))
+    assert _rel(got, want) < 1e-5
+    for mine, theirs in zip(model.parameters(), reference.parameters()):
+        assert _rel(mine.grad, theirs.grad) < 1e-5
