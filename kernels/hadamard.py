@@ -31,11 +31,7 @@ def hadamard_block_size(dim: int, max_block: int) -> int:
 
 def hadamard_matrix(block: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The normalised Sylvester Hadamard matrix H_block (H Hᵀ = I)."""
-    _check_power_of_two(block)
-    h = torch.ones(1, 1, dtype=torch.float64, device=device)
-    while h.shape[0] < block:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h / math.sqrt(block)).to(dtype)
+    return (sylvester_signs(block, torch.float64, device) / math.sqrt(block)).to(dtype)
 
 
 def sylvester_signs(block: int, dtype: torch.dtype, device=None) -> torch.Tensor:

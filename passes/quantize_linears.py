@@ -135,6 +135,11 @@ class QuantizeLinears:
         return frozen is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class _FoldInput:
+    index: int
+
+
 def _frozen_weight(site: LinearSite, ctx):
     """For a weight that gets no gradient (a PEFT base layer, an inference model; Dynamo guards
     on requires_grad, so a weight unfrozen later recompiles into the trained-weight path):
@@ -153,13 +158,15 @@ def _frozen_weight(site: LinearSite, ctx):
         return None
     if not chain:
         return node, "", [], []
-    steps = [(step.target, [leaves.index(a) if isinstance(a, fx.Node) else None for a in
-                            step.args[1:]], step.args[1:]) for step in reversed(chain)]
+    # Each step's arguments after the weight: a constant, or the index of a fold input. No graph
+    # node is kept: the registry outlives the graph it was compiled from.
+    steps = [(step.target, [_FoldInput(leaves.index(a)) if isinstance(a, fx.Node) else a
+                            for a in step.args[1:]]) for step in reversed(chain)]
 
     def fold(weight, *inputs):
-        for fn, input_index, args in steps:
-            weight = fn(weight, *(a if i is None else inputs[i]
-                                  for i, a in zip(input_index, args)))
+        for fn, args in steps:
+            weight = fn(weight, *(inputs[a.index] if isinstance(a, _FoldInput) else a
+                                  for a in args))
         return weight
 
     return node, FOLDS.register(fold), leaves, chain

@@ -16,7 +16,7 @@ from halo_compile.kernels.scaled_matmul import (
     reference_gemm,
     scaled_matmul_reference,
 )
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import FOLDS, FROZEN_WEIGHTS
 
 ROTATIONS = ["none", "inner", "outer"]
 
@@ -145,6 +145,34 @@ def test_a_weight_that_requires_grad_is_refused():
         torch.ops.halo.frozen_linear(x.float().requires_grad_(), w.float().requires_grad_(),
                                      "", [], None, False, "int8", "row", "none", "none", 0,
                                      "nearest", True, "lin")
+    # A tensor folded into the weight (an RMSNorm scale) that is trained: also refused.
+    scale = torch.ones(w.shape[1], requires_grad=True)
+    fold = FOLDS.register(lambda weight, norm_scale: weight * norm_scale)
+    with pytest.raises(ValueError, match="lin.*fold input requires grad"):
+        torch.ops.halo.frozen_linear(x.float().requires_grad_(), _frozen(w), fold, [scale],
+                                     None, False, "int8", "row", "none", "none", 0, "nearest",
+                                     True, "lin")
+
+
+def test_folded_weight_is_cached_per_version_of_each_fold_input():
+    x, w, _, _ = _inputs(8)
+    weight, scale = _frozen(w), torch.rand(w.shape[1]) + 0.5
+    fold = FOLDS.register(lambda weight, norm_scale: weight * norm_scale)
+    args = (None, False, "fp8_e4m3", "row", "inner", "outer", 0, "nearest", True, "lin")
+    before = FROZEN_WEIGHTS.computations
+    y = torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
+    want = torch.ops.halo.quantized_linear(x.float(), (weight * scale).float(), None,
+                                           "fp8_e4m3", "row", "inner", "outer", "none", 0,
+                                           "nearest", True, "lin")
+    assert torch.equal(y, want)
+    torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
+    assert FROZEN_WEIGHTS.computations - before == 1
+    scale.mul_(2.0)  # the fold input changes: the cached weight is re-derived
+    y = torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
+    assert FROZEN_WEIGHTS.computations - before == 2
+    assert torch.equal(y, torch.ops.halo.quantized_linear(
+        x.float(), (weight * scale).float(), None, "fp8_e4m3", "row", "inner", "outer", "none", 0,
+        "nearest", True, "lin"))
 
 
 @pytest.mark.parametrize("where", ["forward", "grad-input"])

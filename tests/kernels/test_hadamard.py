@@ -10,6 +10,7 @@ from halo_compile.kernels.hadamard import (
     block_hadamard,
     hadamard_block_size,
     hadamard_matrix,
+    sylvester_signs,
 )
 
 
@@ -44,6 +45,14 @@ def _sylvester(block):
 def _block_matrix(n, block):
     """kron(I_{n/block}, H_block) in float64."""
     return torch.kron(torch.eye(n // block, dtype=torch.float64), _sylvester(block))
+
+
+@pytest.mark.parametrize("block", [1, 2, 16, 256])
+def test_sylvester_signs_are_exact_in_every_float_dtype(block):
+    want = (_sylvester(block) * math.sqrt(block)).round()
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        got = sylvester_signs(block, dtype)
+        assert got.dtype == dtype and got.abs().eq(1).all() and torch.equal(got.double(), want)
 
 
 @pytest.mark.parametrize("block", [16, 32, 64, 128, 256, 512, 1024])
