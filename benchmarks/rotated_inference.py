@@ -36,7 +36,8 @@ def llama_layers(tiny: bool, layers: int, device: str, dtype) -> torch.nn.Module
     config = transformers.LlamaConfig(num_hidden_layers=layers, use_cache=False,
                                       attn_implementation="sdpa", **sizes)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initializing 2B parameters on the host CPU takes minutes
+        model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model
