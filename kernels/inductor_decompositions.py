@@ -13,8 +13,9 @@ replaced by the fused path's pieces:
 * `halo::hadamard_quantize`, a `triton_op`: Inductor emits the Triton kernel into its output
   code and launches it with its own launcher;
 * `halo::checked_scale`, the deferred inf/NaN check (an op call, only when checks are on);
-* `aten._scaled_mm` / `aten._int_mm`: extern cuBLASLt calls (for a frozen weight, the op
-  `halo::frozen_weight_gemm`, which reads the cached weight and runs the GEMM);
+* `aten._scaled_mm` (an extern cuBLASLt call) / `halo::int8_scaled_mm` (a triton_op: the INT8
+  GEMM with the scales in its epilogue, emitted by Inductor); for a frozen weight, the op
+  `halo::frozen_weight_gemm`, which reads the cached weight and runs the GEMM;
 * the scale, padding and outer-rotation arithmetic, as aten ops that Inductor fuses.
 
 The ops stay whole (an opaque call, their body as before) where the fused kernel does not apply:

@@ -14,7 +14,8 @@ Rotations (the HALO placements):
 
 `scaled_matmul_reference` is the plain-torch reference (float32 matmul of the exact FP8/INT8
 values, so it computes what the GPU GEMM computes up to summation order); the CUDA kernel runs
-the GEMM through cuBLASLt (`torch._scaled_mm`, FP8) or `torch._int_mm` (INT8).
+the GEMM through cuBLASLt (`torch._scaled_mm`, FP8) or a Triton INT8 GEMM whose epilogue applies
+the scales (`halo::int8_scaled_mm`).
 
 On CUDA each operand is rotated and quantized by one launch of the fused Triton kernel
 (triton_hadamard_quantize.py), which reads the operand once, in whatever strides it has (the
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs
 from .quantize import absmax, check_finite, check_operands_finite, quantize
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
+from .triton_int8_matmul import int8_scaled_mm  # noqa: F401  (registers halo::int8_scaled_mm)
 
 ROTATIONS = ("none", "inner", "outer")
 FORMATS = ("fp8_e4m3", "int8", "none")
@@ -98,15 +100,13 @@ def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):
 
 
 def cuda_gemm(qa, sa, qb, sb, fmt, out_dtype):
-    """The low-precision GEMM on the GPU. Pads every dimension to a multiple of 16 (cuBLASLt's
-    alignment rule; zero rows and columns change nothing) and slices the result back."""
+    """The low-precision GEMM on the GPU. INT8: the Triton kernel with the scales in its
+    epilogue (triton_int8_matmul.py). FP8: cuBLASLt, every dimension padded to a multiple of 16
+    (its alignment rule; zero rows and columns change nothing) and the result sliced back."""
+    if fmt == "int8":
+        return torch.ops.halo.int8_scaled_mm(qa, sa, qb, sb, out_dtype)
     m, n = qa.shape[0], qb.shape[0]
     qa, qb = _pad_rows_cols(qa, 16, 16), _pad_rows_cols(qb, 16, 16)
-    if fmt == "int8":
-        if qa.shape[0] <= 16:  # _int_mm needs M > 16
-            qa = F.pad(qa, (0, 0, 0, 32 - qa.shape[0]))
-        acc = torch._int_mm(qa, qb.t())[:m, :n]
-        return acc.float() * sa * sb.t()
     if out_dtype == torch.bfloat16:
         # Row-wise (or tensor-wise) scales applied in the GEMM epilogue; needs a bf16 output.
         sa_p = F.pad(sa, (0, 0, 0, qa.shape[0] - sa.shape[0]), value=1.0) if sa.numel() > 1 else sa

@@ -1,5 +1,5 @@
 """On the GPU: the halo backend through Inductor with the real FP8 (`torch._scaled_mm`) and INT8
-(`torch._int_mm`) GEMMs, on a small Llama in bf16. Skipped without CUDA."""
+(`halo::int8_scaled_mm`, a Triton kernel) GEMMs, on a small Llama in bf16. Skipped without CUDA."""
 
 import copy
 
@@ -60,5 +60,5 @@ def test_gemm_kernels_are_called():
                                                 256, "nearest", True, "test")
             y.backward(torch.randn_like(y))
         names = {event.name for event in prof.events()}
-        expected = "aten::_scaled_mm" if fmt == "fp8_e4m3" else "aten::_int_mm"
+        expected = "aten::_scaled_mm" if fmt == "fp8_e4m3" else "halo::int8_scaled_mm"
         assert expected in names, sorted(names)

@@ -38,7 +38,7 @@ def _operands(m, n, k, dtype, seed, device="cpu", outliers=True):
 
 def _decomposed(a, b, fmt, rotation, max_block=256, check=True):
     """The pieces the decomposition emits, run eagerly: on the CPU the quantize op is the
-    reference and the GEMM is torch's CPU `_scaled_mm` / `_int_mm`."""
+    reference and the GEMM is torch's CPU `_scaled_mm` / the INT8 op's reference."""
     block = fused_block(a, b, fmt, rotation, max_block, "nearest", "nearest")
     return fused_scaled_matmul(
         cuda_gemm, a, b, fmt, rotation, block, "row", check, "test",
@@ -132,6 +132,20 @@ def test_gpu_generated_code_launches_kernels_not_python_ops(hadamard):
     assert _rel(y, want) < 2**-7
     assert torch.isfinite(grad_w).all() and torch.isfinite(x.grad).all()
     raise_pending_nonfinite()
+
+
+@pytest.mark.gpu
+def test_gpu_generated_code_int8_launches_the_triton_gemm():
+    """INT8: Inductor emits the INT8 GEMM (scales in its epilogue) next to the quantize kernels."""
+    x, w = _operands(300, 256, 512, torch.bfloat16, 8, device="cuda")
+    x.requires_grad_(True)
+    y, _, code = _compiled_linear_code(x, w, {"format": "int8", "hadamard": "halo2"})
+    assert "halo.int8_scaled_mm" not in code and "_int_mm" not in code
+    assert code.count("_int8_scaled_mm_kernel") >= 3 and code.count("_hadamard_quantize_kernel") >= 6
+    with torch.no_grad():
+        want = torch.ops.halo.quantized_linear(x, w, None, "int8", "row", "inner", "outer",
+                                               "inner", 256, "nearest", True, "l")
+    assert _rel(y, want) < 2**-7
 
 
 @pytest.mark.gpu

@@ -416,7 +416,7 @@ def _gpu_cases():
 
 # Measured on an H100 (torch 2.11, cuBLASLt), kernel vs reference on the same CUDA inputs,
 # Frobenius / elementwise-max-over-max|ref|, all rotations:
-#   int8, bf16 or fp32 output:  0 / 0 (bitwise equal: torch._int_mm accumulates exactly in int32)
+#   int8, bf16 or fp32 output:  0 / 0 (bitwise equal: the INT8 GEMM accumulates exactly in int32)
 #                               without rotation; rotated, the fused Triton quantizer sums the
 #                               Hadamard in another order than the reference (scales ~1e-7
 #                               apart, rarely a value one quantum apart)
@@ -439,8 +439,8 @@ CUDA_TOLERANCES = {  # (Frobenius, elementwise relative to max|ref|)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fmt,dtype,granularity", list(_gpu_cases()))
 def test_cuda_kernel_matches_reference(fmt, dtype, granularity, shape):
-    """The CUDA kernel (torch._scaled_mm / torch._int_mm, every dimension padded to a multiple
-    of 16 and sliced back) computes what the reference computes on the same CUDA inputs, up to
+    """The CUDA kernel (torch._scaled_mm, every dimension padded to a multiple of 16 and sliced
+    back / the Triton INT8 GEMM, edges masked) computes what the reference computes on the same CUDA inputs, up to
     summation order and the output rounding."""
     m, k, n = shape
     g = torch.Generator(device="cuda").manual_seed(m + k + n)
