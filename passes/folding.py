@@ -28,19 +28,24 @@ from halo_compile.kernels.hadamard import block_hadamard
 from .analysis import LinearSite
 
 
-_PRIME = 2**31 - 1  # Park-Miller: products of two values below it fit in int64, no overflow
-_MULTIPLIER = pow(48271, 7, _PRIME)
+# A hash whose every intermediate stays below 2^31: Inductor's Triton code may compute an int64
+# arange in int32 (pytorch/pytorch#175966), and a product that overflowed there gave the
+# compiled graph other signs than the eager fold (rotate="fused" outputs were garbage on CUDA).
+_PRIME = 32749  # the largest prime below 2^15: products of two residues stay below 2^30
+_MULTIPLIER = 17364
 
 
 def random_signs(width: int, seed: int, device) -> torch.Tensor:
     """±1 (float32) for each of `width` positions, from a multiplicative hash of (seed, position)
-    modulo a prime. Integer arithmetic without overflow: identical in eager, in Inductor's
-    generated code and on every device, with no generator state."""
-    x = torch.arange(width, device=device, dtype=torch.int64) + (seed * 1_000_003 + 1)
+    modulo a 15-bit prime (positions `_PRIME` apart share a sign). Int32 arithmetic that cannot
+    overflow: identical in eager, in Inductor's generated code and on every device, with no
+    generator state."""
+    offset = (seed * 7919 + 1) % _PRIME
+    x = (torch.arange(width, device=device, dtype=torch.int32) + offset) % _PRIME
     for _ in range(3):  # multiply, then square: the squaring breaks the linear pattern
         x = (x * _MULTIPLIER) % _PRIME
         x = (x * x + 12345) % _PRIME
-    return 1.0 - 2.0 * ((x >> 16) & 1).to(torch.float32)
+    return 1.0 - 2.0 * ((x >> 7) & 1).to(torch.float32)
 
 
 def rotate(t: torch.Tensor, seed: Optional[int], block: int) -> torch.Tensor:
