@@ -4,8 +4,9 @@
 # stage's table) and logs.tgz (logs, tables, generated code).
 #   here:   rm -f .whl/halo_compile-*.whl && pip wheel --no-deps -w .whl .
 #   device: bash benchmarks/device_run.sh [stage ...]   (carry: .whl)
-# A call has 600 s: `tests` alone takes most of one (Inductor compiles in many tests); the
-# benchmark stages fit three or four to a call. Stages:
+# A call has 600 s: `tests` takes up to 300 s (8 pytest workers when pytest-xdist is among the
+# wheels; Inductor compiles in many tests); the benchmark stages fit three or four to a call.
+# Stages:
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
 #   int8    INT8 GEMM vs _int_mm               linear, decoder, lora, rotated   one GPU each
@@ -26,7 +27,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
 bench() { local name=$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$limit" python3 "$@" --markdown "$LOGS/$name.md" 2>&1 | tee "$LOGS/$name.log"); }
 stage() {
     case $1 in
-    tests) timeout 420 python3 -m pytest -q -p no:cacheprovider "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
+    tests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # Inductor compiles on 8 cores
+        timeout 300 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
     smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
@@ -42,11 +44,13 @@ stage() {
         timeout 300 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" fsdp_step.py \
         --markdown "$LOGS/fsdp_step.md" 2>&1 | tail -40 | tee "$LOGS/fsdp_step.log") ;;
     demo) local model=(); [ -d "$REPO/.whl/minilm_bf16" ] && model=(--model-dir "$REPO/.whl/minilm_bf16")
-        timeout 190 python3 "$REPO/examples/finetune.py" --device cuda --lora "${model[@]}" \
+        timeout 240 python3 "$REPO/examples/finetune.py" --device cuda --lora "${model[@]}" \
         --steps 100 --batch-size 32 --seq-len 128 --variants baseline,fp8-hadamard,fp8-no-hadamard --out "$LOGS/demo" 2>&1 | tr "\r" "\n" | grep -v "it/s]$" | tee "$LOGS/demo.log" ;;
     *) echo "unknown stage $1"; return 1 ;;
     esac
 }
-for s in "${@:-smoke code linear decoder}"; do for one in $s; do stage "$one"; done; done
-cat "$LOGS"/*.md "$LOGS"/demo/*.md > "$OUT/tables.md" 2>/dev/null
-tar czf "$OUT/logs.tgz" -C "$LOGS" .
+collect() {  # after every stage: a call cut by its time limit still brings back what ran
+    cat "$LOGS"/*.md "$LOGS"/demo/*.md > "$OUT/tables.md" 2>/dev/null
+    tar czf "$OUT/logs.tgz" -C "$LOGS" .
+}
+for s in "${@:-smoke code linear decoder}"; do for one in $s; do stage "$one"; collect; done; done
