@@ -39,7 +39,7 @@ stage() {
     decoder) bench decoder_step 240 decoder_step.py --reps 5 \
         --contenders "bf16 inductor,halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,torchao float8 tensorwise" ;;
     lora) bench lora_finetune 140 lora_finetune.py --reps 5 ;;
-    rotated) bench rotated_inference 220 rotated_inference.py ;;
+    rotated) bench rotated_inference 220 rotated_inference.py --profile halo-fp8-fused-nofreeze,halo-fp8-online ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         timeout 300 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" fsdp_step.py \
         --markdown "$LOGS/fsdp_step.md" 2>&1 | tail -40 | tee "$LOGS/fsdp_step.log") ;;

@@ -24,6 +24,8 @@ import torch
 import transformers
 
 import halo_compile
+from _timing import kernel_breakdown
+from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
 
 
 def llama_layers(tiny: bool, layers: int, device: str, dtype) -> torch.nn.Module:
@@ -63,7 +65,8 @@ VARIANTS = {
 }
 
 
-def time_variant(model, ids, options, freezing: bool, iters: int, device: str):
+def time_variant(model, ids, options, freezing: bool, iters: int, device: str,
+                 profile: bool = False):
     torch._dynamo.reset()
     with inductor_freezing(freezing), torch.no_grad():
         if options is None:
@@ -73,11 +76,16 @@ def time_variant(model, ids, options, freezing: bool, iters: int, device: str):
         out = compiled(input_ids=ids).logits  # compile + warm up
         compiled(input_ids=ids)
         sync(device)
+        derived = FROZEN_WEIGHTS.computations
         start = time.perf_counter()
         for _ in range(iters):
             compiled(input_ids=ids)
         sync(device)
         seconds = (time.perf_counter() - start) / iters
+        # Frozen weights are derived once per version: none may be re-derived while timed.
+        assert FROZEN_WEIGHTS.computations == derived, "frozen weights re-derived while timed"
+        if profile:
+            print(kernel_breakdown(lambda: compiled(input_ids=ids), 3), flush=True)
     return ids.numel() / seconds, out.float()
 
 
@@ -95,6 +103,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--profile", default="", help="variants to profile (comma separated): "
+                        "their GPU kernels by total time")
     args = parser.parse_args()
     tokens = args.tokens or (256 if args.tiny else 8192)
     iters = args.iters or (3 if args.tiny else 20)
@@ -106,7 +116,8 @@ def main() -> None:
 
     rows, baseline, reference = [], None, None
     for name, (options, freezing) in VARIANTS.items():
-        rate, logits = time_variant(model, ids, options, freezing, iters, args.device)
+        rate, logits = time_variant(model, ids, options, freezing, iters, args.device,
+                                    name in args.profile.split(","))
         if reference is None:
             reference, baseline = logits, rate
         err = ((logits - reference).norm() / reference.norm()).item()
