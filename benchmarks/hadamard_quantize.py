@@ -28,13 +28,15 @@ VARIANTS = {
     "rows, int8 tensor, block 256": (lambda t: t, 1, "int8", "tensor", 256),
     "transposed view (grad-weight), fp8 row, block 256": (lambda t: t.t(), 1, "fp8_e4m3", "row",
                                                           256),
+    "transposed view, fp8 row, no rotation": (lambda t: t.t(), 1, "fp8_e4m3", "row", 0),
     "dim 0 (outer grad-input), fp8 row, block 256": (lambda t: t, 0, "fp8_e4m3", "row", 256),
 }
 SWEEP = {
     "rows": [dict(block_m=bm, nt=nt, num_warps=w) for bm, nt, w in
              [(1, 4, 4), (2, 2, 4), (1, 1, 1), (4, 1, 4)]],
     "strided": [dict(block_m=bm, split=sp) for bm, sp in
-                itertools.product((16, 32, 64), (None, 1))],
+                itertools.product((16, 32, 64), (None, 1))]
+    + [dict(block_m=bm, num_warps=w) for bm, w in ((16, 2), (32, 8), (64, 8), (128, 8))],
 }
 
 
