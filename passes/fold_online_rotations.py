@@ -8,8 +8,13 @@ Two linears that write the stream read activations that are not on it:
     output reaches nothing but the attention's value input: a returned KV cache would otherwise
     hold rotated values.
   down_proj (and o_proj where the above does not apply) reads a product of activations: an
-    online Hadamard on its input, folded into its weight on the other side (W -> W H).
-Linears whose inputs now arrive rotated run their forward matmul without a Hadamard.
+    online Hadamard on its input and its weight's input side, `(x H)(W H)ᵀ`. That is the forward
+    matmul's "inner" rotation, which the quantize kernel applies in the pass that quantizes x
+    (a Hadamard node in the graph would cost a pass of its own over the widest activation of
+    the layer; measured on the H100, it made the fused model slower than the online one), and
+    which the frozen-weight cache applies to a frozen weight once.
+Linears whose inputs now arrive rotated run their forward matmul without a Hadamard; these two
+run it with one, whatever the `hadamard` option says.
 """
 
 from __future__ import annotations
@@ -20,14 +25,7 @@ from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
 
 from .analysis import AttentionSite
 from .find_norms import _linear_writers
-from .folding import (
-    flows_only_into,
-    fold_weight,
-    foldable,
-    insert_before_use,
-    rotate,
-    rotate_output_side,
-)
+from .folding import flows_only_into, fold_weight, foldable, rotate, rotate_output_side
 from .graph_utils import (
     call_target_name,
     fake_value,
@@ -104,13 +102,10 @@ def _online_hadamard(ctx, site) -> None:
     layer = ctx.config.for_layer(site.fqn)
     if layer is None:  # stays in high precision: a rotation would only cost time
         return
-    reason = foldable(site)
     block = hadamard_block_size(site.in_features, layer.max_block)
     if not block:
-        reason = f"no power-of-two block >= {MIN_BLOCK} divides in_features={site.in_features}"
-    if reason:
-        ctx.fusion.note_not_fused(site.fqn, f"online input Hadamard: {reason}")
+        ctx.fusion.note_not_fused(site.fqn, "online input Hadamard: no power-of-two block >= "
+                                  f"{MIN_BLOCK} divides in_features={site.in_features}")
         return
-    site.x = insert_before_use(ctx, site.node, site.x, rotate, (None, block))
-    fold_weight(ctx, site, rotate, (None, block), f"H{block} in (online on x)")
-    ctx.fusion.prerotated.add(site.fqn)
+    ctx.fusion.forward_hadamard.add(site.fqn)
+    ctx.fusion.folds.setdefault(site.fqn, []).append(f"H{block} in (online on x, forward inner)")

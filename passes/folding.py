@@ -94,6 +94,9 @@ class FusionState:
     scale_free_norms: list[ScaleFreeNorm] = field(default_factory=list)
     # linears whose input arrives already rotated: no online forward Hadamard is needed
     prerotated: set[str] = field(default_factory=set)
+    # linears whose input needs an online Hadamard: their forward matmul's "inner" rotation does
+    # it (inside the quantize kernel, the weight side rotated with it)
+    forward_hadamard: set[str] = field(default_factory=set)
     folds: dict[str, list[str]] = field(default_factory=dict)  # linear fqn -> what was folded
     not_fused: dict[str, list[str]] = field(default_factory=dict)  # linear fqn -> why not
     folded_bytes: dict[str, int] = field(default_factory=dict)  # linear fqn -> folded weight

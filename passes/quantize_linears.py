@@ -44,9 +44,11 @@ class QuantizeLinears:
             if site.bias is not None:
                 site.bias = replaced.get(site.bias, site.bias)
             layer = ctx.config.for_layer(site.fqn)
-            if layer is not None and site.fqn in ctx.fusion.prerotated:  # rotate="fused"
+            forward = ("none" if site.fqn in ctx.fusion.prerotated else  # rotate="fused"
+                       "inner" if site.fqn in ctx.fusion.forward_hadamard else None)
+            if layer is not None and forward is not None:
                 layer = dataclasses.replace(
-                    layer, hadamard=dataclasses.replace(layer.hadamard, forward="none"))
+                    layer, hadamard=dataclasses.replace(layer.hadamard, forward=forward))
             fusion = dict(rotation=ctx.fusion.describe(site.fqn),
                           folded_bytes=ctx.fusion.folded_bytes.get(site.fqn, 0))
             reason = self._reason_to_skip(site, layer, ctx)

@@ -51,7 +51,8 @@ def run_passes(model, passes, options, ids):
 
 
 def rotation_lines(ctx) -> str:
-    """The fold and rotation nodes, each with the linear or op that reads it, in graph order."""
+    """The fold and rotation nodes, each with the linear or op that reads it, in graph order,
+    then the linears whose forward matmul rotates its input online."""
     lines = []
     for node in ctx.gm.graph.nodes:
         if node.op != "call_function" or node.target.__module__ != "halo_compile.passes.folding":
@@ -59,6 +60,8 @@ def rotation_lines(ctx) -> str:
         args = ", ".join(_short(a) for a in node.args)
         readers = ", ".join(sorted(user.name for user in node.users))
         lines.append(f"{node.target.__name__}({args}) -> {readers}")
+    # Online rotations are no graph nodes: the forward matmul's "inner" rotation does them.
+    lines += [f"online Hadamard (forward inner) -> {fqn}" for fqn in sorted(ctx.fusion.forward_hadamard)]
     return "\n".join(lines)
 
 
@@ -93,11 +96,10 @@ scale_input_side(model.layers.0.mlp.gate_proj.weight, model.layers.0.post_attent
 rotate(scale_input_side_3, 0, 64) -> linear_4
 scale_input_side(model.layers.0.mlp.up_proj.weight, model.layers.0.post_attention_layernorm.weight) -> rotate_5
 rotate(scale_input_side_4, 0, 64) -> linear_5
-rotate_output_side(model.layers.0.mlp.down_proj.weight, 0, 64) -> rotate_9
-rotate(mul_11, None, 128) -> down_proj
-rotate(rotate_output_side_1, None, 128) -> down_proj
+rotate_output_side(model.layers.0.mlp.down_proj.weight, 0, 64) -> down_proj
 scale_input_side(lm_head.weight, model.norm.weight) -> rotate_6
-rotate(scale_input_side_5, 0, 64) -> logits""")
+rotate(scale_input_side_5, 0, 64) -> logits
+online Hadamard (forward inner) -> model.layers.0.mlp.down_proj""")
 
 
 def test_passes_do_nothing_unless_fused():
