@@ -8,6 +8,7 @@
 # wheels; Inductor compiles in many tests); the benchmark stages fit three or four to a call.
 # Stages:
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
+#   rotation  the GPU tests of rotate="fused"
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
 #   int8    INT8 GEMM vs _int_mm               linear, decoder, lora, rotated   one GPU each
 #   fsdp    torchrun over every visible GPU
@@ -29,15 +30,17 @@ stage() {
     case $1 in
     tests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # Inductor compiles on 8 cores
         timeout 300 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
+    rotation) timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_rotation.py" 2>&1 | tee "$LOGS/gpu_rotation_tests.log" ;;
     smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     kernel) bench hadamard_quantize 170 hadamard_quantize.py --sweep ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
-    linear) bench linear 150 linear.py --reps 10 --shapes 4096x14336 \
+    linear) bench linear 150 linear.py --reps 10 --shapes 4096x14336 --contenders "bf16 inductor,\
+halo fp8 halo2,halo fp8 no-Hadamard,halo fp8 all_inner,torchao float8 rowwise,torchao float8 tensorwise" \
         --profile "bf16 inductor,halo fp8 halo2,torchao float8 rowwise" ;;
-    decoder) bench decoder_step 240 decoder_step.py --reps 5 \
-        --contenders "bf16 inductor,halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,torchao float8 tensorwise" ;;
+    decoder) bench decoder_step 210 decoder_step.py --reps 5 \
+        --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" ;;
     lora) bench lora_finetune 140 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 220 rotated_inference.py --profile halo-fp8-fused-nofreeze,halo-fp8-online ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
