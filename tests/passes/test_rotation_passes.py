@@ -82,7 +82,7 @@ class TestSnapshot(expecttest.TestCase):
                                         {"rotate": "fused", "format": "none"}, ids)
         assert ((got - expected).norm() / expected.norm()).item() < 1e-5
         self.assertExpectedInline(rotation_lines(ctx), """\
-rotate(model.embed_tokens.weight, 0, 64) -> inputs_embeds
+rotate(inputs_embeds, 0, 64) -> hidden_states, hidden_states_5
 scale_input_side(model.layers.0.self_attn.q_proj.weight, model.layers.0.input_layernorm.weight) -> rotate_1
 rotate(scale_input_side, 0, 64) -> linear
 scale_input_side(model.layers.0.self_attn.k_proj.weight, model.layers.0.input_layernorm.weight) -> rotate_2
