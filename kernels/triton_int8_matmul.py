@@ -33,6 +33,7 @@ def _int8_scaled_mm_kernel(
     SB_VEC: tl.constexpr,  # a scale per row of B (else one)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    INT64: tl.constexpr,  # element offsets need 64 bits
 ):
     # Grouped program order: GROUP_M row blocks share each column block while it is in L2.
     pid = tl.program_id(0)
@@ -47,8 +48,14 @@ def _int8_scaled_mm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    a_at = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_at = b_ptr + cols[None, :] * stride_bn + ks[:, None] * stride_bk  # Bᵀ tile [K, N]
+    if INT64:
+        row_off = rows.to(tl.int64)
+        col_off = cols.to(tl.int64)
+    else:
+        row_off = rows
+        col_off = cols
+    a_at = a_ptr + row_off[:, None] * stride_am + ks[None, :] * stride_ak
+    b_at = b_ptr + col_off[None, :] * stride_bn + ks[:, None] * stride_bk  # Bᵀ tile [K, N]
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
@@ -68,7 +75,7 @@ def _int8_scaled_mm_kernel(
     else:
         sb = tl.load(sb_ptr)
     out = (acc.to(tl.float32) * sa) * sb
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+    tl.store(out_ptr + row_off[:, None] * stride_om + col_off[None, :] * stride_on,
              out.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
@@ -106,7 +113,8 @@ def _check_args(qa, sa, qb, sb, out_dtype):
                      lambda: f"int8_scaled_mm: {name} must be float32 [rows, 1] or [1, 1]")
 
 
-def _int8_scaled_mm_impl(kernel, qa, sa, qb, sb, out_dtype, config, interpret=False):
+def _int8_scaled_mm_impl(kernel, qa, sa, qb, sb, out_dtype, config, interpret=False,
+                         int64=None):
     _check_args(qa, sa, qb, sb, out_dtype)
     (M, K), N = qa.shape, qb.shape[0]
     # The interpreter (triton 3.x) truncates float32 -> bf16/fp16 instead of rounding to
@@ -120,18 +128,20 @@ def _int8_scaled_mm_impl(kernel, qa, sa, qb, sb, out_dtype, config, interpret=Fa
         qa, qb, sa, sb, out, M, N, K, qa.stride(0), qa.stride(1), qb.stride(0), qb.stride(1),
         out.stride(0), out.stride(1), SA_VEC=sa.shape[0] != 1,
         SB_VEC=sb.shape[0] != 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=group_m, **launch,
+        GROUP_M=group_m,
+        INT64=max(qa.numel(), qb.numel(), M * N) >= 2**31 if int64 is None else int64, **launch,
     )
     return out.to(out_dtype)
 
 
-def int8_scaled_mm_triton(qa, sa, qb, sb, out_dtype=torch.float32):
+def int8_scaled_mm_triton(qa, sa, qb, sb, out_dtype=torch.float32, *, int64=None):
     """Run the kernel directly: compiled on CUDA tensors, through the Triton interpreter on CPU
-    tensors."""
+    tensors. int64: force 64-bit element offsets on or off (default: when a tensor has 2^31
+    elements or more)."""
     if qa.device.type == "cuda":
-        return _int8_scaled_mm_impl(_kernel, qa, sa, qb, sb, out_dtype, GPU_CONFIG)
+        return _int8_scaled_mm_impl(_kernel, qa, sa, qb, sb, out_dtype, GPU_CONFIG, int64=int64)
     return _int8_scaled_mm_impl(_interpreted_kernel(), qa, sa, qb, sb, out_dtype,
-                                INTERPRETER_CONFIG, interpret=True)
+                                INTERPRETER_CONFIG, interpret=True, int64=int64)
 
 
 def int8_scaled_mm_reference(qa, sa, qb, sb, out_dtype=torch.float32):

@@ -39,6 +39,13 @@ def test_interpreted_kernel_equals_reference(shape, granularity, out_dtype, seed
     assert torch.equal(out, ref)
 
 
+def test_64_bit_offsets_give_the_same_result():
+    """The 64-bit offset path (tensors of 2^31 elements or more) on a small input."""
+    (qa, sa, qb, sb), _, _ = _operands(37, 100, 45, "row", 7)
+    out = int8_scaled_mm_triton(qa, sa, qb, sb, torch.float32, int64=True)
+    assert torch.equal(out, int8_scaled_mm_reference(qa, sa, qb, sb, torch.float32))
+
+
 def test_reference_matches_float64_product():
     """The quantized product is close to the float64 product of the unquantized inputs (8 bits,
     row scales made coarse by A's outlier channels: 2.5% measured); a wrong scale or transpose
