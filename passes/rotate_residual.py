@@ -119,7 +119,9 @@ class _Rotation:
         root = self.root
         with self.graph.inserting_after(root):
             rotated_root = self.graph.call_function(rotate, (root, self.signs, self.block))
-        root.replace_all_uses_with(rotated_root, delete_user_cb=lambda user: user is not rotated_root)
+        # A graph output (returned hidden states) keeps the root itself: it is unrotated already.
+        root.replace_all_uses_with(rotated_root, delete_user_cb=lambda user: (
+            user is not rotated_root and user.op != "output"))
         self.rotated.add(rotated_root)
         # The records of what read the root now describe readers of the rotated root.
         for site in self.ctx.analysis.linears:

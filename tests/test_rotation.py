@@ -87,6 +87,21 @@ def test_fused_rotation_invariant_with_returned_kv_cache():
     assert "online on x" in o_proj.rotation
 
 
+def test_fused_rotation_invariant_with_returned_hidden_states():
+    """Returned hidden states read the stream: they come back in the original basis (the
+    embedding output among them, which is the stream's root), and the logits are unchanged."""
+    model = causal_lm("qwen2", 3, tied=True)
+    ids = token_ids(3)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True)
+        got = torch.compile(model, backend="halo", options={"format": "none", **FUSED})(
+            input_ids=ids, output_hidden_states=True)
+    assert rel_err(got.logits, expected.logits) < 1e-5
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    for hidden_got, hidden_expected in zip(got.hidden_states, expected.hidden_states):
+        assert rel_err(hidden_got, hidden_expected) < 1e-5
+
+
 def test_fused_rotation_with_gradients_and_state_dict_untouched(tmp_path):
     """The folds are graph nodes computed from the parameters: gradients reach the original
     parameters, the state_dict is bit-identical after compile + run, and a checkpoint saved
