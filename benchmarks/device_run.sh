@@ -30,7 +30,7 @@ stage() {
     case $1 in
     tests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # Inductor compiles on 8 cores
         timeout 300 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
-    rotation) timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_rotation.py" 2>&1 | tee "$LOGS/gpu_rotation_tests.log" ;;
+    rotation) timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_rotation.py" 2>&1 | tee "$LOGS/gpu_rotation_tests.log" ;;
     smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
