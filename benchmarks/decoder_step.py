@@ -4,6 +4,7 @@ bf16, SDPA attention) at sequence 4096, batch 1: tokens/s and peak memory for bf
 halo backend's variants and torchao float8 training, side by side in one process.
 
     python benchmarks/decoder_step.py [--layers 2] [--seq 4096] [--markdown out.md]
+                                      [--profile "halo fp8 halo2,..."]
 
 Each decoder layer is compiled on its own (regional compilation: the layers share one compiled
 graph); the tiny embedding (vocab 256) and the final norm stay eager. Needs a CUDA GPU.
@@ -16,7 +17,7 @@ import argparse
 import torch
 
 from _contenders import NAMES, compile_fn, parse_names
-from _timing import emit, markdown_table, median_ms, peak_gib
+from _timing import emit, kernel_breakdown, markdown_table, median_ms, peak_gib
 
 
 def build_model(layers: int):
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--contenders", default=",".join(NAMES))
     parser.add_argument("--markdown", help="append the table as markdown to this file")
+    parser.add_argument("--profile", default="",
+                        help="contenders to profile (comma separated): per-kernel GPU times")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     names = parse_names(args.contenders)
@@ -70,6 +73,9 @@ def main() -> None:
 
         loss = float(step())
         ms = median_ms(step, args.reps)
+        if name in args.profile.split(","):
+            print(f"--- {name}: GPU kernels over 3 steps ---")
+            print(kernel_breakdown(step, 3, top=25), flush=True)
         peak = peak_gib(step)
         tps = args.seq / (ms * 1e-3)
         bf16_tps = tps if name == "bf16 inductor" else bf16_tps

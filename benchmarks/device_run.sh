@@ -40,7 +40,8 @@ stage() {
 halo fp8 halo2,halo fp8 no-Hadamard,halo fp8 all_inner,torchao float8 rowwise,torchao float8 tensorwise" \
         --profile "bf16 inductor,halo fp8 halo2,torchao float8 rowwise" ;;
     decoder) bench decoder_step 210 decoder_step.py --reps 5 \
-        --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" ;;
+        --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" \
+        --profile "halo fp8 halo2,torchao float8 rowwise" ;;
     lora) bench lora_finetune 140 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 220 rotated_inference.py --profile halo-fp8-fused-nofreeze,halo-fp8-online ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
