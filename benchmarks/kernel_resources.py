@@ -1,0 +1,110 @@
+"""What the Hadamard+quantize kernel compiles to for an H100 (sm_90), on any machine, no GPU:
+shared memory per program (which caps the programs, hence warps, an SM can hold; registers,
+which may cap them further, are not reported), layout
+conversions, tensor-core instructions, and the width of global loads and stores, for each
+layout the three matmuls of a linear need, at the launch configuration the op uses.
+
+    python benchmarks/kernel_resources.py [--tokens 8192] [--features 14336]
+
+The launch is the op's own (`_hadamard_quantize_impl` with a recording stand-in for the kernel),
+so the constexprs and configurations are those a real call uses; integer arguments are
+specialised as Triton's launcher does (1 as a constant, multiples of 16 as divisible by 16).
+A static view to direct device time, not a measurement: the GPU's Triton version may compile
+differently (this machine's is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from halo_compile.kernels.triton_hadamard_quantize import _hadamard_quantize_impl, _kernel
+
+SM90 = GPUTarget("cuda", 90, 32)
+SHARED_PER_SM = 228 * 1024  # H100
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
+                  torch.int8: "*i8"}
+
+
+class _Recorder:
+    """Stands in for the kernel: `kernel[grid](*args, **kwargs)` records each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def _compile(args, kwargs):
+    names = list(_kernel.arg_names)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(zip(names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _POINTER_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": kwargs.pop("num_warps")}
+    for name, value in kwargs.items():
+        signature[name], constexprs[name] = "constexpr", value
+    source = ASTSource(fn=_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=SM90, options=options)
+
+
+def _widths(ptx: str, op: str) -> str:
+    """The global loads or stores (`op`: ld / st) by vector width, e.g. "v4.b32 x2"."""
+    vectors = Counter(re.findall(rf"{op}\.global[\w.:]*?\.(v\d\.b\d+|b\d+)\b", ptx))
+    return ", ".join(f"{k} x{v}" for k, v in sorted(vectors.items())) or "-"
+
+
+def report(name: str, x: torch.Tensor, block: int, dim: int) -> list[tuple]:
+    recorder = _Recorder()
+    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1)
+    rows = []
+    for grid, args, kwargs in recorder.launches:
+        warps = kwargs["num_warps"]
+        compiled = _compile(args, dict(kwargs))
+        ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+        shared = compiled.metadata.shared
+        per_sm = min(SHARED_PER_SM // max(shared, 1), 64 // warps)
+        pass_name = {0: "absmax+quantize", 1: "absmax", 2: "quantize"}[kwargs["MODE"]]
+        rows.append((name, pass_name, f"({kwargs['BLOCK_M']}, {kwargs['NT']}, {warps})",
+                     f"{shared / 1024:.1f}", per_sm, per_sm * warps,
+                     ttgir.count("convert_layout"), ptx.count("mma.sync"),
+                     ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                     _widths(ptx, "ld"), _widths(ptx, "st")))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--features", type=int, default=14336)
+    args = parser.parse_args()
+    t = torch.empty(args.tokens, args.features, dtype=torch.bfloat16, device="meta")
+    variants = [("rows (X, W), block 256", t, 256, 1), ("rows, no rotation", t, 0, 1),
+                ("transposed view (dYᵀ, Xᵀ), block 256", t.t(), 256, 1),
+                ("dim 0 (outer dY), block 256", t, 256, 0)]
+    header = ("variant", "launch", "(BLOCK_M, NT, warps)", "shared KiB", "programs/SM",
+              "warps/SM", "convert_layout", "mma", "cp.async", "global loads", "global stores")
+    print(f"Triton {triton.__version__}, target sm_90, bf16 [{args.tokens}, {args.features}] "
+          "-> FP8 row scales\n")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for variant in variants:
+        for row in report(*variant):
+            print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
