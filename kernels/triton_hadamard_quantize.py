@@ -67,11 +67,9 @@ against a 3.0 TB/s copy: rows 1.43-1.51 TB/s (47-51%; block 0: 1.76-2.25 TB/s), 
 the input, and the dots (mma on 16 x 16 tiles with layout conversions around them), the splits
 and the division all cost instructions: it is not at the copy bandwidth.
 
-Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through
-`triton.runtime.interpreter.InterpretedFunction` whenever its input is on the CPU, whether or
-not TRITON_INTERPRET is set (the environment variable only changes what `@triton.jit` returns at
-decoration time, which would also turn every kernel decorated later in the process - Inductor's
-included - into an interpreted one). Under the interpreter (triton 3.9) two things are wrong and
+Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
+interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
+interpreter (triton 3.9) two things are wrong and
 are worked around: a `tl.dot` of bfloat16 operands multiplies the raw uint16 bit patterns, so
 the dot operands are converted to float32 first (the products are exact either way, so this is
 the same arithmetic); and the float32 -> float8e4nv cast rounds wrongly when rounding carries into
@@ -94,6 +92,7 @@ from torch.library import triton_op, wrap_triton
 
 from .hadamard import block_hadamard
 from .quantize import FORMATS, _MIN_AMAX, quantize
+from .triton_interpreter import interpreted
 
 MAX_BLOCK = 256
 PRECISIONS = ("split", "ieee")
@@ -317,16 +316,6 @@ def _hadamard_quantize_kernel(
 
 
 _kernel = triton.jit(_hadamard_quantize_kernel)
-_interpreted = None
-
-
-def _interpreted_kernel():
-    global _interpreted
-    if _interpreted is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _interpreted = InterpretedFunction(_hadamard_quantize_kernel)
-    return _interpreted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +467,7 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
         there) rather than amax / max (default on the CPU)."""
     interpret = x.device.type != "cuda"
-    kernel = _interpreted_kernel() if interpret else _kernel
+    kernel = interpreted(_hadamard_quantize_kernel) if interpret else _kernel
     return _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim, precision, soft_fp8,
                                    interpret, block_m, num_warps, nt, split, exact_div,
                                    recip_scale)

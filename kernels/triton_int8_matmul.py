@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .triton_interpreter import interpreted
+
 
 def _int8_scaled_mm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, out_ptr,
@@ -80,16 +82,6 @@ def _int8_scaled_mm_kernel(
 
 
 _kernel = triton.jit(_int8_scaled_mm_kernel)
-_interpreted = None
-
-
-def _interpreted_kernel():
-    global _interpreted
-    if _interpreted is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _interpreted = InterpretedFunction(_int8_scaled_mm_kernel)
-    return _interpreted
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). 128 x 128 x 64 int8 tiles take
@@ -140,7 +132,7 @@ def int8_scaled_mm_triton(qa, sa, qb, sb, out_dtype=torch.float32, *, int64=None
     elements or more)."""
     if qa.device.type == "cuda":
         return _int8_scaled_mm_impl(_kernel, qa, sa, qb, sb, out_dtype, GPU_CONFIG, int64=int64)
-    return _int8_scaled_mm_impl(_interpreted_kernel(), qa, sa, qb, sb, out_dtype,
+    return _int8_scaled_mm_impl(interpreted(_int8_scaled_mm_kernel), qa, sa, qb, sb, out_dtype,
                                 INTERPRETER_CONFIG, interpret=True, int64=int64)
 
 

@@ -1,0 +1,19 @@
+"""Kernels on CPU tensors through the Triton interpreter, without TRITON_INTERPRET."""
+
+import torch
+import triton.language as tl
+
+from halo_compile.kernels.triton_interpreter import interpreted
+
+
+def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * factor, mask=i < n)
+
+
+def test_interpreted_kernel_runs_on_cpu_tensors_and_is_built_once():
+    x = torch.randn(37)
+    y = torch.empty_like(x)
+    interpreted(_scale_kernel)[(3,)](x, y, 37, 3.0, BLOCK=16)
+    assert torch.equal(y, x * 3.0)
+    assert interpreted(_scale_kernel) is interpreted(_scale_kernel)
