@@ -14,10 +14,10 @@ such fold functions under a key, and an entry then depends on every tensor it re
 An entry is keyed by the tensor object given (held by weak reference: it goes when the weight
 goes) and the tag, and is valid while the version counters of the weight and of each fold input
 (`_version`, bumped by every in-place write that autograd sees: optimizer steps, `copy_` under
-no_grad, `load_state_dict`) and their storage are unchanged. Writes through `.data` (peft's `merge`, for one) bypass the version
-counter: the quantize pass calls `forget` on each frozen weight when it compiles a graph (merging
-changes the module, so Dynamo recompiles); after editing `.data` yourself, call
-`FROZEN_WEIGHTS.forget()`.
+no_grad, `load_state_dict`) and their storage are unchanged. Writes through `.data` (peft's
+`merge`, for one) bypass the version counter: the quantize pass calls `forget` on each frozen
+weight when it compiles a graph (merging changes the module, so Dynamo recompiles); after editing
+`.data` yourself, call `FROZEN_WEIGHTS.forget()`.
 
 The cached tensors are shared between calls: consume them inside a kernel, never return them from
 a custom op (Inductor may reuse an op's output buffer for later results).

@@ -240,7 +240,8 @@ def test_fused_rotation_cuts_quantization_error_with_outliers(fmt):
 def test_gpu_fused_rotation_quantized_inference(fmt):
     """The real kernels (Inductor, fused quantize, INT8 Triton GEMM / FP8 cuBLASLt) with the
     folded weights from the frozen-weight cache: INT8 error cut as on the CPU; FP8, which gains
-    little from rotations, no worse than unrotated."""
+    little from rotations, not much worse than unrotated. Measured on the CPU through Inductor,
+    logits error fused vs unrotated: INT8 0.018 vs 0.225, FP8 0.088 vs 0.068 (ratio 1.28)."""
     model = outlier_llama().cuda()
     for param in model.parameters():
         param.requires_grad_(False)
