@@ -55,7 +55,7 @@ def _compile(args, kwargs):
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {"num_warps": kwargs.pop("num_warps")}
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
     for name, value in kwargs.items():
         signature[name], constexprs[name] = "constexpr", value
     source = ASTSource(fn=_kernel, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -381,7 +381,8 @@ def _sm_count(device) -> int:
 
 def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
-                            nt=None, split=None, exact_div=True, recip_scale=None):
+                            nt=None, split=None, exact_div=True, recip_scale=None,
+                            num_stages=None):
     _check_args(x, fmt, granularity, block, dim, precision)
     torch._check(x.numel() >= 1, lambda: "hadamard_quantize: empty input")
     spec = FORMATS[fmt]
@@ -413,6 +414,8 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     if soft_fp8 is None:
         soft_fp8 = interpret
     kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
+    if not interpret and num_stages:  # else Triton's default software pipelining
+        kwargs["num_stages"] = num_stages
 
     def launch(mode, scale, amax, scale_vec):
         kernel[grid](
@@ -448,7 +451,8 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
 
 def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1, *,
                              precision="split", soft_fp8=None, block_m=None, num_warps=None,
-                             nt=None, split=None, exact_div=True, recip_scale=None):
+                             nt=None, split=None, exact_div=True, recip_scale=None,
+                             num_stages=None):
     """Run the Triton kernel directly: on CUDA tensors compiled, on CPU tensors through the
     Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, contiguous; scale float32
     [M, 1] or [1, 1]): the rows of block_hadamard(x, block, dim) quantized per row (or tensor).
@@ -459,9 +463,10 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     precision: "split" (float32 values as 3 bf16 dot operands) or "ieee" (float32 dots).
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
-    block_m / nt / num_warps / split: override the launch configuration (GPU_CONFIG,
-        GPU_TRANSPOSED_CONFIG, GPU_OUTER_CONFIG; split > 1 divides K over programs, then the
-        scales need a second launch).
+    block_m / nt / num_warps / split / num_stages: override the launch configuration
+        (GPU_CONFIG, GPU_TRANSPOSED_CONFIG, GPU_OUTER_CONFIG; split > 1 divides K over
+        programs, then the scales need a second launch; num_stages, Triton's software
+        pipelining depth, sets how many tiles in flight a program keeps in shared memory).
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
         knob: not bit-exact, and no faster on an H100).
     recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
@@ -470,7 +475,7 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     kernel = interpreted(_hadamard_quantize_kernel) if interpret else _kernel
     return _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim, precision, soft_fp8,
                                    interpret, block_m, num_warps, nt, split, exact_div,
-                                   recip_scale)
+                                   recip_scale, num_stages)
 
 
 def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1):
@@ -499,7 +504,7 @@ def measure_bandwidth(M, K, block, fmt="fp8_e4m3", granularity="row", dtype=torc
     cuda_graph=True times a CUDA graph of the call instead (triton.testing.do_bench_cudagraph),
     which leaves out the Python launch overhead: at 8192 x 4096 the GPU time per call is ~70 us,
     close to what launching costs on a slow host, so the plain timing can be launch bound.
-    launch: block_m, nt, num_warps, soft_fp8, exact_div overrides."""
+    launch: block_m, nt, num_warps, num_stages, soft_fp8, exact_div overrides."""
     if not torch.cuda.is_available():
         raise RuntimeError("measure_bandwidth needs a CUDA GPU")
     x = torch.randn(M, K, device="cuda", dtype=torch.float32).to(dtype)
