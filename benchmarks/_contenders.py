@@ -12,6 +12,9 @@ HALO = {
     "halo fp8 no-Hadamard": {"format": "fp8_e4m3", "hadamard": "none"},
     "halo fp8 halo1": {"format": "fp8_e4m3", "hadamard": "halo1"},
     "halo fp8 halo2": {"format": "fp8_e4m3", "hadamard": "halo2"},
+    # The forward GEMM accumulating in float32 (option fast_accum off).
+    "halo fp8 halo2 fp32-accum": {"format": "fp8_e4m3", "hadamard": "halo2",
+                                  "fast_accum": False},
     # What the deferred inf/NaN check costs per step.
     "halo fp8 halo2 unchecked": {"format": "fp8_e4m3", "hadamard": "halo2",
                                  "nonfinite": "propagate"},
@@ -21,7 +24,7 @@ TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "te
 # Most telling first, so that a run cut short still compares them.
 NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao float8 rowwise",
          "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner",
-         "halo fp8 halo2 unchecked")
+         "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum")
 
 
 def compile_fn(name: str, module: nn.Module):

@@ -8,7 +8,7 @@
 # wheels; Inductor compiles in many tests); the benchmark stages fit three or four to a call.
 # Stages:
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
-#   rotation  the GPU tests of rotate="fused"
+#   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
 #   linear, decoder, lora, rotated   one GPU each
@@ -31,6 +31,8 @@ stage() {
     case $1 in
     tests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # Inductor compiles on 8 cores
         timeout 300 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" "$REPO/tests" -m gpu -rs 2>&1 | tee "$LOGS/gpu_tests.log" ;;
+    ktests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+        timeout 200 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" "$REPO/tests/kernels" -m gpu -rs 2>&1 | tee "$LOGS/gpu_kernel_tests.log" ;;
     rotation) timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_rotation.py" 2>&1 | tee "$LOGS/gpu_rotation_tests.log" ;;
     smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
@@ -38,9 +40,10 @@ stage() {
     kernel) bench hadamard_quantize 200 hadamard_quantize.py --sweep ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
-    linear) bench linear 150 linear.py --reps 10 --shapes 4096x14336 --contenders "bf16 inductor,\
-halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 all_inner,torchao float8 tensorwise" \
-        --profile "bf16 inductor,halo fp8 halo2,torchao float8 rowwise" ;;
+    linear) bench linear 200 linear.py --reps 10 --shapes 4096x14336 --contenders "bf16 inductor,\
+halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 halo2 fp32-accum,\
+halo fp8 all_inner,torchao float8 tensorwise" \
+        --profile "halo fp8 halo2" ;;
     decoder) bench decoder_step 210 decoder_step.py --reps 5 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" \
         --profile "halo fp8 halo2,torchao float8 rowwise" ;;

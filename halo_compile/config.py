@@ -89,6 +89,9 @@ class LayerConfig:
     hadamard_block: Union[int, str] = 256
     scale: str = "row"
     grad_rounding: str = "nearest"
+    # The forward FP8 GEMM accumulates in the tensor cores' fast mode (as torchao's float8
+    # recipes do); the two gradient GEMMs always accumulate in float32.
+    fast_accum: bool = True
     min_features: int = 64
     adapters: str = "high_precision"  # a LoRA lora_A / lora_B linear: "quantize" to quantize it
 
@@ -106,6 +109,9 @@ class LayerConfig:
             raise ValueError(
                 f"halo option 'hadamard_block' must be a power of two >= 16 or 'full', got {block!r}"
             )
+        if not isinstance(self.fast_accum, bool):
+            raise ValueError(f"halo option 'fast_accum' must be True or False, got "
+                             f"{self.fast_accum!r}")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(
                 f"halo option 'min_features' must be a positive int, got {self.min_features!r}"

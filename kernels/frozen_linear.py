@@ -20,6 +20,7 @@ from .scaled_matmul import (
     cuda_gemm,
     fused_block,
     fused_product,
+    gemm_with,
     product_with_quantized_right,
     reference_gemm,
     rotated_left_operand,
@@ -52,23 +53,27 @@ def frozen_weight_matmul(
     rounding_a: str,
     check_finite_inputs: bool,
     where: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """A [M, K] @ op(W)ᵀ -> [M, N] (op(W) [N, K]), W = FOLDS.apply(fold, weight, fold_inputs)
-    (the weight itself for fold ""), the weight side cached."""
-    return _frozen_weight_matmul(reference_gemm, a, weight, fold, fold_inputs, transpose_weight,
+    (the weight itself for fold ""), the weight side cached; `fast_accum` as in
+    halo::scaled_matmul."""
+    return _frozen_weight_matmul(gemm_with(reference_gemm, fast_accum), a, weight, fold,
+                                 fold_inputs, transpose_weight,
                                  fmt, rotation, max_block, granularity, rounding_a,
                                  check_finite_inputs, where)
 
 
 def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
-                               block, granularity, check_finite_inputs, where, **kernels):
+                               block, granularity, check_finite_inputs, where, fast_accum=False,
+                               **kernels):
     """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
     Triton kernel, then `halo::frozen_weight_gemm` with the cached weight. `block` comes from
     `fused_block`; `kernels` as fused_product takes them."""
     def right_gemm(qa, sa, sa_factor, b_block):
         return torch.ops.halo.frozen_weight_gemm(qa, sa, sa_factor, weight, fold, fold_inputs,
                                                  transpose_weight, fmt, granularity, b_block,
-                                                 a.dtype, check_finite_inputs, where)
+                                                 a.dtype, check_finite_inputs, where, fast_accum)
 
     return fused_product(a, right_gemm, fmt, rotation, block, granularity, **kernels)
 
@@ -96,46 +101,47 @@ def frozen_weight_gemm(
     out_dtype: torch.dtype,
     check_finite_inputs: bool,
     where: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """The quantized activation (qa, scales sa * sa_factor) times op(weight) rotated along K by
     `block` and quantized, from the cache: the GEMM half of the fused frozen path. The cache is
     read inside the op, never returned from it (Inductor may reuse an op's output buffer)."""
-    return _frozen_weight_gemm(reference_gemm, qa, sa, sa_factor, weight, fold, fold_inputs,
-                               transpose_weight, fmt, granularity, block, out_dtype,
-                               check_finite_inputs, where)
+    return _frozen_weight_gemm(gemm_with(reference_gemm, fast_accum), qa, sa, sa_factor, weight,
+                               fold, fold_inputs, transpose_weight, fmt, granularity, block,
+                               out_dtype, check_finite_inputs, where)
 
 
 @frozen_weight_gemm.register_kernel("cuda")
 def _(qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
-      out_dtype, check_finite_inputs, where):
-    return _frozen_weight_gemm(cuda_gemm, qa, sa, sa_factor, weight, fold, fold_inputs,
-                               transpose_weight, fmt, granularity, block, out_dtype,
+      out_dtype, check_finite_inputs, where, fast_accum=False):
+    return _frozen_weight_gemm(gemm_with(cuda_gemm, fast_accum), qa, sa, sa_factor, weight, fold,
+                               fold_inputs, transpose_weight, fmt, granularity, block, out_dtype,
                                check_finite_inputs, where)
 
 
 @frozen_weight_gemm.register_fake
 def _(qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
-      out_dtype, check_finite_inputs, where):
+      out_dtype, check_finite_inputs, where, fast_accum=False):
     n = weight.shape[1] if transpose_weight else weight.shape[0]
     return qa.new_empty((qa.shape[0], n), dtype=out_dtype)
 
 
 @frozen_weight_matmul.register_kernel("cuda")
 def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, granularity,
-      rounding_a, check_finite_inputs, where):
+      rounding_a, check_finite_inputs, where, fast_accum=False):
     block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
     if block is not None:
         return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
                                           rotation, block, granularity, check_finite_inputs,
-                                          where)
-    return _frozen_weight_matmul(cuda_gemm, a, weight, fold, fold_inputs, transpose_weight, fmt,
-                                 rotation, max_block, granularity, rounding_a,
-                                 check_finite_inputs, where)
+                                          where, fast_accum)
+    return _frozen_weight_matmul(gemm_with(cuda_gemm, fast_accum), a, weight, fold, fold_inputs,
+                                 transpose_weight, fmt, rotation, max_block, granularity,
+                                 rounding_a, check_finite_inputs, where)
 
 
 @frozen_weight_matmul.register_fake
 def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, granularity,
-      rounding_a, check_finite_inputs, where):
+      rounding_a, check_finite_inputs, where, fast_accum=False):
     n, k = (weight.shape[1], weight.shape[0]) if transpose_weight else weight.shape
     torch._check(a.dim() == 2 and a.shape[1] == k,
                  lambda: f"{where}: operand and frozen weight do not match")
@@ -143,11 +149,12 @@ def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, 
 
 
 def frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt, granularity,
-                          forward_rotation, max_block, check_finite, name):
+                          forward_rotation, max_block, check_finite, name, fast_accum):
     x2d = shared(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
     y = torch.ops.halo.frozen_weight_matmul(
         x2d, weight, fold, fold_inputs, weight_transposed, fmt,
-        forward_rotation, max_block, granularity, "nearest", check_finite, f"{name} forward")
+        forward_rotation, max_block, granularity, "nearest", check_finite, f"{name} forward",
+        fast_accum)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -169,17 +176,19 @@ def frozen_linear(
     grad_rounding: str,
     check_finite: bool,
     name: str,
+    fast_accum: bool,
 ) -> torch.Tensor:
     """y = x @ Wᵀ + bias, with W = FOLDS.apply(fold, weight, fold_inputs) (`weight` itself for
     fold ""), or its transpose when `weight_transposed` (stored [in, out], GPT-2's Conv1D).
-    Neither `weight` nor the fold inputs may require grad."""
+    Neither `weight` nor the fold inputs may require grad. `fast_accum`: the forward GEMM's."""
     return frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
-                                 granularity, forward_rotation, max_block, check_finite, name)
+                                 granularity, forward_rotation, max_block, check_finite, name,
+                                 fast_accum)
 
 
 @frozen_linear.register_fake
 def _(x, weight, fold, fold_inputs, bias, weight_transposed, fmt, granularity, forward_rotation,
-      grad_input_rotation, max_block, grad_rounding, check_finite, name):
+      grad_input_rotation, max_block, grad_rounding, check_finite, name, fast_accum):
     in_features, out_features = weight.shape if weight_transposed else weight.shape[::-1]
     torch._check(x.shape[-1] == in_features, lambda: f"{name}: x and weight do not match")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -187,7 +196,7 @@ def _(x, weight, fold, fold_inputs, bias, weight_transposed, fmt, granularity, f
 
 def _setup_context(ctx, inputs, output):
     (x, weight, fold, fold_inputs, bias, transposed, fmt, granularity, _, gi_rot, max_block,
-     rounding, check, name) = inputs
+     rounding, check, name, _) = inputs
     if weight.requires_grad or any(t.requires_grad for t in fold_inputs):
         raise ValueError(f"halo::frozen_linear ({name}): the weight or a fold input requires "
                          "grad; use halo::quantized_linear for a trained weight")
@@ -211,7 +220,7 @@ def _backward(ctx, grad_out):
         ).reshape(ctx.x_shape)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
         grad_b = dy.sum(0).to(ctx.bias_dtype)
-    return (grad_x, None, None, [None] * len(fold_inputs), grad_b, *[None] * 9)
+    return (grad_x, None, None, [None] * len(fold_inputs), grad_b, *[None] * 10)
 
 
 frozen_linear.register_autograd(_backward, setup_context=_setup_context)

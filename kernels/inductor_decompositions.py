@@ -36,7 +36,7 @@ from .frozen_linear import (
 )
 from .hadamard import sylvester_signs
 from .quantized_linear import linear_forward, quantized_linear
-from .scaled_matmul import cuda_gemm, fused_block, fused_scaled_matmul, scaled_matmul
+from .scaled_matmul import cuda_gemm, fused_block, fused_scaled_matmul, gemm_with, scaled_matmul
 from .shared_operands import shared
 from .triton_hadamard_quantize import hadamard_quantize  # noqa: F401  (registers the op)
 
@@ -57,30 +57,30 @@ def fused_device(t: torch.Tensor) -> bool:
 
 
 def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, rounding_a,
-                            rounding_b, check_finite_inputs, where):
+                            rounding_b, check_finite_inputs, where, fast_accum=False):
     if not fused_device(a):
         return NotImplemented
     block = fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
     if block is None:
         return NotImplemented
-    return fused_scaled_matmul(cuda_gemm, a, b, fmt, rotation, block, granularity,
-                               check_finite_inputs, where, **TRACEABLE_KERNELS)
+    return fused_scaled_matmul(gemm_with(cuda_gemm, fast_accum), a, b, fmt, rotation, block,
+                               granularity, check_finite_inputs, where, **TRACEABLE_KERNELS)
 
 
 def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotation,
                                grad_input_rotation, grad_weight_rotation, max_block,
-                               grad_rounding, check_finite, name):
+                               grad_rounding, check_finite, name, fast_accum):
     # Only the forward: the registered autograd formula still runs above this (it is what emits
     # the backward's two halo::scaled_matmul calls, decomposed in turn).
     if not fused_device(x):
         return NotImplemented
     return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
-                          check_finite, name)
+                          check_finite, name, fast_accum)
 
 
 def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
                                    max_block, granularity, rounding_a, check_finite_inputs,
-                                   where):
+                                   where, fast_accum=False):
     if not fused_device(a):
         return NotImplemented
     block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
@@ -88,16 +88,17 @@ def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weigh
         return NotImplemented
     return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
                                       rotation, block, granularity, check_finite_inputs, where,
-                                      **TRACEABLE_KERNELS)
+                                      fast_accum, **TRACEABLE_KERNELS)
 
 
 def decompose_frozen_linear(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
                             granularity, forward_rotation, grad_input_rotation, max_block,
-                            grad_rounding, check_finite, name):
+                            grad_rounding, check_finite, name, fast_accum):
     if not fused_device(x):
         return NotImplemented
     return frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
-                                 granularity, forward_rotation, max_block, check_finite, name)
+                                 granularity, forward_rotation, max_block, check_finite, name,
+                                 fast_accum)
 
 
 DECOMPOSITIONS = {

@@ -17,11 +17,11 @@ from .shared_operands import shared
 
 
 def linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
-                   name):
+                   name, fast_accum):
     x2d = shared(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
     y = torch.ops.halo.scaled_matmul(
         x2d, weight.to(x.dtype), fmt, forward_rotation, max_block, granularity,
-        "nearest", "nearest", check_finite, f"{name} forward",
+        "nearest", "nearest", check_finite, f"{name} forward", fast_accum,
     )
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -42,21 +42,24 @@ def quantized_linear(
     grad_rounding: str,
     check_finite: bool,
     name: str,
+    fast_accum: bool,
 ) -> torch.Tensor:
-    """y = x @ weightᵀ + bias, computed as `halo::scaled_matmul` with `forward_rotation`."""
+    """y = x @ weightᵀ + bias, computed as `halo::scaled_matmul` with `forward_rotation`;
+    `fast_accum` applies to the forward GEMM only (the gradients accumulate in float32)."""
     return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
-                          check_finite, name)
+                          check_finite, name, fast_accum)
 
 
 @quantized_linear.register_fake
 def _(x, weight, bias, fmt, granularity, forward_rotation, grad_input_rotation,
-      grad_weight_rotation, max_block, grad_rounding, check_finite, name):
+      grad_weight_rotation, max_block, grad_rounding, check_finite, name, fast_accum):
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"{name}: x and weight do not match")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, fmt, granularity, _, gi_rot, gw_rot, max_block, rounding, check, name = inputs
+    x, weight, bias, fmt, granularity, _, gi_rot, gw_rot, max_block, rounding, check, name, _ = (
+        inputs)
     ctx.save_for_backward(x, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.settings = (fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name)
@@ -83,7 +86,7 @@ def _backward(ctx, grad_out):
         ).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = dy.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, *[None] * 10
 
 
 quantized_linear.register_autograd(_backward, setup_context=_setup_context)

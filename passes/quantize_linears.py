@@ -105,7 +105,7 @@ class QuantizeLinears:
                     (site.x, param_node, fold, fold_inputs, site.bias, site.weight_transposed,
                      layer.format, layer.scale, layer.hadamard.forward,
                      layer.hadamard.grad_input, layer.max_block, layer.grad_rounding,
-                     check_finite, site.fqn),
+                     check_finite, site.fqn, layer.fast_accum),
                 )
                 node.replace_input_with(site.weight_node, param_node)
                 for fold_node in fold_nodes:  # in the cache now, not computed per call
@@ -128,7 +128,7 @@ class QuantizeLinears:
                         (site.x, weight, site.bias, layer.format, layer.scale,
                          layer.hadamard.forward, layer.hadamard.grad_input,
                          layer.hadamard.grad_weight, layer.max_block, layer.grad_rounding,
-                         check_finite, site.fqn),
+                         check_finite, site.fqn, layer.fast_accum),
                     )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)

@@ -29,6 +29,7 @@ def test_defaults(options):
     assert d.max_block == 256
     assert d.scale == "row"
     assert d.grad_rounding == "nearest"
+    assert d.fast_accum is True
     assert d.min_features == 64
     assert config.for_layer("anything.at.all") == d
 
@@ -40,6 +41,7 @@ def test_every_key():
         "hadamard_block": "full",
         "scale": "tensor",
         "grad_rounding": "stochastic",
+        "fast_accum": False,
         "min_features": 32,
         "layers": {"lm_head": None, "*.mlp.*": {"format": "none"}},
         "nonfinite": "propagate",
@@ -48,7 +50,7 @@ def test_every_key():
     config = HaloConfig.from_options(options)
     assert config.defaults == LayerConfig(
         format="int8", hadamard=Hadamard(forward="inner"), hadamard_block="full", scale="tensor",
-        grad_rounding="stochastic", min_features=32,
+        grad_rounding="stochastic", fast_accum=False, min_features=32,
     )
     assert config.defaults.max_block == 0  # "full": no limit
     assert config.nonfinite == "propagate"
@@ -66,8 +68,8 @@ def test_every_key():
 def test_layer_keys():
     """Every field of LayerConfig is a top-level option and a per-layer override key."""
     assert set(halo_compile.config.LAYER_KEYS) == {
-        "format", "hadamard", "hadamard_block", "scale", "grad_rounding", "min_features",
-        "adapters"}
+        "format", "hadamard", "hadamard_block", "scale", "grad_rounding", "fast_accum",
+        "min_features", "adapters"}
 
 
 def test_from_options_passes_a_config_through():
@@ -179,6 +181,13 @@ def test_bad_hadamard_block(block):
 def test_bad_min_features(value):
     with pytest.raises(ValueError, match="'min_features'"):
         HaloConfig.from_options({"min_features": value})
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_bad_fast_accum(value):
+    with pytest.raises(ValueError, match="'fast_accum' must be True or False") as info:
+        HaloConfig.from_options({"fast_accum": value})
+    assert repr(value) in str(info.value)
 
 
 def test_bad_hadamard_dict():

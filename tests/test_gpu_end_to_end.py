@@ -57,7 +57,7 @@ def test_gemm_kernels_are_called():
     for fmt in ("fp8_e4m3", "int8"):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             y = torch.ops.halo.quantized_linear(x, w, None, fmt, "row", "inner", "outer", "none",
-                                                256, "nearest", True, "test")
+                                                256, "nearest", True, "test", False)
             y.backward(torch.randn_like(y))
         names = {event.name for event in prof.events()}
         expected = "aten::_scaled_mm" if fmt == "fp8_e4m3" else "halo::int8_scaled_mm"

@@ -93,9 +93,10 @@ def test_linear_equals_quantized_linear_with_a_frozen_weight(seed, fwd, gi, fmt)
     bf, bq = b.float().requires_grad_(), b.float().requires_grad_()
     weight = _frozen(w)
     y = torch.ops.halo.frozen_linear(xf, weight, "", [], bf, False, *args, 0, "nearest", True,
-                                     "lin")
+                                     "lin", False)
     y.backward(gy.float())
-    yq = torch.ops.halo.quantized_linear(xq, weight, bq, *args, "none", 0, "nearest", True, "lin")
+    yq = torch.ops.halo.quantized_linear(xq, weight, bq, *args, "none", 0, "nearest", True, "lin",
+                                         False)
     yq.backward(gy.float())
     assert torch.equal(y, yq) and torch.equal(xf.grad, xq.grad) and torch.equal(bf.grad, bq.grad)
     assert weight.grad is None
@@ -115,7 +116,7 @@ def test_weight_stored_transposed():
         xl = x.float().requires_grad_()
         y = torch.ops.halo.frozen_linear(xl, _frozen(w, transposed), "", [], b.float(), transposed,
                                          "fp8_e4m3", "row", "inner", "outer", 0, "nearest",
-                                         True, "lin")
+                                         True, "lin", False)
         y.backward(gy.float())
         outs.append((y, xl.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -129,13 +130,13 @@ def test_weight_quantized_once_per_version():
     for _ in range(3):
         xl = x.float().requires_grad_()
         torch.ops.halo.frozen_linear(xl, weight, "", [], None, False, "fp8_e4m3", "row", "inner",
-                                     "outer", 0, "nearest", True, "lin").backward(gy.float())
+                                     "outer", 0, "nearest", True, "lin", False).backward(gy.float())
     # Two derived copies: Q(W H) for the forward, Q(Wᵀ) for grad-input.
     assert FROZEN_WEIGHTS.computations - before == 2
     with torch.no_grad():
         weight.add_(0.01)
     torch.ops.halo.frozen_linear(x.float(), weight, "", [], None, False, "fp8_e4m3", "row", "inner",
-                                 "outer", 0, "nearest", True, "lin")
+                                 "outer", 0, "nearest", True, "lin", False)
     assert FROZEN_WEIGHTS.computations - before == 3
 
 
@@ -144,26 +145,26 @@ def test_a_weight_that_requires_grad_is_refused():
     with pytest.raises(ValueError, match="lin.*requires grad"):
         torch.ops.halo.frozen_linear(x.float().requires_grad_(), w.float().requires_grad_(),
                                      "", [], None, False, "int8", "row", "none", "none", 0,
-                                     "nearest", True, "lin")
+                                     "nearest", True, "lin", False)
     # A tensor folded into the weight (an RMSNorm scale) that is trained: also refused.
     scale = torch.ones(w.shape[1], requires_grad=True)
     fold = FOLDS.register(lambda weight, norm_scale: weight * norm_scale)
     with pytest.raises(ValueError, match="lin.*fold input requires grad"):
         torch.ops.halo.frozen_linear(x.float().requires_grad_(), _frozen(w), fold, [scale],
                                      None, False, "int8", "row", "none", "none", 0, "nearest",
-                                     True, "lin")
+                                     True, "lin", False)
 
 
 def test_folded_weight_is_cached_per_version_of_each_fold_input():
     x, w, _, _ = _inputs(8)
     weight, scale = _frozen(w), torch.rand(w.shape[1]) + 0.5
     fold = FOLDS.register(lambda weight, norm_scale: weight * norm_scale)
-    args = (None, False, "fp8_e4m3", "row", "inner", "outer", 0, "nearest", True, "lin")
+    args = (None, False, "fp8_e4m3", "row", "inner", "outer", 0, "nearest", True, "lin", False)
     before = FROZEN_WEIGHTS.computations
     y = torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
     want = torch.ops.halo.quantized_linear(x.float(), (weight * scale).float(), None,
                                            "fp8_e4m3", "row", "inner", "outer", "none", 0,
-                                           "nearest", True, "lin")
+                                           "nearest", True, "lin", False)
     assert torch.equal(y, want)
     torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
     assert FROZEN_WEIGHTS.computations - before == 1
@@ -172,7 +173,7 @@ def test_folded_weight_is_cached_per_version_of_each_fold_input():
     assert FROZEN_WEIGHTS.computations - before == 2
     assert torch.equal(y, torch.ops.halo.quantized_linear(
         x.float(), (weight * scale).float(), None, "fp8_e4m3", "row", "inner", "outer", "none", 0,
-        "nearest", True, "lin"))
+        "nearest", True, "lin", False))
 
 
 @pytest.mark.parametrize("where", ["forward", "grad-input"])
@@ -182,14 +183,15 @@ def test_non_finite_raises_with_the_matmul_name(where):
     xl = x.float().requires_grad_()
     with pytest.raises(NonFiniteInputError, match=f"lin {where}"):
         torch.ops.halo.frozen_linear(xl, _frozen(w), "", [], None, False, "fp8_e4m3", "row",
-                                     "inner", "outer", 0, "nearest", True, "lin").backward(gy.float())
+                                     "inner", "outer", 0, "nearest", True, "lin",
+                                     False).backward(gy.float())
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "none"])
 def test_opcheck(fmt):
     x, w, b, _ = _inputs(7, tokens=48, d_in=48, d_out=32)
     args = (x.float().requires_grad_(), _frozen(w), "", [], b.float().requires_grad_(), False, fmt,
-            "row", "inner", "outer", 0, "nearest", True, "lin")
+            "row", "inner", "outer", 0, "nearest", True, "lin", True)
     opcheck(torch.ops.halo.frozen_linear.default, args,
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                         "test_aot_dispatch_dynamic"))

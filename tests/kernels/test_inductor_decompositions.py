@@ -19,6 +19,7 @@ from halo_compile.kernels.scaled_matmul import (
     cuda_gemm,
     fused_block,
     fused_scaled_matmul,
+    gemm_with,
     scaled_matmul_reference,
 )
 
@@ -65,6 +66,26 @@ def test_decomposed_pieces_match_reference(fmt, rotation, dtype, seed):
     assert _rel(out, ref) < BOUNDS[dtype]
 
 
+def test_fast_accumulation_reaches_the_gemm_of_the_decomposed_path():
+    a, b = _operands(32, 48, 64, torch.bfloat16, 9)
+    seen = []
+
+    def recording_gemm(*args, fast_accum=False):
+        seen.append(fast_accum)
+        return cuda_gemm(*args, fast_accum=fast_accum)
+
+    block = fused_block(a, b, "fp8_e4m3", "inner", 256, "nearest", "nearest")
+    for fast in (True, False):
+        out = fused_scaled_matmul(
+            gemm_with(recording_gemm, fast), a, b, "fp8_e4m3", "inner", block, "row", True, "t",
+            quantize_operand=lambda x, *args: torch.ops.halo.hadamard_quantize(
+                x, "fp8_e4m3", *args[1:]))
+        # The CPU's `_scaled_mm` takes the flag and accumulates in float32 either way.
+        ref = scaled_matmul_reference(a, b, "fp8_e4m3", "inner", 256, "row")
+        assert _rel(out, ref) < 2**-7
+    assert seen == [True, False]
+
+
 def test_decomposed_pieces_pad_unaligned_gemm_dims():
     a, b = _operands(37, 21, 64, torch.bfloat16, 3)
     out = _decomposed(a, b, "fp8_e4m3", "inner")
@@ -86,7 +107,7 @@ def test_decompositions_leave_what_the_fused_kernel_does_not_cover():
     assert decompose_scaled_matmul(a, b, *args) is NotImplemented  # CPU: the reference runs
     w = b.clone()
     assert decompose_quantized_linear(a, w, None, "fp8_e4m3", "row", "inner", "inner", "outer",
-                                      256, "nearest", True, "t") is NotImplemented
+                                      256, "nearest", True, "t", False) is NotImplemented
     # On CUDA too: stochastic rounding, blocks above 256, format none and float64 stay whole.
     assert fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
     assert fused_block(a, b, "fp8_e4m3", "inner", 0, "nearest", "nearest") == 64
@@ -123,12 +144,14 @@ def test_gpu_generated_code_launches_kernels_not_python_ops(hadamard):
     assert "halo.quantized_linear" not in code and "halo.scaled_matmul" not in code
     assert code.count("_hadamard_quantize_kernel") >= 6  # 2 operands x 3 matmuls
     assert code.count("_scaled_mm") >= 3
+    # The forward GEMM accumulates fast (option fast_accum, on by default), the gradients' not.
+    assert code.count("use_fast_accum=True") == 1 and code.count("use_fast_accum=False") == 2
     # Same numbers as the op's eager CUDA body, which runs the same kernels.
     with torch.no_grad():
         rotations = {"none": ("none",) * 3, "halo2": ("inner", "outer", "inner"),
                      "all_inner": ("inner",) * 3}[hadamard]
         want = torch.ops.halo.quantized_linear(x, w, None, "fp8_e4m3", "row", *rotations, 256,
-                                               "nearest", True, "l")
+                                               "nearest", True, "l", True)
     assert _rel(y, want) < 2**-7
     assert torch.isfinite(grad_w).all() and torch.isfinite(x.grad).all()
     raise_pending_nonfinite()
@@ -144,7 +167,7 @@ def test_gpu_generated_code_int8_launches_the_triton_gemm():
     assert code.count("_int8_scaled_mm_kernel") >= 3 and code.count("_hadamard_quantize_kernel") >= 6
     with torch.no_grad():
         want = torch.ops.halo.quantized_linear(x, w, None, "int8", "row", "inner", "outer",
-                                               "inner", 256, "nearest", True, "l")
+                                               "inner", 256, "nearest", True, "l", False)
     assert _rel(y, want) < 2**-7
 
 

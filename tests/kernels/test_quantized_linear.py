@@ -63,7 +63,7 @@ def _run(x, w, b, gy, fmt, fwd="none", gi="none", gw="none", granularity="row", 
     wl = w.detach().to(w_dtype).requires_grad_()
     bl = None if b is None else b.detach().to(w_dtype).requires_grad_()
     y = torch.ops.halo.quantized_linear(xl, wl, bl, fmt, granularity, fwd, gi, gw, max_block,
-                                        rounding, check, "lin")
+                                        rounding, check, "lin", False)
     y.backward(gy.to(y.dtype))
     return y.detach(), xl.grad, wl.grad, None if bl is None else bl.grad
 
@@ -156,12 +156,12 @@ def test_no_bias_and_partial_grads():
     # Only the weight needs a gradient (frozen input), then only the input (frozen weight).
     xl, wl = x.float(), w.float().requires_grad_()
     y = torch.ops.halo.quantized_linear(xl, wl, None, "none", "row", "inner", "inner", "inner",
-                                        0, "nearest", True, "lin")
+                                        0, "nearest", True, "lin", False)
     y.backward(gy.float())
     assert xl.grad is None and _rel(wl.grad, ref[2]) < 1e-5
     xl, wl = x.float().requires_grad_(), w.float()
     y = torch.ops.halo.quantized_linear(xl, wl, None, "none", "row", "inner", "inner", "inner",
-                                        0, "nearest", True, "lin")
+                                        0, "nearest", True, "lin", False)
     y.backward(gy.float())
     assert wl.grad is None and _rel(xl.grad, ref[1]) < 1e-5
 
@@ -223,7 +223,7 @@ def test_backward_graph_holds_quantized_matmuls(weight_grad):
 
     def f(x, w, b):
         return torch.ops.halo.quantized_linear(x, w, b, "int8", "row", "inner", "inner", "outer",
-                                               256, "nearest", True, "lin")
+                                               256, "nearest", True, "lin", False)
 
     x, w, b, gy = _inputs(seed=9)
     fn = aot_function(f, fw_compiler=capture("fw"), bw_compiler=capture("bw"))
@@ -261,7 +261,7 @@ def test_backward_calls_scaled_matmul_twice_eager():
     x, w, b, gy = _inputs(seed=10)
     xl, wl, bl = (t.float().requires_grad_() for t in (x, w, b))
     y = torch.ops.halo.quantized_linear(xl, wl, bl, "fp8_e4m3", "row", "inner", "inner", "inner",
-                                        256, "nearest", True, "lin")
+                                        256, "nearest", True, "lin", False)
     with Record() as rec:
         y.backward(gy.float())
     assert rec.ops.count(torch.ops.halo.scaled_matmul.default) == 2
@@ -276,7 +276,7 @@ def test_opcheck(fmt, bias):
     x, w, b, _ = _inputs(seed=11, batch=2, seq=24, d_in=48, d_out=32, bias=bias)
     args = (x.float().requires_grad_(), w.float().requires_grad_(),
             b.float().requires_grad_() if bias else None,
-            fmt, "row", "inner", "outer", "inner", 0, "nearest", True, "lin")
+            fmt, "row", "inner", "outer", "inner", 0, "nearest", True, "lin", True)
     opcheck(torch.ops.halo.quantized_linear.default, args,
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                         "test_aot_dispatch_dynamic"))
@@ -286,7 +286,7 @@ def test_opcheck_bf16_2d():
     x, w, b, _ = _inputs(seed=12, batch=1, seq=17, d_in=64, d_out=48)
     args = (x[0].to(torch.bfloat16).requires_grad_(), w.float().requires_grad_(),
             b.float().requires_grad_(), "int8", "tensor", "inner", "inner", "inner", 16,
-            "nearest", True, "lin")
+            "nearest", True, "lin", False)
     opcheck(torch.ops.halo.quantized_linear.default, args)
 
 
@@ -307,7 +307,7 @@ def test_cuda_forward_backward(fmt, x_dtype):
         wl = w.to(device, torch.float32).requires_grad_()
         bl = b.to(device, torch.float32).requires_grad_()
         y = torch.ops.halo.quantized_linear(xl, wl, bl, fmt, "row", "inner", "inner", "inner",
-                                            256, "nearest", True, "lin")
+                                            256, "nearest", True, "lin", False)
         y.backward(gy.to(device, x_dtype))
         assert y.device.type == device and xl.grad.device.type == device
         outs[device] = (y.detach(), xl.grad, wl.grad, bl.grad)

@@ -136,9 +136,9 @@ input fc1.bias
 input x
 input fc2.weight
 input fc2.bias
-quantized_linear_default = halo.quantized_linear.default(x, fc1.weight, fc1.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc1')
+quantized_linear_default = halo.quantized_linear.default(x, fc1.weight, fc1.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc1', True)
 gelu = gelu(quantized_linear_default)
-quantized_linear_default_1 = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc2')
+quantized_linear_default_1 = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc2', True)
 return (quantized_linear_default_1,)""")
 
     def test_dynamo_graph_per_layer_settings(self):
@@ -159,7 +159,7 @@ input fc2.weight
 input fc2.bias
 linear = linear(x, fc1.weight, fc1.bias)
 gelu = gelu(linear)
-quantized_linear_default = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, 'int8', 'tensor', 'inner', 'inner', 'inner', 64, 'stochastic', False, 'fc2')
+quantized_linear_default = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, 'int8', 'tensor', 'inner', 'inner', 'inner', 64, 'stochastic', False, 'fc2', True)
 return (quantized_linear_default,)""")
 
     def test_aot_forward_and_backward_graphs(self):
@@ -172,7 +172,10 @@ return (quantized_linear_default,)""")
         # Explicitly, beyond the snapshots: the forward runs both linears as halo ops, and the
         # backward computes grad-input and grad-weight of both with halo.scaled_matmul, with the
         # halo2 rotations; no high-precision matmul is left anywhere.
-        self.assertEqual([n.args[-1] for n in call_nodes(fw, QL)], ["fc1", "fc2"])
+        self.assertEqual([n.args[11] for n in call_nodes(fw, QL)], ["fc1", "fc2"])
+        # The forward GEMM accumulates fast (the default); the gradient GEMMs do not.
+        self.assertEqual([n.args[12] for n in call_nodes(fw, QL)], [True, True])
+        self.assertEqual([len(n.args) for n in call_nodes(bw, SM)], [10] * 4)
         scaled = {n.args[-1]: n.args[3] for n in call_nodes(bw, SM)}
         self.assertEqual(scaled, {
             "fc2 grad-input": "outer", "fc2 grad-weight": "none",
@@ -189,9 +192,9 @@ return (quantized_linear_default,)""")
 
         self.assertExpectedInline(normalize_code(fw.code), """\
 def forward(self, primals_1, primals_2, primals_3, primals_4, primals_5):
-quantized_linear = torch.ops.halo.quantized_linear.default(primals_3, primals_1, primals_2, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc1')
+quantized_linear = torch.ops.halo.quantized_linear.default(primals_3, primals_1, primals_2, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc1', True)
 gelu = torch.ops.aten.gelu.default(quantized_linear)
-quantized_linear_1 = torch.ops.halo.quantized_linear.default(gelu, primals_4, primals_5, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc2')
+quantized_linear_1 = torch.ops.halo.quantized_linear.default(gelu, primals_4, primals_5, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc2', True)
 return (quantized_linear_1, primals_1, primals_3, primals_4, quantized_linear, gelu)""")
         self.assertExpectedInline(normalize_code(bw.code), """\
 def forward(self, primals_1, primals_3, primals_4, quantized_linear, gelu, tangents_1):
@@ -221,7 +224,7 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
         ref_params = [p.detach().clone().requires_grad_() for p in self.model.parameters()]
         w1, b1, w2, b2 = ref_params
         settings = ("fp8_e4m3", "row", "inner", "outer", "none", 256, "nearest", True)
-        ref = QL(F.gelu(QL(x_ref, w1, b1, *settings, "fc1")), w2, b2, *settings, "fc2")
+        ref = QL(F.gelu(QL(x_ref, w1, b1, *settings, "fc1", True)), w2, b2, *settings, "fc2", True)
         ref.square().sum().backward()
         self.assertLess(rel_err(out, ref), 1e-6)
         self.assertLess(rel_err(self.x.grad, x_ref.grad), 1e-6)
@@ -293,7 +296,7 @@ def _as_out_in(model, fqn):
 def _forms_reference(model, x, settings):
     """Forms.forward written with eager halo ops: what the rewritten graph must compute."""
     def ql(inp, fqn, bias=None):
-        return QL(inp, _as_out_in(model, fqn), bias, *settings, fqn)
+        return QL(inp, _as_out_in(model, fqn), bias, *settings, fqn, True)
 
     y1 = ql(x, "a")
     y2 = ql(y1, "b")
@@ -322,7 +325,7 @@ class TestLinearForms(expecttest.TestCase):
                 self.assertNotIn(node.target, (torch.matmul, torch.mm, torch.addmm,
                                                operator.matmul))
         ops = call_nodes(gm, QL)
-        self.assertEqual([n.args[-1] for n in ops], ["a", "b", "d", "c", "e", "conv"])
+        self.assertEqual([n.args[11] for n in ops], ["a", "b", "d", "c", "e", "conv"])
         # The chained linear reads the halo op that replaced its producer.
         self.assertIs(ops[1].args[0], ops[0])
         self.assertIs(ops[2].args[0], ops[0])
