@@ -9,13 +9,10 @@ import platform
 import torch
 
 
-def median_ms(step, reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of `step()`, each call timed with CUDA events after `warmup` calls.
-    Synchronizes after every call, so host-side launch overhead between calls is not hidden by
-    queued work, but host time inside a call (launches, syncs) is counted."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
+def _call_times(step, reps: int) -> list:
+    """Milliseconds of each of `reps` calls of `step()`, each timed with CUDA events and
+    synchronized, so host-side launch overhead between calls is not hidden by queued work, but
+    host time inside a call (launches, syncs) is counted."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -24,7 +21,35 @@ def median_ms(step, reps: int, warmup: int = 3) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def _median(values) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def median_ms(step, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of `step()` over `reps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    return _median(_call_times(step, reps))
+
+
+def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3) -> dict:
+    """Median milliseconds of each of `steps` (name -> callable), timed in `rounds` rounds that
+    take the contenders in turn, `reps` calls each per round: a drift of the GPU's clocks or
+    temperature during the run then weighs on every contender alike instead of on whichever ran
+    last (back-to-back timings of one contender varied by up to 35% between device runs)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    torch.cuda.synchronize()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name] += _call_times(step, reps)
+    return {name: _median(t) for name, t in times.items()}
 
 
 def time_fwd_bwd(fn, x, grad, reps: int) -> float:

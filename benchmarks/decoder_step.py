@@ -7,7 +7,9 @@ halo backend's variants and torchao float8 training, side by side in one process
                                       [--profile "halo fp8 halo2,..."]
 
 Each decoder layer is compiled on its own (regional compilation: the layers share one compiled
-graph); the tiny embedding (vocab 256) and the final norm stay eager. Needs a CUDA GPU.
+graph); the tiny embedding (vocab 256) and the final norm stay eager. Every contender is built
+first (peak memory counts its own allocations), then the steps are timed in rounds that take each
+contender in turn. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import torch
 
 from _contenders import NAMES, compile_fn, parse_names
-from _timing import emit, kernel_breakdown, markdown_table, median_ms, peak_gib
+from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_table, peak_gib
 
 
 def build_model(layers: int):
@@ -30,11 +32,25 @@ def build_model(layers: int):
     return LlamaModel(config).to("cuda", torch.bfloat16)
 
 
+def training_step(model, opt, embeds):
+    def step():
+        out = model(inputs_embeds=embeds).last_hidden_state
+        loss = out.float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=2, help="steps per contender and round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of timing, each taking every contender in turn")
     parser.add_argument("--contenders", default=",".join(NAMES))
     parser.add_argument("--markdown", help="append the table as markdown to this file")
     parser.add_argument("--profile", default="",
@@ -45,10 +61,9 @@ def main() -> None:
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(args.layers).state_dict().items()}
     embeds = torch.randn(1, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
-    rows = []
-    bf16_tps = None
+    rows, steps, notes = [], {}, {}
     for name in names:
-        torch._dynamo.reset()
+        before = torch.cuda.memory_allocated()  # the contenders built earlier stay allocated
         model = build_model(args.layers)
         model.load_state_dict(state)
         skipped = None
@@ -61,29 +76,22 @@ def main() -> None:
             print(f"{name}: skipped ({skipped})", flush=True)
             rows.append((name, "skipped", "-", "-", "-", skipped))
             continue
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-
-        def step():
-            out = model(inputs_embeds=embeds).last_hidden_state
-            loss = out.float().square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        loss = float(step())
-        ms = median_ms(step, args.reps)
+        steps[name] = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5,
+                                                             fused=True), embeds)
+        loss = float(steps[name]())
+        peak = peak_gib(steps[name]) - before / 2**30
+        notes[name] = (peak, loss)
         if name in args.profile.split(","):
             print(f"--- {name}: GPU kernels over 3 steps ---")
-            print(kernel_breakdown(step, 3, top=25), flush=True)
-        peak = peak_gib(step)
+            print(kernel_breakdown(steps[name], 3, top=25), flush=True)
+    times = interleaved_median_ms(steps, args.rounds, args.reps)
+    bf16_tps = args.seq / (times["bf16 inductor"] * 1e-3) if "bf16 inductor" in times else None
+    for name, ms in times.items():
         tps = args.seq / (ms * 1e-3)
-        bf16_tps = tps if name == "bf16 inductor" else bf16_tps
+        peak, loss = notes[name]
         rows.append((name, f"{ms:.1f}", f"{tps:.0f}", f"{tps / bf16_tps:.2f}x" if bf16_tps else "-",
                      f"{peak:.2f}", f"first loss {loss:.4f}"))
         print(rows[-1], flush=True)
-        del model, opt
-        torch.cuda.empty_cache()
     emit(markdown_table(
         f"Training step (fwd+bwd+AdamW), {args.layers} Llama-3-8B-shaped decoder layers, seq "
         f"{args.seq}, batch 1, bf16",

@@ -4,7 +4,8 @@ tensorwise), timed side by side in one process.
 
     python benchmarks/linear.py [--tokens 8192] [--markdown out.md] [--contenders a,b]
 
-Prints a table: median ms of forward+backward (grad-input and grad-weight), TFLOP/s over the
+The contenders are compiled first, then timed in rounds that take each in turn. Prints a
+table: median ms of forward+backward (grad-input and grad-weight), TFLOP/s over the
 6 * tokens * in * out flops of the three matmuls, speed-up vs bf16 Inductor, and the output's
 relative error vs the bf16 result. Needs a CUDA GPU.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from _contenders import NAMES, compile_fn, parse_names
-from _timing import emit, kernel_breakdown, markdown_table, time_fwd_bwd
+from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_table
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
@@ -26,7 +27,9 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=4, help="calls per contender and round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of timing, each taking every contender in turn")
     parser.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES),
                         help="in x out, comma separated")
     parser.add_argument("--contenders", default=",".join(NAMES))
@@ -46,23 +49,24 @@ def main() -> None:
         grad = torch.randn(args.tokens, d_out, device="cuda", dtype=torch.bfloat16)
         reference = base(x).detach().float()
         flops = 6 * args.tokens * d_in * d_out
-        bf16_ms = None
+        steps, errors = {}, {}
         for name in names:
-            torch._dynamo.reset()
             fn, skipped = compile_fn(name, copy.deepcopy(base))
             if skipped:
                 print(f"{shape} {name}: skipped ({skipped})", flush=True)
                 rows.append((shape, name, "skipped", "-", "-", skipped))
                 continue
             out = fn(x).detach().float()
-            err = ((out - reference).norm() / reference.norm()).item()
-            ms = time_fwd_bwd(fn, x, grad, args.reps)
-            bf16_ms = ms if name == "bf16 inductor" else bf16_ms
+            errors[name] = ((out - reference).norm() / reference.norm()).item()
+            steps[name] = lambda fn=fn: fn(x).backward(grad)
             if name in args.profile.split(","):
                 print(f"--- {shape} {name}: GPU kernels over 5 forward+backward ---")
-                print(kernel_breakdown(lambda: fn(x).backward(grad), 5), flush=True)
+                print(kernel_breakdown(steps[name], 5), flush=True)
+        times = interleaved_median_ms(steps, args.rounds, args.reps)
+        bf16_ms = times.get("bf16 inductor")
+        for name, ms in times.items():
             rows.append((shape, name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
-                         f"{bf16_ms / ms:.2f}x" if bf16_ms else "-", f"{err:.2e}"))
+                         f"{bf16_ms / ms:.2f}x" if bf16_ms else "-", f"{errors[name]:.2e}"))
             print(rows[-1], flush=True)
     emit(markdown_table(
         f"nn.Linear forward+backward, tokens {args.tokens}, bf16 (in x out)",

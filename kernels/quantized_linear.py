@@ -77,12 +77,13 @@ def _backward(ctx, grad_out):
             rounding, "nearest", check, f"{name} grad-input",
         ).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        # dW = dYᵀ X: contraction over tokens.
+        # dW = dYᵀ X: contraction over tokens. Its operands need no inf/NaN check of their own
+        # when grad-input checked dY and the forward checked X: each check costs host time.
         xt = shared(x, ("features x tokens", dy.dtype),
                     lambda t: t.reshape(-1, t.shape[-1]).to(dy.dtype).t())
         grad_w = torch.ops.halo.scaled_matmul(
             dy.t(), xt, fmt, gw_rot, max_block, granularity,
-            rounding, "nearest", check, f"{name} grad-weight",
+            rounding, "nearest", check and grad_x is None, f"{name} grad-weight",
         ).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = dy.sum(0).to(ctx.bias_dtype)

@@ -27,8 +27,9 @@ Design
   Otherwise (K split over programs because there are few line blocks, scales per K index, or
   granularity "tensor") a first launch atomically max-reduces each scale's absmax, torch turns
   those into scales exactly as the reference does, and a second launch quantizes.
-  GPU launches: rows (1, 2, 2) (BLOCK_M, NT, warps: one warp per 16 x 16 tile; GPU_CONFIG),
-  transposed views (16, 1, 4), dim 0 (64, 1, 4), K split until ~4 programs per SM.
+  GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
+  warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4), K split until ~4
+  programs per SM, (64, 1, 4) unrotated, in one launch; dim 0 (64, 1, 4), K split.
 * The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
   block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
   tile the block transform is X -> G X H_16, H_16 acting on `low` (a right product) and
@@ -62,8 +63,8 @@ benchmarks/hadamard_quantize.py): with block 0 the output equals the reference b
 a rotation, the scales agree to 4e-7 relative and at most one value in ~10^5 differs, by one
 quantum (bf16, block 256: 4 to 83 of 33.5M / 117M values; fp32: ~5e-6 of the values).
 Bandwidth, bytes read once + written once, CUDA graph timing, bf16 -> FP8 per row, block 256,
-against a 3.0 TB/s copy: rows 1.43-1.51 TB/s (47-51%; block 0: 1.76-2.25 TB/s), transposed view
-0.94-1.11 TB/s, dim 0 0.71-0.76 TB/s, at 8192 x 4096 and 8192 x 14336. The second pass re-reads
+against a 3.0 TB/s copy: rows 1.43-1.52 TB/s (47-51%; block 0: 1.91-2.25 TB/s), transposed view
+0.93-1.12 TB/s (block 0: 1.25 TB/s), dim 0 0.71-0.76 TB/s, at 8192 x 4096 and 8192 x 14336. The second pass re-reads
 the input, and the dots (mma on 16 x 16 tiles with layout conversions around them), the splits
 and the division all cost instructions: it is not at the copy bandwidth.
 
@@ -346,19 +347,30 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
                      lambda: f"hadamard_quantize: block {block} does not divide {size}")
 
 
-# Launch configurations: (BLOCK_M, NT, num_warps).
-# Rows read along K (K contiguous). On an H100 (triton 3.6, bf16, block 256) the best were one
-# warp per 16 x 16 tile and few tiles per program, many programs per SM: (1, 2, 2) and (1, 4, 4)
-# within noise of each other at 8192 x 4096 and 8191 x 14336, (2, 2, 4) close behind; 8 or more
-# tiles per warp, or a whole row per program kept in registers between the passes, were 1.5 to
-# 5 times slower.
-GPU_CONFIG = (1, 2, 2)
-# Lines contiguous: BLOCK_M lines side by side make each load 2 * BLOCK_M contiguous bytes (bf16)
-# per K index. Measured on an H100 (bf16, block 256, 8192 tokens): a transposed view [out, T]
-# (grad-weight) 0.94-1.11 TB/s with BLOCK_M 16 vs 0.76-0.89 with 32 or 64; dim 0 ("outer")
-# 0.71-0.76 TB/s with 64 (split over K) vs 0.48-0.67 with 16 or 32.
-GPU_TRANSPOSED_CONFIG = (16, 1, 4)
-GPU_OUTER_CONFIG = (64, 1, 4)
+# GPU launch configurations, per layout and whether the kernel rotates: (BLOCK_M, NT,
+# num_warps, whether K may be split over programs when there are too few line blocks). Measured
+# on an H100 (triton 3.6, bf16 -> FP8 row scales, 8192 x 4096 and 8192 x 14336,
+# benchmarks/hadamard_quantize.py --sweep, docs/BENCHMARKS.md):
+# * rows (K contiguous): one warp per 16 x 16 tile and few tiles per program, many programs per
+#   SM. Rotated: (1, 2, 2), (1, 4, 4) and (2, 2, 4) within 1% (1.52 TB/s); 8 or more tiles per
+#   warp, or a whole row per program kept in registers between the passes, 1.5 to 5 times
+#   slower. Not rotated: (1, 4, 4) 1.91 TB/s vs (1, 2, 2) 1.76.
+# * a transposed view (lines contiguous; grad-weight's dYᵀ and Xᵀ, grad-input's Wᵀ): BLOCK_M
+#   lines side by side make each load 2 * BLOCK_M contiguous bytes (bf16) per K index. Rotated:
+#   BLOCK_M 16 1.12 TB/s, 32 or 64 0.74-0.90 (the ±1 blocks are broadcast over the BLOCK_M tiles
+#   of a batched dot and staged in shared memory: 32 KiB each at 64). Not rotated (no dot):
+#   BLOCK_M 64 in one launch 1.25 TB/s, vs 0.78 with 16 and 1.15 with K split over programs.
+# * dim 0 ("outer", scales per K index, reduced over lines by atomics): BLOCK_M 64, K split
+#   until ~4 programs per SM, 0.75 TB/s, vs 0.48 with 16 and 0.62-0.64 with 32; Triton's default
+#   3 pipelining stages beat 1 or 2 (0.61, 0.72).
+GPU_CONFIGS = {
+    ("rows", True): (1, 2, 2, False),
+    ("rows", False): (1, 4, 4, False),
+    ("transposed", True): (16, 1, 4, True),
+    ("transposed", False): (64, 1, 4, False),
+    ("outer", True): (64, 1, 4, True),
+    ("outer", False): (64, 1, 4, True),
+}
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
@@ -395,15 +407,17 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     strided = xv.stride(1) != 1
     if interpret:
         config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
+        may_split = False
     else:
-        config = GPU_OUTER_CONFIG if per_k else GPU_TRANSPOSED_CONFIG if strided else GPU_CONFIG
+        layout = "outer" if per_k else "transposed" if strided else "rows"
+        *config, may_split = GPU_CONFIGS[layout, block > 0]
     bm = block_m or config[0]
     nt = 1 if per_k else (nt or config[1])
     line_blocks = triton.cdiv(M, bm)
     k_tiles = triton.cdiv(K, nt * 256)
     if split is None:
         split = 1
-        if not interpret and (strided or per_k):
+        if may_split:
             # Few line blocks (a transposed [out, T] view has only out / BLOCK_M): split K too.
             want = _PROGRAMS_PER_SM * _sm_count(x.device)
             split = 1 if line_blocks >= want // 2 and not per_k else triton.cdiv(want, line_blocks)
@@ -464,8 +478,7 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
     block_m / nt / num_warps / split / num_stages: override the launch configuration
-        (GPU_CONFIG, GPU_TRANSPOSED_CONFIG, GPU_OUTER_CONFIG; split > 1 divides K over
-        programs, then the scales need a second launch; num_stages, Triton's software
+        (GPU_CONFIGS; split > 1 divides K over programs, then the scales need a second launch; num_stages, Triton's software
         pipelining depth, sets how many tiles in flight a program keeps in shared memory).
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
         knob: not bit-exact, and no faster on an H100).

@@ -199,6 +199,20 @@ def test_non_finite_raises_with_the_matmul_name(where, operand):
     assert bool(torch.isfinite(dx if operand == "x" else y).all())
 
 
+def test_grad_weight_checks_the_output_gradient_only_without_grad_input():
+    """dY is checked once: by grad-input, or by grad-weight when x takes no gradient."""
+    x, w, _, gy = _inputs(seed=8)
+    gy[1, 2, 3] = float("nan")
+    args = ("fp8_e4m3", "row", "inner", "inner", "inner", 0, "nearest", True, "lin", False)
+    wl = w.float().requires_grad_()
+    y = torch.ops.halo.quantized_linear(x.float(), wl, None, *args)
+    with pytest.raises(NonFiniteInputError, match="lin grad-weight"):
+        y.backward(gy.float())
+    y = torch.ops.halo.quantized_linear(x.float().requires_grad_(), wl, None, *args)
+    with pytest.raises(NonFiniteInputError, match="lin grad-input"):
+        y.backward(gy.float())
+
+
 def _count_scaled_matmul(gm):
     return sum(
         1 for n in gm.graph.nodes
