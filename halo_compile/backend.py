@@ -1,5 +1,6 @@
 """The `halo` torch.compile backend: halo's FX passes on the Dynamo graph, then AOTAutograd and
-Inductor (or aot_eager) exactly as the default backend would run them."""
+Inductor (or aot_eager) as the default backend would run them, with one post-grad pass of ours
+in Inductor (passes/batch_nonfinite_checks.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
+from halo_compile.passes.batch_nonfinite_checks import BatchNonfiniteChecks
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
 from halo_compile.report import GraphRecord, record_graph
@@ -59,6 +61,10 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    # One inf/NaN report per compiled graph instead of a Python op call per quantized matmul.
+    post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass)
+    return compile_fx(gm, example_inputs,
+                      config_patches={"post_grad_custom_post_pass": post_grad})

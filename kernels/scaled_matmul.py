@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs
-from .quantize import absmax, check_finite, check_operands_finite, quantize
+from .quantize import absmax, check_all_finite, check_finite, check_operands_finite, quantize
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 from .triton_int8_matmul import int8_scaled_mm  # noqa: F401  (registers halo::int8_scaled_mm)
 
@@ -199,6 +199,22 @@ def checked_scale(sa: torch.Tensor, sb: torch.Tensor, sa_factor: float,
 @checked_scale.register_fake
 def _(sa, sb, sa_factor, where):
     return torch.empty_like(sa)
+
+
+@torch.library.custom_op("halo::report_nonfinite", mutates_args=("token",),
+                         schema="(Tensor(a!) token, Tensor[] scales, str[] wheres) -> ()")
+def report_nonfinite(token, scales, wheres) -> None:
+    """The inf/NaN check of many operands at once (`scales[i]` belongs to the operand named
+    `wheres[i]`): what passes/batch_nonfinite_checks.py puts at the end of a compiled graph in
+    place of one `halo::checked_scale` call per matmul. `token` is a dummy whose declared
+    mutation makes the op a side effect that no dead-code elimination removes."""
+    del token
+    check_all_finite(dict(zip(wheres, scales)))
+
+
+@report_nonfinite.register_fake
+def _(token, scales, wheres):
+    return None
 
 
 def scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where):

@@ -175,10 +175,13 @@ def test_gpu_generated_code_int8_launches_the_triton_gemm():
 def test_gpu_generated_code_keeps_the_deferred_check():
     x, w = _operands(256, 256, 512, torch.bfloat16, 7, device="cuda")
     _, _, code = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2"})
-    assert "halo.checked_scale" in code
+    # One report per graph (forward, backward: passes/batch_nonfinite_checks.py), no Python op
+    # call per matmul.
+    assert code.count("torch.ops.halo.report_nonfinite.default(") == 2
+    assert "torch.ops.halo.checked_scale" not in code
     _, _, code = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2",
                                               "nonfinite": "propagate"})
-    assert "halo.checked_scale" not in code
+    assert "halo.report_nonfinite" not in code and "halo.checked_scale" not in code
     x[0, 0] = float("inf")
     with pytest.raises(NonFiniteInputError, match="forward"):
         _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": "halo2"})

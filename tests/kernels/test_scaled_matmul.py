@@ -322,6 +322,15 @@ def test_checked_scale_opcheck_and_result():
     assert torch.equal(torch.ops.halo.checked_scale(sa, sb, 0.25, "m"), sa * 0.25)
 
 
+def test_report_nonfinite_opcheck_and_verdict():
+    g = torch.Generator().manual_seed(3)
+    scales = [torch.rand(8, 1, generator=g) + 0.1, torch.rand(5, 1, generator=g) + 0.1]
+    opcheck(torch.ops.halo.report_nonfinite.default, (torch.empty(0), scales, ["a", "b"]))
+    scales[1][2, 0] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=r"in b;"):
+        torch.ops.halo.report_nonfinite(torch.empty(0), scales, ["a", "b"])
+
+
 def test_opcheck_odd_shapes_tensor_scales():
     g = torch.Generator().manual_seed(1)
     a, b = _randn((17, 40), g, torch.bfloat16), _randn((9, 40), g, torch.bfloat16)

@@ -1,0 +1,80 @@
+"""Inductor post-grad pass: one inf/NaN report per compiled graph instead of one per matmul.
+
+On CUDA every quantized matmul hands its operands' scales to `halo::checked_scale`
+(kernels/scaled_matmul.py), which returns the GEMM's scale once it has queued the deferred
+inf/NaN verdict. That op is opaque to Inductor, so each call is a trip through Python in the
+middle of the generated code: ~0.3 ms of host time per matmul on the H100 host, which left a
+two-layer decoder step's GPU idle for 10 of its 33 ms (docs/BENCHMARKS.md).
+
+This pass, which runs on each graph AOTAutograd hands to Inductor (forward and backward):
+* replaces every `checked_scale(sa, sb, factor, where)` by `sa * factor`, which Inductor fuses
+  into the kernel that computes the scales;
+* puts one `halo::report_nonfinite` before the graph's output. It takes every checked scale
+  tensor (once, however many matmuls share it) with the name of its matmul and operand, and
+  queues one verdict for all of them: one multi-tensor max, one copy to pinned memory, one event.
+
+What is reported does not change (the scales are inf/NaN exactly where their operands are, and
+the error names the first bad operand in graph order); it is reported at the end of the graph
+instead of at each matmul, which is no later than before for the deferred CUDA verdicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from halo_compile.kernels import scaled_matmul  # noqa: F401  (registers the ops)
+
+CHECK = torch.ops.halo.checked_scale.default
+REPORT = torch.ops.halo.report_nonfinite.default
+
+
+def batch_nonfinite_checks(graph: fx.Graph) -> int:
+    """Rewrite `graph` in place as the module docstring says. Returns how many checks it moved."""
+    checks = [n for n in graph.nodes if n.op == "call_function" and n.target is CHECK]
+    if not checks:
+        return 0
+    named: dict[fx.Node, str] = {}  # scale node -> the first matmul operand it belongs to
+    for node in checks:
+        sa, sb, factor, where = node.args
+        named.setdefault(sa, f"{where} (left operand)")
+        named.setdefault(sb, f"{where} (right operand)")
+        with graph.inserting_before(node):
+            scaled = graph.call_function(torch.ops.aten.mul.Tensor, (sa, factor))
+        scaled.meta.update(node.meta)
+        node.replace_all_uses_with(scaled)
+        graph.erase_node(node)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    example = next(iter(named)).meta["val"]
+    with graph.inserting_before(output):
+        token = graph.call_function(torch.ops.aten.empty.memory_format, ([0],),
+                                    {"dtype": torch.float32, "device": example.device})
+        token.meta["val"] = example.new_empty((0,))
+        report = graph.call_function(REPORT, (token, list(named), list(named.values())))
+        report.meta["val"] = None
+    return len(checks)
+
+
+class BatchNonfiniteChecks(CustomGraphPass):
+    """`batch_nonfinite_checks` as Inductor's `post_grad_custom_post_pass`, after an existing
+    one (`then`, run afterwards) if the user had set one."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, graph: fx.Graph) -> None:
+        batch_nonfinite_checks(graph)
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self) -> bytes:
+        # Inductor's FX graph cache keys on it: this file's source, and the chained pass's.
+        key = hashlib.sha256(Path(__file__).read_bytes())
+        if self.then is not None:
+            key.update(repr(self.then.uuid() if hasattr(self.then, "uuid") else self.then)
+                       .encode())
+        return key.digest()
