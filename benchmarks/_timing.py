@@ -67,22 +67,27 @@ def peak_gib(step) -> float:
 
 
 def kernel_breakdown(step, reps: int, top: int = 15) -> str:
-    """torch.profiler table of the GPU kernels of `reps` calls of `step()`, by total GPU time."""
+    """torch.profiler tables of `reps` calls of `step()`: the GPU kernels by total GPU time, then
+    the host-side ops by their own CPU time (where a step's time goes when the GPU waits)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
     averages = prof.key_averages()
+    device_key = "self_device_time_total"
     try:
-        return averages.table(sort_by="self_device_time_total", row_limit=top,
-                              max_name_column_width=70)
+        averages.table(sort_by=device_key, row_limit=1)
     except (KeyError, AttributeError):  # older torch names it after CUDA
-        return averages.table(sort_by="self_cuda_time_total", row_limit=top,
-                              max_name_column_width=70)
+        device_key = "self_cuda_time_total"
+    return "\n".join([
+        averages.table(sort_by=device_key, row_limit=top, max_name_column_width=70),
+        f"host (self CPU time, {reps} calls):",
+        averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70),
+    ])
 
 
 def environment() -> str:

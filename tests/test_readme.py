@@ -45,7 +45,8 @@ def test_recipe_runs(section, tmp_path, monkeypatch):
     import torch._inductor.compile_fx
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
-                        lambda gm, example_inputs: lookup_backend("aot_eager")(gm, example_inputs))
+                        lambda gm, example_inputs, **kwargs: lookup_backend("aot_eager")(
+                            gm, example_inputs))
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     found = recipes()
