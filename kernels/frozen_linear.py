@@ -58,8 +58,8 @@ def frozen_weight_matmul(
     """A [M, K] @ op(W)ᵀ -> [M, N] (op(W) [N, K]), W = FOLDS.apply(fold, weight, fold_inputs)
     (the weight itself for fold ""), the weight side cached; `fast_accum` as in
     halo::scaled_matmul."""
-    return _frozen_weight_matmul(gemm_with(reference_gemm, fast_accum), a, weight, fold,
-                                 fold_inputs, transpose_weight,
+    del fast_accum  # the reference accumulates in float32
+    return _frozen_weight_matmul(reference_gemm, a, weight, fold, fold_inputs, transpose_weight,
                                  fmt, rotation, max_block, granularity, rounding_a,
                                  check_finite_inputs, where)
 
@@ -106,9 +106,10 @@ def frozen_weight_gemm(
     """The quantized activation (qa, scales sa * sa_factor) times op(weight) rotated along K by
     `block` and quantized, from the cache: the GEMM half of the fused frozen path. The cache is
     read inside the op, never returned from it (Inductor may reuse an op's output buffer)."""
-    return _frozen_weight_gemm(gemm_with(reference_gemm, fast_accum), qa, sa, sa_factor, weight,
-                               fold, fold_inputs, transpose_weight, fmt, granularity, block,
-                               out_dtype, check_finite_inputs, where)
+    del fast_accum  # the reference accumulates in float32
+    return _frozen_weight_gemm(reference_gemm, qa, sa, sa_factor, weight, fold, fold_inputs,
+                               transpose_weight, fmt, granularity, block, out_dtype,
+                               check_finite_inputs, where)
 
 
 @frozen_weight_gemm.register_kernel("cuda")

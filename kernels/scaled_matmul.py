@@ -94,10 +94,9 @@ def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a
                                         outer_block, a.dtype, check_finite_inputs, where)
 
 
-def reference_gemm(qa, sa, qb, sb, fmt, out_dtype, fast_accum=False):
-    """Float32 product of the exact low-precision values, then the scales. (`fast_accum` is a
-    property of the GPU's FP8 GEMM: the reference accumulates in float32 either way.)"""
-    del fmt, out_dtype, fast_accum
+def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):
+    """Float32 product of the exact low-precision values, then the scales."""
+    del fmt, out_dtype
     return (qa.float() @ qb.float().t()) * sa * sb.t()
 
 
@@ -144,9 +143,8 @@ def _pad_rows_cols(t, row_multiple, col_multiple):
 
 def scaled_matmul_reference(a, b, fmt="fp8_e4m3", rotation="none", max_block=0,
                             granularity="row", rounding_a="nearest", rounding_b="nearest",
-                            check_finite_inputs=True, where="scaled_matmul", fast_accum=False):
+                            check_finite_inputs=True, where="scaled_matmul"):
     """Plain-torch reference of halo::scaled_matmul (runs on any device)."""
-    del fast_accum  # the reference accumulates in float32
     return _scaled_matmul(reference_gemm, a, b, fmt, rotation, max_block, granularity,
                           rounding_a, rounding_b, check_finite_inputs, where)
 
@@ -167,8 +165,9 @@ def scaled_matmul(
 ) -> torch.Tensor:
     """A [M, K] @ B [N, K]ᵀ -> [M, N] in A's dtype, quantized as the arguments say;
     `fast_accum`: the GPU's FP8 GEMM accumulates in the tensor cores' fast mode."""
+    del fast_accum  # the reference accumulates in float32
     return scaled_matmul_reference(a, b, fmt, rotation, max_block, granularity, rounding_a,
-                                   rounding_b, check_finite_inputs, where, fast_accum)
+                                   rounding_b, check_finite_inputs, where)
 
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
