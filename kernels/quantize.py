@@ -53,7 +53,7 @@ def absmax(x: torch.Tensor, granularity: str) -> torch.Tensor:
 def check_finite(amax: torch.Tensor, where: str) -> None:
     """Raise NonFiniteInputError if an absmax (or a scale) is inf/NaN: any inf/NaN in a tensor
     reaches its absmax. See `check_operands_finite` for when it raises on CUDA."""
-    check_all_finite({where: amax})
+    check_all_finite([(where, amax)])
 
 
 def check_operands_finite(amax_a: torch.Tensor, amax_b: torch.Tensor, where: str) -> None:
@@ -64,7 +64,7 @@ def check_operands_finite(amax_a: torch.Tensor, amax_b: torch.Tensor, where: str
     tensors of several checks are reduced together, their max copied to pinned memory behind an
     event and read by a later check once the event has completed, or by
     `raise_pending_nonfinite()`. The error names the matmul and operand where it happened."""
-    check_all_finite({f"{where} (left operand)": amax_a, f"{where} (right operand)": amax_b})
+    check_all_finite([(f"{where} (left operand)", amax_a), (f"{where} (right operand)", amax_b)])
 
 
 def raise_pending_nonfinite() -> None:
@@ -73,12 +73,13 @@ def raise_pending_nonfinite() -> None:
     _DEFERRED_CHECKS.poll(wait=True)
 
 
-def check_all_finite(amaxes: "dict[str, torch.Tensor]") -> None:
-    """`check_finite` for several tensors at once, keyed by what each belongs to."""
-    if next(iter(amaxes.values())).device.type == "cuda":
-        _DEFERRED_CHECKS.submit(amaxes)
+def check_all_finite(named: "list[tuple[str, torch.Tensor]]") -> None:
+    """`check_finite` for several tensors at once: (what each belongs to, tensor) pairs, in the
+    order an error should consider them (names may repeat: a layer called twice)."""
+    if named[0][1].device.type == "cuda":
+        _DEFERRED_CHECKS.submit(named)
         return
-    for where, amax in amaxes.items():
+    for where, amax in named:
         if not bool(torch.isfinite(amax).all()):
             raise _nonfinite_error(where)
 
@@ -113,10 +114,10 @@ class _DeferredChecks:
         self._submissions = 0
         self._pending: deque = deque()  # (names, sizes, buffer, pinned max, event)
 
-    def submit(self, tensors: "dict[str, torch.Tensor]") -> None:
-        if self._collected and self._collected[0][1].device != next(iter(tensors.values())).device:
+    def submit(self, named: "list[tuple[str, torch.Tensor]]") -> None:
+        if self._collected and self._collected[0][1].device != named[0][1].device:
             self.flush()  # one buffer per device
-        self._collected.extend(tensors.items())
+        self._collected.extend(named)
         self._submissions += 1
         if self._submissions >= self.flush_every:
             self.flush()

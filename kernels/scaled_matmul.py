@@ -208,7 +208,7 @@ def report_nonfinite(token, scales, wheres) -> None:
     place of one `halo::checked_scale` call per matmul. `token` is a dummy whose declared
     mutation makes the op a side effect that no dead-code elimination removes."""
     del token
-    check_all_finite(dict(zip(wheres, scales)))
+    check_all_finite(list(zip(wheres, scales)))
 
 
 @report_nonfinite.register_fake
