@@ -239,7 +239,7 @@ def test_check_finite_raises(bad, granularity):
 
 
 class _Event:
-    """A CUDA event stand-in for CPU tests: done unless the test says otherwise."""
+    """A CUDA event stand-in for CPU tests: `done` says whether the GPU got there."""
 
     def __init__(self, done):
         self.done = done
