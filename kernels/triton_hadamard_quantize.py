@@ -63,10 +63,11 @@ benchmarks/hadamard_quantize.py): with block 0 the output equals the reference b
 a rotation, the scales agree to 4e-7 relative and at most one value in ~10^5 differs, by one
 quantum (bf16, block 256: 4 to 83 of 33.5M / 117M values; fp32: ~5e-6 of the values).
 Bandwidth, bytes read once + written once, CUDA graph timing, bf16 -> FP8 per row, block 256,
-against a 3.0 TB/s copy: rows 1.43-1.52 TB/s (47-51%; block 0: 1.91-2.25 TB/s), transposed view
-0.93-1.12 TB/s (block 0: 1.25 TB/s), dim 0 0.71-0.76 TB/s, at 8192 x 4096 and 8192 x 14336. The second pass re-reads
-the input, and the dots (mma on 16 x 16 tiles with layout conversions around them), the splits
-and the division all cost instructions: it is not at the copy bandwidth.
+against a 3.0 TB/s copy: rows 1.43-1.52 TB/s (47-51%; block 0: 1.91-2.25 TB/s), transposed
+view 0.93-1.12 TB/s (block 0: 1.25 TB/s), dim 0 0.71-0.76 TB/s, at 8192 x 4096 and 8192 x 14336.
+The second pass re-reads the input, and the dots (mma on 16 x 16 tiles with layout conversions
+around them), the splits and the division all cost instructions: it is not at the copy
+bandwidth.
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
 interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
@@ -369,7 +370,7 @@ GPU_CONFIGS = {
     ("transposed", True): (16, 1, 4, True),
     ("transposed", False): (64, 1, 4, False),
     ("outer", True): (64, 1, 4, True),
-    ("outer", False): (64, 1, 4, True),
+    ("outer", False): (64, 1, 4, True),  # no matmul asks for it; as rotated
 }
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
@@ -478,8 +479,9 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
     block_m / nt / num_warps / split / num_stages: override the launch configuration
-        (GPU_CONFIGS; split > 1 divides K over programs, then the scales need a second launch; num_stages, Triton's software
-        pipelining depth, sets how many tiles in flight a program keeps in shared memory).
+        (GPU_CONFIGS; split > 1 divides K over programs, then the scales need a second launch;
+        num_stages, Triton's software pipelining depth, sets how many tiles in flight a program
+        keeps in shared memory).
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
         knob: not bit-exact, and no faster on an H100).
     recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
