@@ -78,7 +78,7 @@ def main() -> None:
             continue
         steps[name] = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5,
                                                              fused=True), embeds)
-        loss = float(steps[name]())
+        loss = steps[name]().detach().item()
         peak = peak_gib(steps[name]) - before / 2**30
         notes[name] = (peak, loss)
         if name in args.profile.split(","):
