@@ -54,6 +54,11 @@ def check_finite(amax: torch.Tensor, where: str) -> None:
     check_all_finite([(where, amax)])
 
 
+def operand_name(where: str, side: str) -> str:
+    """How a check names a matmul's operand: `where` (the matmul) and `side` ("left" / "right")."""
+    return f"{where} ({side} operand)"
+
+
 def check_operands_finite(amax_a: torch.Tensor, amax_b: torch.Tensor, where: str) -> None:
     """`check_finite` for both operands of a matmul at once.
 
@@ -61,7 +66,8 @@ def check_operands_finite(amax_a: torch.Tensor, amax_b: torch.Tensor, where: str
     (measured: a third of an FP8 linear's time), so the verdict is copied to pinned memory behind
     an event and read by a later check once the event has completed, or by
     `raise_pending_nonfinite()`. The error names the matmul and operand where it happened."""
-    check_all_finite([(f"{where} (left operand)", amax_a), (f"{where} (right operand)", amax_b)])
+    check_all_finite([(operand_name(where, "left"), amax_a),
+                      (operand_name(where, "right"), amax_b)])
 
 
 def raise_pending_nonfinite() -> None:

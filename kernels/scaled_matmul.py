@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs
-from .quantize import absmax, check_all_finite, check_finite, check_operands_finite, quantize
+from .quantize import (
+    absmax,
+    check_all_finite,
+    check_finite,
+    check_operands_finite,
+    operand_name,
+    quantize,
+)
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 from .triton_int8_matmul import int8_scaled_mm  # noqa: F401  (registers halo::int8_scaled_mm)
 
@@ -76,7 +83,7 @@ def product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a, 
     """The rotated left operand `ra` times the right operand `right` = quantized_operand(...):
     quantize `ra`, run `gemm`, undo an "outer" rotation on the output."""
     qa, sa = quantized_operand(ra, fmt, granularity, 0, rounding_a, check,
-                               f"{where} (left operand)")
+                               operand_name(where, "left"))
     out = qa @ right[0].t() if fmt == "none" else gemm(qa, sa, *right, fmt, out_dtype)
     if outer_block:
         out = block_hadamard(out, outer_block, dim=0)
@@ -89,7 +96,7 @@ def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a
                    check_finite_inputs, where):
     ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
     right = quantized_operand(b, fmt, granularity, inner_block, rounding_b, check_finite_inputs,
-                              f"{where} (right operand)")
+                              operand_name(where, "right"))
     return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
                                         outer_block, a.dtype, check_finite_inputs, where)
 

@@ -29,6 +29,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from halo_compile.kernels import scaled_matmul  # noqa: F401  (registers the ops)
+from halo_compile.kernels.quantize import operand_name
 
 CHECK = torch.ops.halo.checked_scale.default
 REPORT = torch.ops.halo.report_nonfinite.default
@@ -42,8 +43,8 @@ def batch_nonfinite_checks(graph: fx.Graph) -> int:
     named: dict[fx.Node, str] = {}  # scale node -> the first matmul operand it belongs to
     for node in checks:
         sa, sb, factor, where = node.args
-        named.setdefault(sa, f"{where} (left operand)")
-        named.setdefault(sb, f"{where} (right operand)")
+        named.setdefault(sa, operand_name(where, "left"))
+        named.setdefault(sb, operand_name(where, "right"))
         with graph.inserting_before(node):
             scaled = graph.call_function(torch.ops.aten.mul.Tensor, (sa, factor))
         scaled.meta.update(node.meta)
