@@ -7,6 +7,8 @@ rounding of the format, which makes CPU results match what the GPU's GEMM consum
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -63,8 +65,9 @@ def check_operands_finite(amax_a: torch.Tensor, amax_b: torch.Tensor, where: str
     """`check_finite` for both operands of a matmul at once.
 
     On the CPU it raises at once. On CUDA a host sync per matmul would stall the launch queue
-    (measured: a third of an FP8 linear's time), so the verdict is copied to pinned memory behind
-    an event and read by a later check once the event has completed, or by
+    (measured: a third of an FP8 linear's time), so the check is deferred (_DeferredChecks): the
+    tensors of several checks are reduced together, their max copied to pinned memory behind an
+    event and read by a later check once the event has completed, or by
     `raise_pending_nonfinite()`. The error names the matmul and operand where it happened."""
     check_all_finite([(operand_name(where, "left"), amax_a),
                       (operand_name(where, "right"), amax_b)])
@@ -96,45 +99,71 @@ def _nonfinite_error(where: str) -> NonFiniteInputError:
 
 
 class _DeferredChecks:
-    """Pending CUDA verdicts, oldest first: (names, pinned peaks, event). A peak (the max of an
-    absmax or scale tensor, whose values are >= 0) is inf/NaN exactly when its tensor held an
-    inf/NaN. `make_event` and `pin_memory` are what tests replace to run it on CPU tensors."""
+    """The CUDA verdicts, deferred twice so that a check costs the host almost nothing:
 
-    def __init__(self, make_event=None, pin_memory: bool = True):
+    * `submit` only collects the named tensors (absmax or scale values, >= 0, so inf/NaN exactly
+      when their operand held one). Holding them keeps their memory from being reused.
+    * Every `flush_every` submissions (and when a verdict is waited for), `flush` concatenates
+      what was collected into one buffer of its own, copies the buffer's max to pinned memory
+      behind an event and queues that verdict: three launches for many matmuls' operands. (A
+      compiled graph submits all its scales at once: passes/batch_nonfinite_checks.py.)
+    * `poll` reads the verdicts whose event has completed, oldest first. A non-finite max is
+      traced to the first bad value in its buffer, which names the tensor.
+
+    `make_event` and `pin_memory` are what tests replace to run it on CPU tensors."""
+
+    def __init__(self, flush_every: int = 8, make_event=None, pin_memory: bool = True):
+        self.flush_every = flush_every
         self._make_event = make_event or torch.cuda.Event
         self._pin_memory = pin_memory
-        self._pending: deque = deque()
+        self._collected: list = []  # (name, tensor), in submission order
+        self._submissions = 0
+        self._pending: deque = deque()  # (names, sizes, buffer, pinned max, event)
 
     def submit(self, named: "list[tuple[str, torch.Tensor]]") -> None:
-        peaks = torch.stack([peak.float() for peak in _maxima([t for _, t in named])])
-        host = torch.empty(peaks.shape, dtype=torch.float32, pin_memory=self._pin_memory)
-        host.copy_(peaks, non_blocking=True)
-        event = self._make_event()
-        event.record()
-        self._pending.append(([name for name, _ in named], host, event))
+        if self._collected and self._collected[0][1].device != named[0][1].device:
+            self.flush()  # one buffer per device
+        self._collected.extend(named)
+        self._submissions += 1
+        if self._submissions >= self.flush_every:
+            self.flush()
         self.poll(wait=False)
 
+    def flush(self) -> None:
+        if not self._collected:
+            return
+        names = [name for name, _ in self._collected]
+        flat = [t.reshape(-1).float() for _, t in self._collected]
+        sizes = [t.numel() for t in flat]
+        buffer = torch.cat(flat)
+        peak = torch.empty((1,), dtype=torch.float32, pin_memory=self._pin_memory)
+        peak.copy_(buffer.amax().reshape(1), non_blocking=True)
+        event = self._make_event()
+        event.record()
+        self._pending.append((names, sizes, buffer, peak, event))
+        self._collected, self._submissions = [], 0
+
     def poll(self, wait: bool) -> None:
+        if wait:
+            self.flush()
         while self._pending:
-            names, host, event = self._pending[0]
+            names, sizes, buffer, peak, event = self._pending[0]
             if not wait and not event.query():
                 return
             event.synchronize()
             self._pending.popleft()
-            for where, peak in zip(names, host.tolist()):
-                if not math.isfinite(peak):
-                    self._pending.clear()  # later verdicts follow from this one
-                    raise _nonfinite_error(where)
+            if not math.isfinite(peak.item()):
+                self._pending.clear()  # later verdicts follow from this one
+                raise _nonfinite_error(_first_nonfinite(names, sizes, buffer))
+
+
+def _first_nonfinite(names: "list[str]", sizes: "list[int]", buffer: torch.Tensor) -> str:
+    """The name of the tensor that holds the first inf/NaN of `buffer` (their concatenation)."""
+    index = int((~torch.isfinite(buffer)).nonzero()[0, 0])
+    return names[bisect.bisect_right(list(itertools.accumulate(sizes)), index)]
 
 
 _DEFERRED_CHECKS = _DeferredChecks()
-
-
-def _maxima(tensors: "list[torch.Tensor]") -> "list[torch.Tensor]":
-    """Each tensor's max, in one multi-tensor launch where torch has it."""
-    if hasattr(torch, "_foreach_max"):
-        return list(torch._foreach_max(tensors))
-    return [t.amax() for t in tensors]
 
 
 def quantize(

@@ -10,9 +10,9 @@ This pass, which runs on each graph AOTAutograd hands to Inductor (forward and b
 * replaces every `checked_scale(sa, sb, factor, where)` by `sa * factor`, which Inductor fuses
   into the kernel that computes the scales;
 * puts one `halo::report_nonfinite` before the graph's output. It takes every checked scale
-  tensor (once, however many matmuls share it) with the name of its matmul and operand, and
-  queues one deferred verdict for all of them (kernels/quantize.py): one multi-tensor max, one
-  copy to pinned memory, one event.
+  tensor (once, however many matmuls share it) with the name of its matmul and operand and
+  hands them to the deferred checks (kernels/quantize.py), which reduce the tensors of several
+  graphs together: one concatenation, one max, one copy to pinned memory and one event.
 
 What is reported does not change (the scales are inf/NaN exactly where their operands are, and
 the error names the first bad operand in graph order); it is reported at the end of the graph

@@ -254,20 +254,31 @@ class _Event:
         self.done = True
 
 
-def _deferred(done=True):
+def _deferred(flush_every=3, done=True):
     events = []
 
     def make_event():
         events.append(_Event(done))
         return events[-1]
 
-    return _DeferredChecks(make_event=make_event, pin_memory=False), events
+    return _DeferredChecks(flush_every, make_event=make_event, pin_memory=False), events
+
+
+def test_deferred_checks_batch_several_submissions_into_one_verdict():
+    checks, events = _deferred(flush_every=3)
+    for i in range(2):
+        checks.submit([(f"m{i} (left operand)", _randn((4, 1), i).abs()),
+                       (f"m{i} (right operand)", _randn((6, 1), i + 10).abs())])
+    assert events == []  # collected, nothing launched yet
+    checks.submit([("m2 (left operand)", _randn((3, 1), 2).abs())])
+    assert len(events) == 1  # the third submission flushed all five tensors together
+    checks.poll(wait=True)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("where", [0, 3, 5])
 def test_deferred_check_names_the_first_bad_tensor(bad, where):
-    checks, _ = _deferred(done=False)  # the GPU has not got there yet: nothing is read
+    checks, _ = _deferred(flush_every=8)
     # Two tensors named alike (a layer called twice): both are checked.
     tensors = [(f"t{i}", _randn((i + 2, 1), i).abs()) for i in range(5)] + [
         ("t4", _randn((3, 1), 5).abs())]
@@ -275,12 +286,12 @@ def test_deferred_check_names_the_first_bad_tensor(bad, where):
     tensors[5][1][0, 0] = float("inf")  # a later bad tensor does not hide the first
     checks.submit(tensors)
     with pytest.raises(NonFiniteInputError, match=f"inf/NaN in {tensors[where][0]};"):
-        checks.poll(wait=True)
+        checks.poll(wait=True)  # flushes, waits, reads
     checks.poll(wait=True)  # the failed verdict is gone: nothing left to raise
 
 
 def test_deferred_verdict_is_read_once_its_event_has_completed():
-    checks, events = _deferred(done=False)
+    checks, events = _deferred(flush_every=1, done=False)  # the GPU has not got there yet
     x = _randn((4, 1), 0).abs()
     x[1, 0] = float("nan")
     checks.submit([("early", x)])
