@@ -28,7 +28,7 @@ from halo_compile.kernels.triton_hadamard_quantize import _hadamard_quantize_imp
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_PER_SM = 228 * 1024  # H100
-_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float8_e4m3fn: "*fp8e4nv",
                   torch.int8: "*i8"}
 
 

@@ -56,7 +56,9 @@ Design
   less than div.rn.f32; INT8 rounds half to even (the 1.5 * 2^23 trick); FP8 converts with
   round-to-nearest-even. NaN and inf make the row's absmax inf, so the scale is non-finite
   exactly when the reference's is (the values are then meaningless).
-* Stores are raw bytes: the FP8 output is written through a uint8 view of the float8 tensor.
+* The FP8 output is stored through its own float8 pointer (the integer-built E4M3 bits are
+  bitcast to float8e4nv), so Inductor's wrapper passes the tensor as it is, with no dtype view
+  per launch.
 
 Measured (H100, torch 2.11, triton 3.6; tests/kernels/test_triton_hadamard_quantize.py and
 benchmarks/hadamard_quantize.py): with block 0 the output equals the reference bit for bit. With
@@ -303,9 +305,9 @@ def _hadamard_quantize_kernel(
                     sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)  # k * 2^-9
                     code = tl.where(mag < 0.015625, sub, normal)
                     sign = (val.to(tl.int32, bitcast=True) >> 24) & 0x80
-                    q = (code | sign).to(tl.uint8)
+                    q = (code | sign).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
                 else:
-                    q = val.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+                    q = val.to(tl.float8e4nv)
                 if INT64:
                     tl.store(q_tiles + k0.to(tl.int64) * stride_qk, q, mask=mask)
                 else:
@@ -400,9 +402,8 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     torch._check(x.numel() >= 1, lambda: "hadamard_quantize: empty input")
     spec = FORMATS[fmt]
     q = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
-    q_bytes = q.view(torch.uint8) if spec.dtype == torch.float8_e4m3fn else q
     # The kernel rotates along its K axis: dim 1 as given, dim 0 through the transposed views.
-    xv, qv = (x.t(), q_bytes.t()) if dim == 0 else (x, q_bytes)
+    xv, qv = (x.t(), q.t()) if dim == 0 else (x, q)
     M, K = xv.shape
     per_k = dim == 0  # scales per row of x = per K index of the views
     strided = xv.stride(1) != 1
