@@ -6,8 +6,8 @@ GB/s counts the bytes read once and written once (input, 8-bit values, float32 s
 reads and writes the input. Timed as CUDA graphs (triton.testing.do_bench_cudagraph, median), so
 launch overhead is left out. Variants: the layouts the three matmuls of a linear need (rows, a
 transposed view for grad-weight, rotation along dim 0 for the "outer" grad-input). --sweep also
-times launch configurations (BLOCK_M, NT, num_warps, split, num_stages) of each variant, at the
-larger shape. Needs a CUDA GPU.
+times launch configurations (BLOCK_M, NT, num_warps, split) of each variant: the strided
+ones at both shapes, rows at the larger. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ SWEEP = {
              [(1, 4, 4), (2, 2, 4), (1, 1, 1), (4, 1, 4)]],
     # Strided lines: Triton's default pipelining (3 stages) keeps ~100 KiB of shared memory per
     # program at BLOCK_M 64 (kernel_resources.py), 64 KiB with 1 stage, 32 KiB at BLOCK_M 32.
-    "strided": [dict(block_m=bm, split=sp) for bm, sp in itertools.product((16, 64), (None, 1))]
-    + [dict(block_m=bm, num_warps=w, num_stages=st) for bm, w, st in
-       ((64, 8, 3), (64, 4, 1), (64, 8, 1), (64, 4, 2), (32, 4, 1), (32, 4, 2), (16, 4, 1),
-        (16, 2, 1))],
+    # Lines per program against programs per launch (a [T, 4096] operand's transposed view has
+    # 4096 lines: 64 programs at BLOCK_M 64 unless K is split), at both shapes.
+    "strided": [dict(block_m=bm, split=sp) for bm, sp in itertools.product((16, 32, 64),
+                                                                          (1, 2, 4, 8))],
 }
 
 
@@ -67,8 +67,9 @@ def main() -> None:
             x = build(t)
             nbytes = t.numel() * (t.element_size() + 1) + (x.shape[0] if gran == "row" else 1) * 4
             configs = [{}]
-            if args.sweep and (m, k) == SHAPES[-1]:  # the larger shape only: it fits a call
-                configs += SWEEP["strided" if dim == 0 or x.stride(1) != 1 else "rows"]
+            strided = dim == 0 or x.stride(1) != 1
+            if args.sweep and (strided or (m, k) == SHAPES[-1]):  # rows: the larger shape only
+                configs += SWEEP["strided" if strided else "rows"]
             for cfg in configs:
                 bw = gbps(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block, dim,
                                                                    **cfg))

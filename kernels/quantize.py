@@ -7,8 +7,6 @@ rounding of the format, which makes CPU results match what the GPU's GEMM consum
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -104,11 +102,11 @@ class _DeferredChecks:
     * `submit` only collects the named tensors (absmax or scale values, >= 0, so inf/NaN exactly
       when their operand held one). Holding them keeps their memory from being reused.
     * Every `flush_every` submissions (and when a verdict is waited for), `flush` concatenates
-      what was collected into one buffer of its own, copies the buffer's max to pinned memory
-      behind an event and queues that verdict: three launches for many matmuls' operands. (A
-      compiled graph submits all its scales at once: passes/batch_nonfinite_checks.py.)
+      what was collected, copies its max to pinned memory behind an event and queues that
+      verdict: three launches for many matmuls' operands. (A compiled graph submits all its
+      scales at once: passes/batch_nonfinite_checks.py.)
     * `poll` reads the verdicts whose event has completed, oldest first. A non-finite max is
-      traced to the first bad value in its buffer, which names the tensor.
+      traced to the first of its tensors that holds an inf/NaN, which names it.
 
     `make_event` and `pin_memory` are what tests replace to run it on CPU tensors."""
 
@@ -118,7 +116,7 @@ class _DeferredChecks:
         self._pin_memory = pin_memory
         self._collected: list = []  # (name, tensor), in submission order
         self._submissions = 0
-        self._pending: deque = deque()  # (names, sizes, buffer, pinned max, event)
+        self._pending: deque = deque()  # ((name, tensor) pairs, pinned max, event)
 
     def submit(self, named: "list[tuple[str, torch.Tensor]]") -> None:
         if self._collected and self._collected[0][1].device != named[0][1].device:
@@ -132,35 +130,31 @@ class _DeferredChecks:
     def flush(self) -> None:
         if not self._collected:
             return
-        names = [name for name, _ in self._collected]
-        flat = [t.reshape(-1).float() for _, t in self._collected]
-        sizes = [t.numel() for t in flat]
-        buffer = torch.cat(flat)
+        # Host time is what this saves, so no per-tensor op where none is needed: absmax and
+        # scale tensors are [n, 1] (one per row) and concatenate as they are.
+        column = [t if t.dim() == 2 and t.shape[1] == 1 else t.reshape(-1, 1)
+                  for _, t in self._collected]
         peak = torch.empty((1,), dtype=torch.float32, pin_memory=self._pin_memory)
-        peak.copy_(buffer.amax().reshape(1), non_blocking=True)
+        peak.copy_(torch.cat(column).amax().reshape(1), non_blocking=True)
         event = self._make_event()
         event.record()
-        self._pending.append((names, sizes, buffer, peak, event))
+        self._pending.append((self._collected, peak, event))
         self._collected, self._submissions = [], 0
 
     def poll(self, wait: bool) -> None:
         if wait:
             self.flush()
         while self._pending:
-            names, sizes, buffer, peak, event = self._pending[0]
+            named, peak, event = self._pending[0]
             if not wait and not event.query():
                 return
             event.synchronize()
             self._pending.popleft()
             if not math.isfinite(peak.item()):
                 self._pending.clear()  # later verdicts follow from this one
-                raise _nonfinite_error(_first_nonfinite(names, sizes, buffer))
-
-
-def _first_nonfinite(names: "list[str]", sizes: "list[int]", buffer: torch.Tensor) -> str:
-    """The name of the tensor that holds the first inf/NaN of `buffer` (their concatenation)."""
-    index = int((~torch.isfinite(buffer)).nonzero()[0, 0])
-    return names[bisect.bisect_right(list(itertools.accumulate(sizes)), index)]
+                # The rare path: find the first tensor that holds it.
+                raise _nonfinite_error(next(name for name, t in named
+                                            if not bool(torch.isfinite(t).all())))
 
 
 _DEFERRED_CHECKS = _DeferredChecks()

@@ -8,7 +8,12 @@ import torch
 from torch.library import opcheck
 
 from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size
-from halo_compile.kernels.quantize import NonFiniteInputError, quantize, raise_pending_nonfinite
+from halo_compile.kernels.quantize import (
+    _DEFERRED_CHECKS,
+    NonFiniteInputError,
+    quantize,
+    raise_pending_nonfinite,
+)
 from halo_compile.kernels.scaled_matmul import (
     fused_block,
     fused_scaled_matmul,
@@ -496,11 +501,14 @@ def test_cuda_non_finite_is_raised_by_a_later_call_without_a_sync():
     bad = a.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(NonFiniteInputError, match="left operand"):
-        # Raised by this call if its verdict is already back, else by the next one: once the
-        # event has completed, any later check reads it, without a sync of its own.
+        # Checks are reduced in batches of `flush_every` submissions; once a batch's event has
+        # completed, any later check reads its verdict, without a sync of its own.
         _op(bad, a, "fp8_e4m3", "none", check=True)
+        for _ in range(_DEFERRED_CHECKS.flush_every):
+            _op(a, a, "fp8_e4m3", "none", check=True)
         torch.cuda.synchronize()
         _op(a, a, "fp8_e4m3", "none", check=True)
+    raise_pending_nonfinite()  # the calls after the bad one were clean
 
 
 @pytest.mark.gpu
