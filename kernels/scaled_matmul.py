@@ -216,9 +216,10 @@ def report_nonfinite(token, scales, wheres) -> None:
     check_all_finite(list(zip(wheres, scales)))
 
 
-# Registered below torch.library.custom_op: a compiled graph calls it once per run, and
-# custom_op's Python wrapper costs ~90 us a call with 40 tensors (4x the dispatcher's own). It is
-# only ever inserted after AOTAutograd (no autograd, no functionalization needed).
+# Registered through torch.library.Library rather than custom_op: a compiled graph calls it on
+# every run, and custom_op's Python wrapper costs ~90 us a call with 40 tensors (4x the
+# dispatcher's own). It is only ever inserted after AOTAutograd, so it needs neither autograd
+# nor functionalization.
 _LIB = torch.library.Library("halo", "FRAGMENT")
 _LIB.define("report_nonfinite(Tensor(a!) token, Tensor[] scales, str[] wheres) -> ()")
 _LIB.impl("report_nonfinite", report_nonfinite, "CompositeExplicitAutograd")
