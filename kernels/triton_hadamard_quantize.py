@@ -513,27 +513,3 @@ def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
         return hadamard_quantize_reference(x, fmt, granularity, block, dim)
     return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block, dim)
 
-
-def measure_bandwidth(M, K, block, fmt="fp8_e4m3", granularity="row", dtype=torch.bfloat16,
-                      precision="split", cuda_graph=False, **launch):
-    """GPU only: effective bandwidth of hadamard_quantize_triton in GB/s, counting the input read
-    once and the values and scales written once, timed with triton.testing.do_bench (median).
-
-    cuda_graph=True times a CUDA graph of the call instead (triton.testing.do_bench_cudagraph),
-    which leaves out the Python launch overhead: at 8192 x 4096 the GPU time per call is ~70 us,
-    close to what launching costs on a slow host, so the plain timing can be launch bound.
-    launch: block_m, nt, num_warps, num_stages, soft_fp8, exact_div overrides."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("measure_bandwidth needs a CUDA GPU")
-    x = torch.randn(M, K, device="cuda", dtype=torch.float32).to(dtype)
-
-    def fn():
-        return hadamard_quantize_triton(x, fmt, granularity, block, precision=precision, **launch)
-
-    fn()
-    if cuda_graph:
-        ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
-    else:
-        ms = triton.testing.do_bench(fn, return_mode="median")
-    nbytes = M * K * x.element_size() + M * K * 1 + (M if granularity == "row" else 1) * 4
-    return nbytes / (ms * 1e-3) / 1e9

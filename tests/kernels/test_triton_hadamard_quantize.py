@@ -15,7 +15,6 @@ from halo_compile.kernels.triton_hadamard_quantize import (
     hadamard_quantize,
     hadamard_quantize_reference,
     hadamard_quantize_triton,
-    measure_bandwidth,
 )
 
 FMTS = ("fp8_e4m3", "int8")
@@ -339,9 +338,3 @@ def test_gpu_op_in_compiled_graph():
     x = _input(300, 1024, torch.bfloat16, 4, outliers=True, device="cuda")
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-def test_gpu_measure_bandwidth():
-    assert measure_bandwidth(1024, 4096, 256) > 0
-    assert measure_bandwidth(1024, 4096, 256, "int8", "tensor", cuda_graph=True) > 0
