@@ -99,7 +99,7 @@ from .quantize import FORMATS, _MIN_AMAX, quantize
 from .triton_interpreter import interpreted
 
 MAX_BLOCK = 256
-PRECISIONS = ("split", "ieee")
+PRECISIONS = ("split", "ieee", "bf16")
 
 # Kernel modes.
 _ROW = 0  # both loops: per-row absmax, per-row scale, quantize
@@ -124,12 +124,14 @@ def _hadamard_quantize_kernel(
     SCALE_VEC: tl.constexpr,  # _WITH_SCALE: a scale per line / per K index, else scale_ptr[0]
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
+    BF16_MID: tl.constexpr,  # round the float32 intermediate between the two products to bf16
     UPCAST_DOT: tl.constexpr,  # interpreter: all dot operands in float32
     SOFT_FP8: tl.constexpr,  # compute the E4M3 bits with integer operations
     MAX_VALUE: tl.constexpr,
     INV_MAX_VALUE: tl.constexpr,  # float32(1 / MAX_VALUE)
     RECIP_SCALE: tl.constexpr,  # scale = amax * INV_MAX_VALUE (else amax / MAX_VALUE)
     INV_SQRT: tl.constexpr,
+    POW2_NORM: tl.constexpr,  # INV_SQRT is a power of two (blocks 16, 64, 256): scale the scales
     R: tl.constexpr,  # HB // 16 (1 when HB is 0 or 16): G = I (x) H_R
     FIRST_PASS: tl.constexpr,  # passes FIRST_PASS..LAST_PASS-1 run: 0 = absmax, 1 = quantize
     LAST_PASS: tl.constexpr,
@@ -138,6 +140,7 @@ def _hadamard_quantize_kernel(
     NB: tl.constexpr,  # BLOCK_M * NT
     EXACT_DIV: tl.constexpr,  # IEEE division by the scale (else multiply by its reciprocal)
     INT64: tl.constexpr,  # element offsets need 64 bits
+    EVEN: tl.constexpr,  # BLOCK_M divides M and NT * 256 divides K: no masks
 ):
     # The input is addressed through strides as M lines of K values: x[m, k] at
     # x_ptr + m * stride_xm + k * stride_xk, so a transposed view (stride_xm == 1) is read in
@@ -195,6 +198,8 @@ def _hadamard_quantize_kernel(
         g_xop = g_f.to(x_ptr.dtype.element_ty)
 
     amax_b = tl.full([NB], 0.0, dtype=tl.float32)
+    # Elementwise running absmax of the tiles, reduced across lanes once after the loop.
+    amax_tiles = tl.full([NB, 16, 16], 0.0, dtype=tl.float32)
     for p in tl.static_range(FIRST_PASS, LAST_PASS):
         if p == 1 and not (SCALE_PER_K and SCALE_VEC):
             if MODE == 0:
@@ -212,21 +217,38 @@ def _hadamard_quantize_kernel(
                 scale_b = tl.load(scale_ptr + tl.full([NB], 0, dtype=tl.int32))
             scale3 = scale_b[:, None, None]
             inv3 = tl.math.div_rn(tl.full([NB], 1.0, dtype=tl.float32), scale_b)[:, None, None]
-        for k0 in range(k_start, k_end, NT * 256):
-            k_ok = k0 + tile_off < K
-            mask = b_ok & k_ok
+            if POW2_NORM:  # y / sqrt(HB) / scale, as y / (scale * sqrt(HB)): exact
+                scale3 = scale3 * (1.0 / INV_SQRT)
+                inv3 = inv3 * INV_SQRT
+        n_iter = (k_end - k_start + NT * 256 - 1) // (NT * 256)
+        for i in range(0, n_iter):
+            if p == 1 and MODE == 0:
+                # Backwards: the tiles the absmax loop loaded last are the likeliest to be
+                # still in L2 (a 14336-wide bf16 row is 28 KiB, and thousands are in flight).
+                k0 = k_start + (n_iter - 1 - i) * (NT * 256)
+            else:
+                k0 = k_start + i * (NT * 256)
+            if EVEN:
+                mask = None
+            else:
+                mask = b_ok & (k0 + tile_off < K)
             if INT64:
                 x_at = x_tiles + k0.to(tl.int64) * stride_xk
             else:
                 x_at = x_tiles + k0 * stride_xk
             if p == 0 and MODE == 0:  # read again in the second pass: keep it in L2
-                x = tl.load(x_at, mask=mask, other=0.0, eviction_policy="evict_last")
+                x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
+                            eviction_policy="evict_last")
             else:
-                x = tl.load(x_at, mask=mask, other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
+                            eviction_policy="evict_first")
             if p == 1 and SCALE_PER_K and SCALE_VEC:  # one scale per K index (NT == 1)
                 scale_k = tl.load(scale_ptr + k0 + k16, mask=k0 + k16 < K, other=1.0)
                 scale3 = scale_k[None, :, :]
                 inv3 = tl.math.div_rn(tl.full([16, 16], 1.0, dtype=tl.float32), scale_k)[None, :, :]
+                if POW2_NORM:
+                    scale3 = scale3 * (1.0 / INV_SQRT)
+                    inv3 = inv3 * INV_SQRT
             # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
             # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
             # right product: the accumulator of the first dot becomes the A operand of the
@@ -237,10 +259,14 @@ def _hadamard_quantize_kernel(
                 if R == 1:
                     v = x
                 elif X_FP32 and not IEEE:
-                    xs_hi = x.to(tl.bfloat16)
-                    xs_r = x - xs_hi.to(tl.float32)
-                    xs_mid = xs_r.to(tl.bfloat16)
-                    xs_lo = (xs_r - xs_mid.to(tl.float32)).to(tl.bfloat16)
+                    # Truncated (the top 16 bits of a float32 are a bf16): exact, no rounding.
+                    xs_hi = (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+                    xs_r = x - xs_hi
+                    xs_mid = (xs_r.to(tl.int32, bitcast=True) & -65536).to(tl.float32,
+                                                                          bitcast=True)
+                    xs_lo = (xs_r - xs_mid).to(tl.bfloat16)
+                    xs_hi = xs_hi.to(tl.bfloat16)
+                    xs_mid = xs_mid.to(tl.bfloat16)
                     if UPCAST_DOT:
                         xs_hi = xs_hi.to(tl.float32)
                         xs_mid = xs_mid.to(tl.float32)
@@ -259,11 +285,19 @@ def _hadamard_quantize_kernel(
                         y = tl.dot(v, h16_xop, input_precision="ieee")
                 elif IEEE:
                     y = tl.dot(v, h16_f, input_precision="ieee")
+                elif BF16_MID and not (R == 1 and X_FP32):
+                    if UPCAST_DOT:
+                        y = tl.dot(v.to(tl.bfloat16).to(tl.float32), h16_op, input_precision="ieee")
+                    else:
+                        y = tl.dot(v.to(tl.bfloat16), h16_op, input_precision="ieee")
                 else:  # v is float32: three bf16 pieces
-                    vs_hi = v.to(tl.bfloat16)
-                    vs_r = v - vs_hi.to(tl.float32)
-                    vs_mid = vs_r.to(tl.bfloat16)
-                    vs_lo = (vs_r - vs_mid.to(tl.float32)).to(tl.bfloat16)
+                    vs_hi = (v.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+                    vs_r = v - vs_hi
+                    vs_mid = (vs_r.to(tl.int32, bitcast=True) & -65536).to(tl.float32,
+                                                                          bitcast=True)
+                    vs_lo = (vs_r - vs_mid).to(tl.bfloat16)
+                    vs_hi = vs_hi.to(tl.bfloat16)
+                    vs_mid = vs_mid.to(tl.bfloat16)
                     if UPCAST_DOT:
                         vs_hi = vs_hi.to(tl.float32)
                         vs_mid = vs_mid.to(tl.float32)
@@ -271,17 +305,19 @@ def _hadamard_quantize_kernel(
                     y = tl.dot(vs_lo, h16_op, input_precision="ieee")
                     y = tl.dot(vs_mid, h16_op, y, input_precision="ieee")
                     y = tl.dot(vs_hi, h16_op, y, input_precision="ieee")
-                y = y * INV_SQRT
+                if not POW2_NORM:  # else folded into the scales (exact for a power of two)
+                    y = y * INV_SQRT
             if p == 0:
-                a = tl.abs(y)
-                a = tl.where(a == a, a, float("inf"))  # NaN -> inf: the scale shows it
                 if SCALE_PER_K:  # reduce over the lines; other programs cover other lines
+                    a = tl.abs(y)
+                    a = tl.where(a == a, a, float("inf"))  # NaN -> inf: the scale shows it
                     a = tl.reduce(a, 0, tl.standard._elementwise_max)
+                    if POW2_NORM:
+                        a = a * INV_SQRT
                     tl.atomic_max(amax_ptr + k0 + k16, a, mask=k0 + k16 < K)
                 else:
-                    a = tl.reduce(a, 2, tl.standard._elementwise_max)
-                    a = tl.reduce(a, 1, tl.standard._elementwise_max)
-                    amax_b = tl.maximum(amax_b, a)
+                    amax_tiles = tl.maximum(amax_tiles, tl.abs(y),
+                                            propagate_nan=tl.PropagateNan.ALL)
             else:
                 # ---- quantize ----
                 if EXACT_DIV:
@@ -294,7 +330,8 @@ def _hadamard_quantize_kernel(
                     val = tl.where(res == 0.0, val, tl.fma(res, inv3, val))  # keeps -0.0
                 else:
                     val = y * inv3
-                val = tl.minimum(tl.maximum(val, -MAX_VALUE), MAX_VALUE)
+                if INT8 or SOFT_FP8:  # (the hardware FP8 conversion saturates by itself)
+                    val = tl.minimum(tl.maximum(val, -MAX_VALUE), MAX_VALUE)
                 if INT8:
                     q = ((val + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even
                 elif SOFT_FP8:
@@ -312,8 +349,13 @@ def _hadamard_quantize_kernel(
                     tl.store(q_tiles + k0.to(tl.int64) * stride_qk, q, mask=mask)
                 else:
                     tl.store(q_tiles + k0 * stride_qk, q, mask=mask)
-        if p == 0:
-            if MODE == 1 and not SCALE_PER_K:  # other programs may cover other K ranges
+        if p == 0 and not SCALE_PER_K:
+            amax_tiles = tl.where(amax_tiles == amax_tiles, amax_tiles, float("inf"))  # NaN
+            amax_b = tl.reduce(amax_tiles, 2, tl.standard._elementwise_max)
+            amax_b = tl.reduce(amax_b, 1, tl.standard._elementwise_max)
+            if POW2_NORM:
+                amax_b = amax_b * INV_SQRT
+            if MODE == 1:  # other programs may cover other K ranges
                 amax = tl.reshape(amax_b, (BLOCK_M, NT))
                 amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
                 tl.atomic_max(amax_ptr + rows, amax, mask=row_ok)
@@ -440,13 +482,17 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
             xv, qv, scale, amax, M, K, xv.stride(0), xv.stride(1), qv.stride(0), qv.stride(1),
             k_per_split, HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
             SCALE_VEC=scale_vec, X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
-            UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
+            BF16_MID=precision == "bf16", UPCAST_DOT=interpret, SOFT_FP8=soft_fp8,
+            MAX_VALUE=spec.max_value,
             INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
-            INV_SQRT=1.0 / math.sqrt(block) if block else 1.0, R=max(block // 16, 1),
+            INV_SQRT=1.0 / math.sqrt(block) if block else 1.0,
+            POW2_NORM=block in (16, 64, 256), R=max(block // 16, 1),
             FIRST_PASS=1 if mode == _WITH_SCALE else 0,
             LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
-            EXACT_DIV=exact_div, INT64=extent >= 2**31, **kwargs,
+            EXACT_DIV=exact_div, INT64=extent >= 2**31,
+            # (Masks kept for dim 0: removing them measured 6% slower there on an H200.)
+            EVEN=M % bm == 0 and K % (nt * 256) == 0 and not per_k, **kwargs,
         )
 
     rows = x.shape[0]
