@@ -22,8 +22,11 @@ Design
   iteration handles NT tiles of 256 K indices per line, i.e. a batch of BLOCK_M * NT tiles
   viewed as [16, 16] (k = k0 + 256 * t + 16 * mid + low). With one split and per-line scales
   (granularity "row", dim=1) one launch does it all: the first loop rotates every tile and
-  reduces the per-line absmax; the second rotates the same tiles again (loaded with evict_last
-  in the first loop so that the re-read can come from L2), divides by the scale and stores.
+  keeps an elementwise running absmax of the tiles (NaN-propagating max; reduced across lanes
+  once, after the loop, not per iteration); the second rotates the same tiles again, backwards
+  (loaded with evict_last in the first loop; the tiles loaded last are the likeliest to be still
+  in L2), divides by the scale and stores. When BLOCK_M divides M and NT * 256 divides K the
+  tiles are loaded and stored unmasked (EVEN).
   Otherwise (K split over programs because there are few line blocks, scales per K index, or
   granularity "tensor") a first launch atomically max-reduces each scale's absmax, torch turns
   those into scales exactly as the reference does, and a second launch quantizes.
@@ -39,12 +42,15 @@ Design
   G X comes first, with the loaded tile as the B operand; its float32 accumulator is then the A
   operand of the product with H_16, a conversion that stays in registers. Both matrices hold
   only +-1 and 0 and are built in registers from the bit pattern (H[u, v] = (-1)^popcount(u & v));
-  the 1/sqrt(block) factor is applied afterwards in float32, the way the reference applies it.
+  the 1/sqrt(block) factor is applied afterwards in float32, the way the reference applies it;
+  for blocks 16, 64 and 256 it is a power of two, so it is folded into the absmax and the scale
+  instead (y / sqrt(block) / scale = y / (scale * sqrt(block)), exactly), one multiply less.
 * Precision: every product of a dot is exact (+-1 or 0 times a value representable in the
   operand type) and the accumulation is float32, so the rotation differs from the reference FWHT
   only in the order of float32 additions. bf16/fp16 inputs are dot operands as they are. Values
   that are genuinely float32 (fp32 inputs; the intermediate after the first dot) are split into
-  three bf16 pieces hi + mid + lo (exact for normal floats: 3 x 8 significant bits) that go
+  three bf16 pieces hi + mid + lo (exact for normal floats: 3 x 8 significant bits; hi and mid
+  are the float32 truncated to its top 16 bits, which is a bf16, so no rounding is needed) that go
   through three bf16 dots accumulating into one float32 result (`precision="split"`, the
   default), or through one float32 dot with input_precision="ieee" (`precision="ieee"`: CUDA
   cores, half the bandwidth on an H100, and no more accurate).
@@ -54,22 +60,28 @@ Design
   RN(y * inv) + one FMA correction with inv = RN(1 / scale) (Markstein), which equals IEEE
   division except for subnormal |y|, whose quotient quantizes to zero either way, and costs
   less than div.rn.f32; INT8 rounds half to even (the 1.5 * 2^23 trick); FP8 converts with
-  round-to-nearest-even. NaN and inf make the row's absmax inf, so the scale is non-finite
-  exactly when the reference's is (the values are then meaningless).
+  round-to-nearest-even and saturates (cvt.rn.satfinite), so it needs no clamp to +-448 (the
+  integer FP8 conversion and INT8 do clamp). NaN and inf make the row's absmax inf, so the scale
+  is non-finite exactly when the reference's is (the values are then meaningless).
 * The FP8 output is stored through its own float8 pointer (the integer-built E4M3 bits are
   bitcast to float8e4nv), so Inductor's wrapper passes the tensor as it is, with no dtype view
   per launch.
 
-Measured (H100, torch 2.11, triton 3.6; tests/kernels/test_triton_hadamard_quantize.py and
-benchmarks/hadamard_quantize.py): with block 0 the output equals the reference bit for bit. With
-a rotation, the scales agree to 4e-7 relative and at most one value in ~10^5 differs, by one
-quantum (bf16, block 256: 4 to 83 of 33.5M / 117M values; fp32: ~5e-6 of the values).
-Bandwidth, bytes read once + written once, CUDA graph timing, bf16 -> FP8 per row, block 256,
-against a 3.0 TB/s copy: rows 1.43-1.52 TB/s (47-51%; block 0: 1.91-2.25 TB/s), transposed
-view 0.93-1.12 TB/s (block 0: 1.25 TB/s), dim 0 0.71-0.76 TB/s, at 8192 x 4096 and 8192 x 14336.
-The second pass re-reads the input, and the dots (mma on 16 x 16 tiles with layout conversions
-around them), the splits and the division all cost instructions: it is not at the copy
-bandwidth.
+Accuracy (tests/kernels/test_triton_hadamard_quantize.py, on the device): with block 0 the
+output equals the reference bit for bit. With a rotation the scales agree to 1e-6 relative and
+values differ by at most one quantum, in at most 1 in 10^4 at Llama shapes on the GPU (1 in
+1000 at the interpreter's small shapes). Counted on an H100 with the earlier, rounded splits: 4
+to 83 of 33.5M / 117M bf16 values at block 256, scales within 4e-7.
+
+Bandwidth (H200, 2026-11-28, docs/BENCHMARKS.md), bytes read once + written once, CUDA graph
+timing, bf16 -> FP8 per row, block 256, against a 4.1-4.2 TB/s copy, at 8192 x 4096 and
+8192 x 14336: rows 1.83-1.94 TB/s (45-46%; block 0: 2.89-3.21 TB/s, 69-78%), transposed view
+1.05-1.27 TB/s (block 0: 1.50-1.52), dim 0 0.83-0.90 TB/s. The rotated rows kernel is bound by
+instruction issue (Nsight Compute: issue slots 77% busy before the changes above, which cut its
+two loop bodies from 313 to 245 SASS instructions, 8 values per thread, as Triton 3.9 compiles
+them for sm_90): the three bf16 pieces of the intermediate and their dots, the rotation done
+twice (once per pass), the division. The strided variants are bound by occupancy (dim 0: 247+
+registers and 100 KiB of shared memory per program, two programs per SM).
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
 interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
