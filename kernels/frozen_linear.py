@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import torch
 
+from .quantize import HOST_SIDE_TAGS
 from .scaled_matmul import (
     cuda_gemm,
     fused_block,
@@ -39,7 +40,8 @@ def _frozen_weight_matmul(gemm, a, weight, fold, fold_inputs, transpose_weight, 
                                         outer_block, a.dtype, check_finite_inputs, where)
 
 
-@torch.library.custom_op("halo::frozen_weight_matmul", mutates_args=())
+@torch.library.custom_op("halo::frozen_weight_matmul", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def frozen_weight_matmul(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -86,7 +88,8 @@ def _frozen_weight_gemm(gemm, qa, sa, sa_factor, weight, fold, fold_inputs, tran
     return gemm(qa, sa, qb, sb, fmt, out_dtype).to(out_dtype)
 
 
-@torch.library.custom_op("halo::frozen_weight_gemm", mutates_args=())
+@torch.library.custom_op("halo::frozen_weight_gemm", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def frozen_weight_gemm(
     qa: torch.Tensor,
     sa: torch.Tensor,
@@ -161,7 +164,8 @@ def frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed,
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@torch.library.custom_op("halo::frozen_linear", mutates_args=())
+@torch.library.custom_op("halo::frozen_linear", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def frozen_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

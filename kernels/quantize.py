@@ -30,6 +30,11 @@ FORMATS = {
 GRANULARITIES = ("tensor", "row")
 ROUNDINGS = ("nearest", "stochastic")
 
+# The tags of ops that do host-side work on every call (queueing deferred inf/NaN checks, reading
+# the weight cache): a CUDA graph replay would skip that work, so Inductor must run them outside
+# its graphs (HaloConfig.cudagraphs). Empty on a torch without the tag.
+HOST_SIDE_TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
 _MIN_AMAX = 1e-12
 """Floor on absmax so that a scale is never zero (an all-zero row quantizes to zeros)."""
 
@@ -77,11 +82,12 @@ def raise_pending_nonfinite() -> None:
     _DEFERRED_CHECKS.poll(wait=True)
 
 
-def check_all_finite(named: "list[tuple[str, torch.Tensor]]") -> None:
+def check_all_finite(named: "list[tuple[str, torch.Tensor]]", copy: bool = False) -> None:
     """`check_finite` for several tensors at once: (what each belongs to, tensor) pairs, in the
-    order an error should consider them (names may repeat: a layer called twice)."""
+    order an error should consider them (names may repeat: a layer called twice). `copy`: see
+    `_DeferredChecks.submit`."""
     if named[0][1].device.type == "cuda":
-        _DEFERRED_CHECKS.submit(named)
+        _DEFERRED_CHECKS.submit(named, copy)
         return
     for where, amax in named:
         if not bool(torch.isfinite(amax).all()):
@@ -118,9 +124,15 @@ class _DeferredChecks:
         self._submissions = 0
         self._pending: deque = deque()  # ((name, tensor) pairs, pinned max, event)
 
-    def submit(self, named: "list[tuple[str, torch.Tensor]]") -> None:
+    def submit(self, named: "list[tuple[str, torch.Tensor]]", copy: bool = False) -> None:
+        """`copy`: the tensors' memory is reused before the verdict is read (outputs of a CUDA
+        graph, overwritten by its next replay): keep one concatenated copy of them instead."""
         if self._collected and self._collected[0][1].device != named[0][1].device:
             self.flush()  # one buffer per device
+        if copy:
+            owned = torch.cat([t.reshape(-1) for _, t in named])
+            parts = owned.split([t.numel() for _, t in named])
+            named = [(name, part) for (name, _), part in zip(named, parts)]
         self._collected.extend(named)
         self._submissions += 1
         if self._submissions >= self.flush_every:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .quantize import HOST_SIDE_TAGS
 from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
 from .shared_operands import shared
 
@@ -28,7 +29,8 @@ def linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_bloc
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("halo::quantized_linear", mutates_args=())
+@torch.library.custom_op("halo::quantized_linear", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def quantized_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs
 from .quantize import (
+    HOST_SIDE_TAGS,
     absmax,
     check_all_finite,
     check_finite,
@@ -156,7 +157,8 @@ def scaled_matmul_reference(a, b, fmt="fp8_e4m3", rotation="none", max_block=0,
                           rounding_a, rounding_b, check_finite_inputs, where)
 
 
-@torch.library.custom_op("halo::scaled_matmul", mutates_args=())
+@torch.library.custom_op("halo::scaled_matmul", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def scaled_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -192,7 +194,8 @@ def fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b):
     return block if block <= MAX_BLOCK else None
 
 
-@torch.library.custom_op("halo::checked_scale", mutates_args=())
+@torch.library.custom_op("halo::checked_scale", mutates_args=(),
+                         tags=HOST_SIDE_TAGS)
 def checked_scale(sa: torch.Tensor, sb: torch.Tensor, sa_factor: float,
                   where: str) -> torch.Tensor:
     """`sa * sa_factor`, the left operand's GEMM scales, once both operands' scales are checked
@@ -207,13 +210,14 @@ def _(sa, sb, sa_factor, where):
     return torch.empty_like(sa)
 
 
-def report_nonfinite(token, scales, wheres) -> None:
+def report_nonfinite(token, scales, wheres, copy=False) -> None:
     """The inf/NaN check of many operands at once (`scales[i]` belongs to the operand named
     `wheres[i]`): what passes/batch_nonfinite_checks.py puts at the end of a compiled graph in
     place of one `halo::checked_scale` call per matmul. `token` is a dummy whose declared
-    mutation makes the op a side effect that no dead-code elimination removes."""
+    mutation makes the op a side effect that no dead-code elimination removes. `copy`: the
+    scales are CUDA graph outputs, overwritten by the next replay (see check_all_finite)."""
     del token
-    check_all_finite(list(zip(wheres, scales)))
+    check_all_finite(list(zip(wheres, scales)), copy)
 
 
 # Registered through torch.library.Library rather than custom_op: a compiled graph calls it on
@@ -221,12 +225,13 @@ def report_nonfinite(token, scales, wheres) -> None:
 # dispatcher's own). It is only ever inserted after AOTAutograd, so it needs neither autograd
 # nor functionalization.
 _LIB = torch.library.Library("halo", "FRAGMENT")
-_LIB.define("report_nonfinite(Tensor(a!) token, Tensor[] scales, str[] wheres) -> ()")
+_LIB.define("report_nonfinite(Tensor(a!) token, Tensor[] scales, str[] wheres, bool copy=False)"
+            " -> ()", tags=HOST_SIDE_TAGS)
 _LIB.impl("report_nonfinite", report_nonfinite, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("halo::report_nonfinite", lib=_LIB)
-def _(token, scales, wheres):
+def _(token, scales, wheres, copy=False):
     return None
 
 

@@ -35,8 +35,11 @@ CHECK = torch.ops.halo.checked_scale.default
 REPORT = torch.ops.halo.report_nonfinite.default
 
 
-def batch_nonfinite_checks(graph: fx.Graph) -> int:
-    """Rewrite `graph` in place as the module docstring says. Returns how many checks it moved."""
+def batch_nonfinite_checks(graph: fx.Graph, copy_scales: bool = False) -> int:
+    """Rewrite `graph` in place as the module docstring says. Returns how many checks it moved.
+    `copy_scales`: the graph will run as CUDA graphs, whose outputs the next replay overwrites,
+    so the report keeps a copy of the scales (it runs outside the graphs: it is tagged
+    cudagraph-unsafe)."""
     checks = [n for n in graph.nodes if n.op == "call_function" and n.target is CHECK]
     if not checks:
         return 0
@@ -56,7 +59,8 @@ def batch_nonfinite_checks(graph: fx.Graph) -> int:
         token = graph.call_function(torch.ops.aten.empty.memory_format, ([0],),
                                     {"dtype": torch.float32, "device": example.device})
         token.meta["val"] = example.new_empty((0,))
-        report = graph.call_function(REPORT, (token, list(named), list(named.values())))
+        report = graph.call_function(REPORT, (token, list(named), list(named.values()),
+                                              copy_scales))
         report.meta["val"] = None
     return len(checks)
 
@@ -65,17 +69,19 @@ class BatchNonfiniteChecks(CustomGraphPass):
     """`batch_nonfinite_checks` as Inductor's `post_grad_custom_post_pass`, after an existing
     one (`then`, run afterwards) if the user had set one."""
 
-    def __init__(self, then=None):
+    def __init__(self, then=None, copy_scales: bool = False):
         self.then = then
+        self.copy_scales = copy_scales
 
     def __call__(self, graph: fx.Graph) -> None:
-        batch_nonfinite_checks(graph)
+        batch_nonfinite_checks(graph, self.copy_scales)
         if self.then is not None:
             self.then(graph)
 
     def uuid(self) -> bytes:
         # Inductor's FX graph cache keys on it: this file's source, and the chained pass's.
         key = hashlib.sha256(Path(__file__).read_bytes())
+        key.update(repr(self.copy_scales).encode())
         if self.then is not None:
             key.update(repr(self.then.uuid() if hasattr(self.then, "uuid") else self.then)
                        .encode())

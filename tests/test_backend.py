@@ -419,3 +419,62 @@ def test_top_level_folders_import_as_the_installed_packages():
         assert not any(name.startswith(("kernels.", "passes.")) for name in sys.modules)
     """)
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA graphs (options {"cudagraphs": True} or mode="reduce-overhead")
+# --------------------------------------------------------------------------------------------
+
+
+def _inductor_patches(monkeypatch, **backend_kwargs):
+    """The config patches halo_backend hands to Inductor's compile_fx."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from halo_compile.backend import halo_backend
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64)))
+    halo_backend(gm, [torch.randn(2, 64)], **backend_kwargs)
+    return seen
+
+
+@pytest.mark.parametrize("kwargs", [{"options": {"cudagraphs": True}},
+                                    {"mode": "reduce-overhead"}])
+def test_cudagraphs_turn_on_inductor_cudagraphs_and_partitioning(monkeypatch, kwargs):
+    patches = _inductor_patches(monkeypatch, **kwargs)
+    assert patches["triton.cudagraphs"] is True and patches["graph_partition"] is True
+    assert patches["post_grad_custom_post_pass"].copy_scales is True
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"mode": "default"}, {"options": {"min_features": 16}}])
+def test_no_cudagraphs_by_default(monkeypatch, kwargs):
+    patches = _inductor_patches(monkeypatch, **kwargs)
+    assert "triton.cudagraphs" not in patches
+    assert patches["post_grad_custom_post_pass"].copy_scales is False
+
+
+def test_unsupported_mode_is_an_error():
+    from halo_compile.backend import halo_backend
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64)))
+    with pytest.raises(ValueError, match="unsupported mode 'max-autotune'"):
+        halo_backend(gm, [torch.randn(2, 64)], mode="max-autotune")
+
+
+def test_ops_with_host_side_work_stay_out_of_cuda_graphs():
+    """They queue deferred inf/NaN checks or read the weight cache on every call: a graph
+    replay would skip that, so Inductor must partition them out (cudagraph-unsafe)."""
+    unsafe = torch.Tag.cudagraph_unsafe
+    for name in ("report_nonfinite", "checked_scale", "scaled_matmul", "quantized_linear",
+                 "frozen_weight_matmul", "frozen_weight_gemm", "frozen_linear",
+                 "emulated_quantized_linear"):
+        assert unsafe in getattr(torch.ops.halo, name).default.tags, name
+    # The kernels themselves are pure: captured like any other kernel.
+    for name in ("hadamard_quantize", "int8_scaled_mm"):
+        assert unsafe not in getattr(torch.ops.halo, name).default.tags, name

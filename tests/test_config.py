@@ -21,6 +21,7 @@ def test_defaults(options):
     config = HaloConfig.from_options(options)
     assert config.nonfinite == "raise"
     assert config.compiler == "inductor"
+    assert config.cudagraphs is False
     assert config.layers == ()
     d = config.defaults
     assert d.format == "fp8_e4m3"
@@ -144,6 +145,14 @@ def test_unknown_key_among_valid_ones():
         HaloConfig.from_options({"format": "int8", "typo": 1, "compiler": "aot_eager"})
     # The message lists what is allowed, so the user can fix the typo.
     assert "'format'" in str(info.value) and "'nonfinite'" in str(info.value)
+
+
+def test_cudagraphs_option():
+    assert HaloConfig.from_options({"cudagraphs": True}).cudagraphs is True
+    with pytest.raises(ValueError, match="'cudagraphs' must be True or False, got 1"):
+        HaloConfig.from_options({"cudagraphs": 1})
+    with pytest.raises(ValueError, match="'cudagraphs' needs compiler 'inductor', got 'aot_eager'"):
+        HaloConfig.from_options({"cudagraphs": True, "compiler": "aot_eager"})
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,12 @@ def _tiny_llama():
     return transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16)
 
 
-def _train(model, batches, steps):
+def _train(model, batches, steps, cudagraphs=False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(steps):
+        if cudagraphs:  # a new step: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         ids = batches[step % len(batches)]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -62,3 +64,37 @@ def test_gemm_kernels_are_called():
         names = {event.name for event in prof.events()}
         expected = "aten::_scaled_mm" if fmt == "fp8_e4m3" else "halo::int8_scaled_mm"
         assert expected in names, sorted(names)
+
+
+def test_cuda_graphs_replay_the_same_training_and_still_report_nonfinite():
+    """options {"cudagraphs": True}: the compiled graphs replay as CUDA graphs (no launch
+    overhead) with the same losses, and the inf/NaN report, which runs outside the graphs, still
+    sees every step's scales."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    base = _tiny_llama()
+    batches = [torch.randint(0, 64, (4, 128), device="cuda") for _ in range(4)]
+    options = {"format": "fp8_e4m3", "hadamard": "halo2"}
+    reference = _train(torch.compile(copy.deepcopy(base), backend="halo", options=options),
+                       batches, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    model = copy.deepcopy(base)
+    compiled = torch.compile(model, backend="halo", options={**options, "cudagraphs": True})
+    losses = _train(compiled, batches, 6, cudagraphs=True)
+    torch.testing.assert_close(losses, reference, rtol=1e-2, atol=0)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _train(compiled, batches, 1, cudagraphs=True)
+    assert any(e.name == "cudaGraphLaunch" for e in prof.events())
+    # A NaN in a weight, after the graphs were recorded: the replayed step reports it.
+    halo_compile.raise_pending_nonfinite()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    torch.compiler.cudagraph_mark_step_begin()
+    ids = batches[0]
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(halo_compile.NonFiniteInputError, match=r"layers\.1\.mlp\.up_proj"):
+        halo_compile.raise_pending_nonfinite()

@@ -302,6 +302,19 @@ def test_deferred_verdict_is_read_once_its_event_has_completed():
         checks.submit([("third", _randn((4, 1), 2).abs())])
 
 
+def test_deferred_check_with_copy_survives_the_tensors_being_overwritten():
+    """A CUDA graph's replay overwrites its outputs, the scales among them, before the verdict
+    is read: with copy=True the check sees the values as they were when submitted."""
+    checks, _ = _deferred(flush_every=8)
+    bad, good = _randn((4, 1), 0).abs(), _randn((5, 1), 1).abs()
+    bad[2, 0] = float("nan")
+    checks.submit([("g0 (left operand)", bad), ("g0 (right operand)", good)], copy=True)
+    bad.fill_(1.0)  # the next replay: finite again
+    good[0, 0] = float("inf")
+    with pytest.raises(NonFiniteInputError, match=r"in g0 \(left operand\);"):
+        checks.poll(wait=True)
+
+
 def test_absmax_shapes():
     x = _randn((5, 32), 0)
     torch.testing.assert_close(absmax(x, "row"), x.abs().amax(1, keepdim=True))

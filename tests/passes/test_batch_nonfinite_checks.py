@@ -55,7 +55,7 @@ mul = torch.ops.aten.mul.Tensor(mul_tensor, t)
 t_1 = torch.ops.aten.t.default(div_2)
 mul_1 = torch.ops.aten.mul.Tensor(mul_tensor_1, t_1)
 empty_memory_format = torch.ops.aten.empty.memory_format([0], dtype = torch.float32, device = device(type='cpu'))
-report_nonfinite_default = torch.ops.halo.report_nonfinite.default(empty_memory_format, [div, div_1, div_2], ['q forward (left operand)', 'q forward (right operand)', 'k forward (right operand)'])
+report_nonfinite_default = torch.ops.halo.report_nonfinite.default(empty_memory_format, [div, div_1, div_2], ['q forward (left operand)', 'q forward (right operand)', 'k forward (right operand)'], False)
 return (mul, mul_1)""")
 
     def test_graph_without_checks_is_left_alone(self):
