@@ -111,7 +111,7 @@ from .quantize import FORMATS, _MIN_AMAX, quantize
 from .triton_interpreter import interpreted
 
 MAX_BLOCK = 256
-PRECISIONS = ("split", "ieee", "bf16")
+PRECISIONS = ("split", "ieee")
 
 # Kernel modes.
 _ROW = 0  # both loops: per-row absmax, per-row scale, quantize
@@ -136,7 +136,6 @@ def _hadamard_quantize_kernel(
     SCALE_VEC: tl.constexpr,  # _WITH_SCALE: a scale per line / per K index, else scale_ptr[0]
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
-    BF16_MID: tl.constexpr,  # round the float32 intermediate between the two products to bf16
     UPCAST_DOT: tl.constexpr,  # interpreter: all dot operands in float32
     SOFT_FP8: tl.constexpr,  # compute the E4M3 bits with integer operations
     MAX_VALUE: tl.constexpr,
@@ -297,11 +296,6 @@ def _hadamard_quantize_kernel(
                         y = tl.dot(v, h16_xop, input_precision="ieee")
                 elif IEEE:
                     y = tl.dot(v, h16_f, input_precision="ieee")
-                elif BF16_MID and not (R == 1 and X_FP32):
-                    if UPCAST_DOT:
-                        y = tl.dot(v.to(tl.bfloat16).to(tl.float32), h16_op, input_precision="ieee")
-                    else:
-                        y = tl.dot(v.to(tl.bfloat16), h16_op, input_precision="ieee")
                 else:  # v is float32: three bf16 pieces
                     vs_hi = (v.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
                     vs_r = v - vs_hi
@@ -494,8 +488,7 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
             xv, qv, scale, amax, M, K, xv.stride(0), xv.stride(1), qv.stride(0), qv.stride(1),
             k_per_split, HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
             SCALE_VEC=scale_vec, X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
-            BF16_MID=precision == "bf16", UPCAST_DOT=interpret, SOFT_FP8=soft_fp8,
-            MAX_VALUE=spec.max_value,
+            UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
             INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
             INV_SQRT=1.0 / math.sqrt(block) if block else 1.0,
