@@ -478,3 +478,12 @@ def test_ops_with_host_side_work_stay_out_of_cuda_graphs():
     # The kernels themselves are pure: captured like any other kernel.
     for name in ("hadamard_quantize", "int8_scaled_mm"):
         assert unsafe not in getattr(torch.ops.halo, name).default.tags, name
+
+
+def test_cudagraphs_on_a_torch_without_partitioning_is_an_error(monkeypatch):
+    import halo_compile.backend as backend
+
+    monkeypatch.setattr(backend, "HOST_SIDE_TAGS", ())  # as on a torch without the tag
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64)))
+    with pytest.raises(ValueError, match="'cudagraphs' needs Inductor's graph partitioning"):
+        backend.halo_backend(gm, [torch.randn(2, 64)], options={"cudagraphs": True})
