@@ -1,8 +1,10 @@
 """What the Hadamard+quantize kernel compiles to for an H100 (sm_90), on any machine, no GPU:
-shared memory per program (which caps the programs, hence warps, an SM can hold; registers,
-which may cap them further, are not reported), layout
-conversions, tensor-core instructions, and the width of global loads and stores, for each
-layout the three matmuls of a linear need, at the launch configuration the op uses.
+shared memory per program (which caps the programs, hence warps, an SM can hold), registers per
+thread, the SASS instructions of each loop body (one iteration, per thread: what an
+instruction-bound variant spends per tile), layout conversions, tensor-core instructions, and
+the width of global loads and stores, for each layout the three matmuls of a linear need, at the
+launch configuration the op uses. Registers and SASS come from the nvdisasm and cuobjdump that
+Triton ships ("-" where they are missing).
 
     python benchmarks/kernel_resources.py [--tokens 8192] [--features 14336]
 
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import torch
 import triton
@@ -28,6 +33,7 @@ from halo_compile.kernels.triton_hadamard_quantize import _hadamard_quantize_imp
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_PER_SM = 228 * 1024  # H100
+REGISTERS_PER_SM = 64 * 1024
 _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float8_e4m3fn: "*fp8e4nv",
                   torch.int8: "*i8"}
 
@@ -68,6 +74,46 @@ def _widths(ptx: str, op: str) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(vectors.items())) or "-"
 
 
+def _tool(name: str):
+    """Triton's bundled binary `name` (nvdisasm, cuobjdump), or None."""
+    knob = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), name, None)
+    path = getattr(knob, "path", None) or Path(triton.__file__).parent / "backends/nvidia/bin" / name
+    return str(path) if Path(path).exists() else None
+
+
+def _sass(cubin: bytes) -> tuple[int, str]:
+    """(registers per thread or 0, instructions of each loop body) of a compiled kernel. A loop
+    body runs from a label to the branch that jumps back to it."""
+    nvdisasm, cuobjdump = _tool("nvdisasm"), _tool("cuobjdump")
+    if not nvdisasm or not cuobjdump:
+        return 0, "-"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    registers = re.search(r"REG:(\d+)", usage)
+    labels, addresses, loops = {}, [], []
+    pending = None
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L\w+):", line)
+        instruction = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*)", line)
+        if label:
+            pending = label.group(1)
+        elif instruction:
+            address = int(instruction.group(1), 16)
+            addresses.append(address)
+            if pending:
+                labels[pending], pending = address, None
+            target = re.search(r"\bBRA\b.*?\.(L\w+)", instruction.group(2))
+            if target and labels.get(target.group(1), address + 1) < address:
+                start = labels[target.group(1)]
+                loops.append(sum(start <= a <= address for a in addresses))
+    return (int(registers.group(1)) if registers else 0,
+            " + ".join(str(n) for n in loops) or "no loop")
+
+
 def report(name: str, x: torch.Tensor, block: int, dim: int) -> list[tuple]:
     recorder = _Recorder()
     _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1)
@@ -77,10 +123,14 @@ def report(name: str, x: torch.Tensor, block: int, dim: int) -> list[tuple]:
         compiled = _compile(args, dict(kwargs))
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         shared = compiled.metadata.shared
-        per_sm = min(SHARED_PER_SM // max(shared, 1), 64 // warps)
+        registers, loops = _sass(compiled.asm["cubin"])
+        # Registers are allocated per warp in units of 256.
+        per_warp = -(-registers * 32 // 256) * 256
+        per_sm = min(SHARED_PER_SM // max(shared, 1), 64 // warps,
+                     REGISTERS_PER_SM // max(per_warp * warps, 1))
         pass_name = {0: "absmax+quantize", 1: "absmax", 2: "quantize"}[kwargs["MODE"]]
         rows.append((name, pass_name, f"({kwargs['BLOCK_M']}, {kwargs['NT']}, {warps})",
-                     f"{shared / 1024:.1f}", per_sm, per_sm * warps,
+                     f"{shared / 1024:.1f}", per_sm, per_sm * warps, registers or "-", loops,
                      ttgir.count("convert_layout"), ptx.count("mma.sync"),
                      ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                      _widths(ptx, "ld"), _widths(ptx, "st")))
@@ -95,9 +145,11 @@ def main() -> None:
     t = torch.empty(args.tokens, args.features, dtype=torch.bfloat16, device="meta")
     variants = [("rows (X, W), block 256", t, 256, 1), ("rows, no rotation", t, 0, 1),
                 ("transposed view (dYᵀ, Xᵀ), block 256", t.t(), 256, 1),
+                ("transposed view, no rotation", t.t(), 0, 1),
                 ("dim 0 (outer dY), block 256", t, 256, 0)]
     header = ("variant", "launch", "(BLOCK_M, NT, warps)", "shared KiB", "programs/SM",
-              "warps/SM", "convert_layout", "mma", "cp.async", "global loads", "global stores")
+              "warps/SM", "registers", "SASS per loop iteration", "convert_layout", "mma",
+              "cp.async", "global loads", "global stores")
     print(f"Triton {triton.__version__}, target sm_90, bf16 [{args.tokens}, {args.features}] "
           "-> FP8 row scales\n")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -78,10 +78,11 @@ timing, bf16 -> FP8 per row, block 256, against a 4.1-4.2 TB/s copy, at 8192 x 4
 8192 x 14336: rows 1.83-1.94 TB/s (45-46%; block 0: 2.89-3.21 TB/s, 69-78%), transposed view
 1.05-1.27 TB/s (block 0: 1.50-1.52), dim 0 0.83-0.90 TB/s. The rotated rows kernel is bound by
 instruction issue (Nsight Compute: issue slots 77% busy before the changes above, which cut its
-two loop bodies from 313 to 245 SASS instructions, 8 values per thread, as Triton 3.9 compiles
-them for sm_90): the three bf16 pieces of the intermediate and their dots, the rotation done
-twice (once per pass), the division. The strided variants are bound by occupancy (dim 0: 247+
-registers and 100 KiB of shared memory per program, two programs per SM).
+two loop bodies from 339 to 245 SASS instructions, 8 values per thread, as Triton 3.9 compiles
+them for sm_90; benchmarks/kernel_resources.py counts them): the three bf16 pieces of the
+intermediate and their dots, the rotation done twice (once per pass), the division. The strided
+variants are bound by occupancy (dim 0: 247+ registers and 100 KiB of shared memory per program,
+two programs per SM).
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
 interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
