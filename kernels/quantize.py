@@ -129,9 +129,8 @@ class _DeferredChecks:
         graph, overwritten by its next replay): keep one concatenated copy of them instead."""
         if self._collected and self._collected[0][1].device != named[0][1].device:
             self.flush()  # one buffer per device
-        if copy:
-            owned = torch.cat([t.reshape(-1) for _, t in named])
-            parts = owned.split([t.numel() for _, t in named])
+        if copy:  # [n, 1] parts of one column: flush concatenates them as they are
+            parts = torch.cat([_column(t) for _, t in named]).split([t.numel() for _, t in named])
             named = [(name, part) for (name, _), part in zip(named, parts)]
         self._collected.extend(named)
         self._submissions += 1
@@ -142,12 +141,9 @@ class _DeferredChecks:
     def flush(self) -> None:
         if not self._collected:
             return
-        # Host time is what this saves, so no per-tensor op where none is needed: absmax and
-        # scale tensors are [n, 1] (one per row) and concatenate as they are.
-        column = [t if t.dim() == 2 and t.shape[1] == 1 else t.reshape(-1, 1)
-                  for _, t in self._collected]
         peak = torch.empty((1,), dtype=torch.float32, pin_memory=self._pin_memory)
-        peak.copy_(torch.cat(column).amax().reshape(1), non_blocking=True)
+        peak.copy_(torch.cat([_column(t) for _, t in self._collected]).amax().reshape(1),
+                   non_blocking=True)
         event = self._make_event()
         event.record()
         self._pending.append((self._collected, peak, event))
@@ -167,6 +163,12 @@ class _DeferredChecks:
                 # The rare path: find the first tensor that holds it.
                 raise _nonfinite_error(next(name for name, t in named
                                             if not bool(torch.isfinite(t).all())))
+
+
+def _column(t: torch.Tensor) -> torch.Tensor:
+    """`t` as an [n, 1] column. Host time is what the deferred checks save, so no op where none
+    is needed: absmax and scale tensors are [n, 1] (one per row) already."""
+    return t if t.dim() == 2 and t.shape[1] == 1 else t.reshape(-1, 1)
 
 
 _DEFERRED_CHECKS = _DeferredChecks()
