@@ -124,7 +124,46 @@ _WITH_SCALE = 2  # second loop only: quantize with given scales (per line / K in
 # InterpretedFunction built without TRITON_INTERPRET cannot call them, but tl.reduce with
 # tl.standard._elementwise_max is patched by the interpreter (a numpy fast path) and compiles on
 # the GPU. (Spelled out in the kernel: Inductor, which re-emits the kernel's source for a compiled
-# graph, does not carry module-level aliases along.)
+# graph, does not carry module-level aliases along.) The kernel's own helpers are @triton.jit
+# functions: Inductor re-emits them with the kernel, and the interpreter wrapper
+# (triton_interpreter.py) interprets them with it.
+
+
+@triton.jit
+def _pm1_product(u, pm1, acc, U_ON_LEFT: tl.constexpr):
+    if U_ON_LEFT:
+        out = tl.dot(u, pm1, acc, input_precision="ieee")
+    else:
+        out = tl.dot(pm1, u, acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _pm1_dot(u, pm1, U_ON_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """u @ pm1 (U_ON_LEFT) or pm1 @ u in float32, where pm1 holds only +-1 and 0, so every
+    product is exact. With SPLIT the float32 u goes in as three bf16 pieces hi + mid + lo == u
+    (hi and mid are float32s truncated to their top 16 bits, which are bf16s: no rounding), one
+    dot each, smallest first, accumulated in float32; else u is a dot operand as it is. UPCAST
+    (the interpreter, whose bf16 dot is broken): the operands in float32."""
+    if SPLIT:
+        hi = (u.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+        rest = u - hi
+        mid = (rest.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+        lo = (rest - mid).to(tl.bfloat16)
+        hi = hi.to(tl.bfloat16)
+        mid = mid.to(tl.bfloat16)
+        if UPCAST:
+            hi = hi.to(tl.float32)
+            mid = mid.to(tl.float32)
+            lo = lo.to(tl.float32)
+        acc = _pm1_product(lo, pm1, None, U_ON_LEFT)
+        acc = _pm1_product(mid, pm1, acc, U_ON_LEFT)
+        acc = _pm1_product(hi, pm1, acc, U_ON_LEFT)
+    else:
+        if UPCAST:
+            u = u.to(tl.float32)
+        acc = _pm1_product(u, pm1, None, U_ON_LEFT)
+    return acc
 
 
 def _hadamard_quantize_kernel(
@@ -198,14 +237,16 @@ def _hadamard_quantize_kernel(
     g_f = tl.broadcast_to(g[None, :, :], (NB, 16, 16))
     # Dot operands: bf16 for the pieces of float32 values, the input's type for the input itself;
     # float32 everywhere under the interpreter (its bf16 dot is broken) or with IEEE.
-    if UPCAST_DOT:
+    if UPCAST_DOT or IEEE:
         h16_op = h16_f
         g_op = g_f
-        h16_xop = h16_f
-        g_xop = g_f
     else:
         h16_op = h16_f.to(tl.bfloat16)
         g_op = g_f.to(tl.bfloat16)
+    if UPCAST_DOT or X_FP32:  # float32 inputs: the same operands as their pieces
+        h16_xop = h16_op
+        g_xop = g_op
+    else:
         h16_xop = h16_f.to(x_ptr.dtype.element_ty)
         g_xop = g_f.to(x_ptr.dtype.element_ty)
 
@@ -270,48 +311,13 @@ def _hadamard_quantize_kernel(
             else:
                 if R == 1:
                     v = x
-                elif X_FP32 and not IEEE:
-                    # Truncated (the top 16 bits of a float32 are a bf16): exact, no rounding.
-                    xs_hi = (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-                    xs_r = x - xs_hi
-                    xs_mid = (xs_r.to(tl.int32, bitcast=True) & -65536).to(tl.float32,
-                                                                          bitcast=True)
-                    xs_lo = (xs_r - xs_mid).to(tl.bfloat16)
-                    xs_hi = xs_hi.to(tl.bfloat16)
-                    xs_mid = xs_mid.to(tl.bfloat16)
-                    if UPCAST_DOT:
-                        xs_hi = xs_hi.to(tl.float32)
-                        xs_mid = xs_mid.to(tl.float32)
-                        xs_lo = xs_lo.to(tl.float32)
-                    v = tl.dot(g_op, xs_lo, input_precision="ieee")
-                    v = tl.dot(g_op, xs_mid, v, input_precision="ieee")
-                    v = tl.dot(g_op, xs_hi, v, input_precision="ieee")
-                elif X_FP32 or UPCAST_DOT:
-                    v = tl.dot(g_xop, x.to(tl.float32), input_precision="ieee")
-                else:
-                    v = tl.dot(g_xop, x, input_precision="ieee")
+                else:  # G X: the loaded tile is the right operand
+                    v = _pm1_dot(x, g_xop, False, X_FP32 and not IEEE, UPCAST_DOT)
+                # (G X) H_16: the accumulator of the first dot is the left operand
                 if R == 1 and not X_FP32:  # v is the input: exact as an operand
-                    if UPCAST_DOT:
-                        y = tl.dot(v.to(tl.float32), h16_xop, input_precision="ieee")
-                    else:
-                        y = tl.dot(v, h16_xop, input_precision="ieee")
-                elif IEEE:
-                    y = tl.dot(v, h16_f, input_precision="ieee")
-                else:  # v is float32: three bf16 pieces
-                    vs_hi = (v.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-                    vs_r = v - vs_hi
-                    vs_mid = (vs_r.to(tl.int32, bitcast=True) & -65536).to(tl.float32,
-                                                                          bitcast=True)
-                    vs_lo = (vs_r - vs_mid).to(tl.bfloat16)
-                    vs_hi = vs_hi.to(tl.bfloat16)
-                    vs_mid = vs_mid.to(tl.bfloat16)
-                    if UPCAST_DOT:
-                        vs_hi = vs_hi.to(tl.float32)
-                        vs_mid = vs_mid.to(tl.float32)
-                        vs_lo = vs_lo.to(tl.float32)
-                    y = tl.dot(vs_lo, h16_op, input_precision="ieee")
-                    y = tl.dot(vs_mid, h16_op, y, input_precision="ieee")
-                    y = tl.dot(vs_hi, h16_op, y, input_precision="ieee")
+                    y = _pm1_dot(v, h16_xop, True, False, UPCAST_DOT)
+                else:  # v is float32
+                    y = _pm1_dot(v, h16_op, True, not IEEE, UPCAST_DOT)
                 if not POW2_NORM:  # else folded into the scales (exact for a power of two)
                     y = y * INV_SQRT
             if p == 0:
@@ -387,7 +393,8 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
     if dim not in (0, 1):
         raise ValueError(f"hadamard_quantize: dim must be 0 or 1, got {dim!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"hadamard_quantize: unknown precision {precision!r}")
+        raise ValueError(f"hadamard_quantize: unknown precision {precision!r}; allowed: "
+                         f"{PRECISIONS}")
     if block:
         if block < 16 or block > MAX_BLOCK or block & (block - 1):
             raise ValueError(f"hadamard_quantize: block must be 0 or a power of two in 16..256, "
@@ -564,4 +571,3 @@ def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
     if x.device.type != "cuda":
         return hadamard_quantize_reference(x, fmt, granularity, block, dim)
     return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block, dim)
-
