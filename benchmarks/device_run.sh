@@ -42,10 +42,10 @@ stage() {
     kernel) bench hadamard_quantize 200 hadamard_quantize.py --sweep ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
-    linear) bench linear 200 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "bf16 inductor,\
-halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 halo2 fp32-accum,\
-halo fp8 all_inner,torchao float8 tensorwise" \
-        --profile "halo fp8 halo2" ;;
+    linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "bf16 inductor,\
+halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 all_inner,\
+torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs" \
+        --profile "halo fp8 halo2,halo fp8 halo2 cudagraphs" ;;
     decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" \
         --profile "halo fp8 halo2,torchao float8 rowwise" ;;

@@ -1,6 +1,7 @@
 """Forward+backward of one nn.Linear at Llama-3-8B shapes (tokens 8192): bf16 Inductor, the
 halo backend (fp8, no Hadamard, halo1, halo2, all_inner) and torchao float8 training (rowwise,
-tensorwise), timed side by side in one process.
+tensorwise), each also with CUDA graphs (the contenders named "... cudagraphs"), timed side by
+side in one process.
 
     python benchmarks/linear.py [--tokens 8192] [--markdown out.md] [--contenders a,b]
 
@@ -22,6 +23,14 @@ from _contenders import NAMES, compile_fn, parse_names
 from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_table
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+
+
+def _forward_backward(fn, x, grad):
+    def step():
+        # A new step for CUDA graph contenders: their graphs' previous outputs may be reused.
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(x).backward(grad)
+    return step
 
 
 def main() -> None:
@@ -58,7 +67,7 @@ def main() -> None:
                 continue
             out = fn(x).detach().float()
             errors[name] = ((out - reference).norm() / reference.norm()).item()
-            steps[name] = lambda fn=fn: fn(x).backward(grad)
+            steps[name] = _forward_backward(fn, x, grad)
             if name in args.profile.split(","):
                 print(f"--- {shape} {name}: GPU kernels over 5 forward+backward ---")
                 print(kernel_breakdown(steps[name], 5), flush=True)
