@@ -25,11 +25,14 @@ from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_tabl
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
 
-def _forward_backward(fn, x, grad):
+def _forward_backward(fn, x, grad, params):
     def step():
-        # A new step for CUDA graph contenders: their graphs' previous outputs may be reused.
+        # A new step for CUDA graph contenders: their graphs' previous outputs may be reused,
+        # so no gradient is kept to accumulate into (as zero_grad(set_to_none=True) does).
         torch.compiler.cudagraph_mark_step_begin()
         fn(x).backward(grad)
+        for p in params:
+            p.grad = None
     return step
 
 
@@ -67,7 +70,7 @@ def main() -> None:
                 continue
             out = fn(x).detach().float()
             errors[name] = ((out - reference).norm() / reference.norm()).item()
-            steps[name] = _forward_backward(fn, x, grad)
+            steps[name] = _forward_backward(fn, x, grad, [x, *fn.parameters()])
             if name in args.profile.split(","):
                 print(f"--- {shape} {name}: GPU kernels over 5 forward+backward ---")
                 print(kernel_breakdown(steps[name], 5), flush=True)

@@ -7,8 +7,8 @@ middle of the generated code: ~0.3 ms of host time per matmul on the H100 host, 
 two-layer decoder step's GPU idle for 10 of its 33 ms (docs/BENCHMARKS.md).
 
 This pass, which runs on each graph AOTAutograd hands to Inductor (forward and backward):
-* replaces every `checked_scale(sa, sb, factor, where)` by `sa * factor`, which Inductor fuses
-  into the kernel that computes the scales;
+* replaces every `checked_scale(sa, sb, factor, where)` by `sa * factor` (by `sa` itself when
+  the factor is 1, as without the check);
 * puts one `halo::report_nonfinite` before the graph's output. It takes every checked scale
   tensor (once, however many matmuls share it) with the name of its matmul and operand and
   hands them to the deferred checks (kernels/quantize.py), which reduce the tensors of several
@@ -48,9 +48,12 @@ def batch_nonfinite_checks(graph: fx.Graph, copy_scales: bool = False) -> int:
         sa, sb, factor, where = node.args
         named.setdefault(sa, operand_name(where, "left"))
         named.setdefault(sb, operand_name(where, "right"))
-        with graph.inserting_before(node):
-            scaled = graph.call_function(torch.ops.aten.mul.Tensor, (sa, factor))
-        scaled.meta.update(node.meta)
+        if factor == 1.0:  # as scale_for_gemm without the check: no op at all
+            scaled = sa
+        else:
+            with graph.inserting_before(node):
+                scaled = graph.call_function(torch.ops.aten.mul.Tensor, (sa, factor))
+            scaled.meta.update(node.meta)
         node.replace_all_uses_with(scaled)
         graph.erase_node(node)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
