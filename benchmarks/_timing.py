@@ -24,6 +24,19 @@ def _call_times(step, reps: int) -> list:
     return times
 
 
+def _queued_ms(step, reps: int) -> float:
+    """Milliseconds per call of `reps` calls queued back to back, one synchronization at the end:
+    host work then overlaps the previous call's GPU work, as in a training loop that does not
+    wait for each step, so this is the GPU's throughput unless the host is the slower."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def _median(values) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -36,11 +49,14 @@ def median_ms(step, reps: int, warmup: int = 3) -> float:
     return _median(_call_times(step, reps))
 
 
-def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3) -> dict:
+def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3,
+                          queued: bool = False) -> dict:
     """Median milliseconds of each of `steps` (name -> callable), timed in `rounds` rounds that
     take the contenders in turn, `reps` calls each per round: a drift of the GPU's clocks or
     temperature during the run then weighs on every contender alike instead of on whichever ran
-    last (back-to-back timings of one contender varied by up to 35% between device runs)."""
+    last (back-to-back timings of one contender varied by up to 35% between device runs).
+    Each call synchronized (`_call_times`), or with `queued` the mean of each round's calls
+    queued back to back (`_queued_ms`)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -48,7 +64,10 @@ def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3) 
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            times[name] += _call_times(step, reps)
+            if queued:
+                times[name].append(_queued_ms(step, reps))
+            else:
+                times[name] += _call_times(step, reps)
     return {name: _median(t) for name, t in times.items()}
 
 

@@ -1,6 +1,7 @@
 """Kernels on CPU tensors through the Triton interpreter, without TRITON_INTERPRET."""
 
 import torch
+import triton
 import triton.language as tl
 
 from halo_compile.kernels.triton_interpreter import interpreted
@@ -17,3 +18,27 @@ def test_interpreted_kernel_runs_on_cpu_tensors_and_is_built_once():
     interpreted(_scale_kernel)[(3,)](x, y, 37, 3.0, BLOCK=16)
     assert torch.equal(y, x * 3.0)
     assert interpreted(_scale_kernel) is interpreted(_scale_kernel)
+
+
+@triton.jit
+def _square(v):
+    return v * v
+
+
+@triton.jit
+def _square_plus(v, c: tl.constexpr):
+    return _square(v) + c  # a helper calling a helper
+
+
+def _helper_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, _square_plus(tl.load(x_ptr + i, mask=i < n), 1.0), mask=i < n)
+
+
+def test_interpreted_kernel_calls_its_modules_jit_helpers():
+    x = torch.randn(21)
+    y = torch.empty_like(x)
+    interpreted(_helper_kernel)[(2,)](x, y, 21, BLOCK=16)
+    assert torch.equal(y, x * x + 1.0)
+    # The module's own names still refer to the compiled helpers (GPU launches use those).
+    assert isinstance(_square, triton.runtime.jit.JITFunction)
