@@ -52,8 +52,12 @@ Design
   three bf16 pieces hi + mid + lo (exact for normal floats: 3 x 8 significant bits; hi and mid
   are the float32 truncated to its top 16 bits, which is a bf16, so no rounding is needed) that go
   through three bf16 dots accumulating into one float32 result (`precision="split"`, the
-  default), or through one float32 dot with input_precision="ieee" (`precision="ieee"`: CUDA
-  cores, half the bandwidth on an H100, and no more accurate).
+  default; `_pm1_dot`), or through one float32 dot with input_precision="ieee"
+  (`precision="ieee"`: CUDA cores, half the bandwidth on an H100, and no more accurate).
+  Rounding the intermediate to bf16 instead (one dot, no split) measured 28-35% faster on rows
+  and 27-35% slower on dim 0, for 0-0.8% more FP8 error against float64 (0-10% INT8): not used
+  (docs/BENCHMARKS.md, seventh session), nor is laying the tiles out for 2-D dots (2.4-3x
+  slower than the batched ones).
 * Quantization, exactly as torch computes the reference on the same device: the scale is
   max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
   divides by a Python scalar that way there); q = RN(y / scale), computed as
@@ -424,6 +428,8 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
 # * dim 0 ("outer", scales per K index, reduced over lines by atomics): BLOCK_M 64, K split
 #   until ~4 programs per SM, 0.75 TB/s, vs 0.48 with 16 and 0.62-0.64 with 32; Triton's default
 #   3 pipelining stages beat 1 or 2 (0.61, 0.72).
+# On an H200, 8 or 16 warps and 1-2 stages lost against these for dim 0 and both transposed
+# variants (+3% in one case, -3 to -49% elsewhere; docs/BENCHMARKS.md).
 GPU_CONFIGS = {
     ("rows", True): (1, 2, 2, False),
     ("rows", False): (1, 4, 4, False),
