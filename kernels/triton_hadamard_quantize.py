@@ -28,8 +28,9 @@ Design
   in L2), divides by the scale and stores. When BLOCK_M divides M and NT * 256 divides K the
   tiles are loaded and stored unmasked (EVEN).
   Otherwise (K split over programs because there are few line blocks, scales per K index, or
-  granularity "tensor") a first launch atomically max-reduces each scale's absmax, torch turns
-  those into scales exactly as the reference does, and a second launch quantizes.
+  granularity "tensor") a first launch atomically max-reduces each scale's absmax and a second
+  launch quantizes; it computes the scales from those absmaxes itself, exactly as the reference
+  does, and stores them (with granularity "tensor", torch reduces them to the one scale first).
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
   warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, (64, 1, 4)
   unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), K split.
@@ -121,7 +122,8 @@ PRECISIONS = ("split", "ieee")
 # Kernel modes.
 _ROW = 0  # both loops: per-row absmax, per-row scale, quantize
 _AMAX_ONLY = 1  # first loop only: atomic max of each scale's absmax into a zeroed buffer
-_WITH_SCALE = 2  # second loop only: quantize with given scales (per line / K index, or one)
+_WITH_SCALE = 2  # second loop only: quantize, the scales computed from a first launch's absmax
+# (SCALE_VEC: per line / K index, read from amax_ptr; else one, given at scale_ptr[0])
 
 
 # tl.max, tl.zeros & co. are @triton.jit functions of triton.language.standard; an
@@ -131,6 +133,18 @@ _WITH_SCALE = 2  # second loop only: quantize with given scales (per line / K in
 # graph, does not carry module-level aliases along.) The kernel's own helpers are @triton.jit
 # functions: Inductor re-emits them with the kernel, and the interpreter wrapper
 # (triton_interpreter.py) interprets them with it.
+
+
+@triton.jit
+def _scale_of(amax, RECIP_SCALE: tl.constexpr, MAX_VALUE: tl.constexpr,
+              INV_MAX_VALUE: tl.constexpr):
+    """The scale of an absmax, as torch computes max(amax, 1e-12) / MAX_VALUE: on CUDA as
+    amax * float32(1 / MAX_VALUE) (RECIP_SCALE), on the CPU correctly rounded."""
+    if RECIP_SCALE:
+        scale = tl.maximum(amax, 1e-12) * INV_MAX_VALUE
+    else:
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), MAX_VALUE)
+    return scale
 
 
 @triton.jit
@@ -177,7 +191,7 @@ def _hadamard_quantize_kernel(
     INT8: tl.constexpr,  # output format: INT8 if true, else FP8 E4M3 (as raw bytes)
     MODE: tl.constexpr,  # _ROW, _AMAX_ONLY or _WITH_SCALE
     SCALE_PER_K: tl.constexpr,  # one scale per index along K (rotation "outer"), else per line
-    SCALE_VEC: tl.constexpr,  # _WITH_SCALE: a scale per line / per K index, else scale_ptr[0]
+    SCALE_VEC: tl.constexpr,  # _WITH_SCALE: scales from amax_ptr per line / K index, else one
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
     UPCAST_DOT: tl.constexpr,  # interpreter: all dot operands in float32
@@ -259,17 +273,18 @@ def _hadamard_quantize_kernel(
     amax_tiles = tl.full([NB, 16, 16], 0.0, dtype=tl.float32)
     for p in tl.static_range(FIRST_PASS, LAST_PASS):
         if p == 1 and not (SCALE_PER_K and SCALE_VEC):
-            if MODE == 0:
-                amax = tl.reshape(amax_b, (BLOCK_M, NT))
-                amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
-                if RECIP_SCALE:  # torch on CUDA: amax * (1 / max_value)
-                    scale = tl.maximum(amax, 1e-12) * INV_MAX_VALUE
-                else:  # torch on the CPU: amax / max_value
-                    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), MAX_VALUE)
-                tl.store(scale_ptr + rows, scale, mask=row_ok)
+            if MODE == 0 or SCALE_VEC:
+                if MODE == 0:
+                    amax = tl.reshape(amax_b, (BLOCK_M, NT))
+                    amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
+                else:  # each line's absmax, from the first launch
+                    amax = tl.load(amax_ptr + rows, mask=row_ok, other=0.0)
+                scale = _scale_of(amax, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
+                if MODE == 0:
+                    tl.store(scale_ptr + rows, scale, mask=row_ok)
+                elif tl.program_id(1) == 0:  # (K split: the first split's programs store them)
+                    tl.store(scale_ptr + rows, scale, mask=row_ok)
                 scale_b = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NT)), (NB,))
-            elif SCALE_VEC:  # one scale per line, computed by an earlier launch
-                scale_b = tl.load(scale_ptr + b_row, mask=b_row < M, other=1.0)
             else:
                 scale_b = tl.load(scale_ptr + tl.full([NB], 0, dtype=tl.int32))
             scale3 = scale_b[:, None, None]
@@ -300,7 +315,11 @@ def _hadamard_quantize_kernel(
                 x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
                             eviction_policy="evict_first")
             if p == 1 and SCALE_PER_K and SCALE_VEC:  # one scale per K index (NT == 1)
-                scale_k = tl.load(scale_ptr + k0 + k16, mask=k0 + k16 < K, other=1.0)
+                k_ok = k0 + k16 < K
+                scale_k = _scale_of(tl.load(amax_ptr + k0 + k16, mask=k_ok, other=0.0),
+                                    RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
+                if pid == 0:  # (the first line block's programs store the scales)
+                    tl.store(scale_ptr + k0 + k16, scale_k, mask=k_ok)
                 scale3 = scale_k[None, :, :]
                 inv3 = tl.math.div_rn(tl.full([16, 16], 1.0, dtype=tl.float32), scale_k)[None, :, :]
                 if POW2_NORM:
@@ -521,14 +540,14 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
         launch(_ROW, scale, scale, False)
         return q, scale
     # Two launches: the absmax of each scale's group (atomic max over the programs that share
-    # it), the scales computed by torch exactly as the reference computes them, then quantize.
+    # it), then quantize, with the scales computed exactly as the reference computes them.
     amax = torch.zeros((rows,), dtype=torch.float32, device=x.device)
     launch(_AMAX_ONLY, amax, amax, False)
-    if granularity == "row":
-        scale = (amax.clamp_min(_MIN_AMAX) / spec.max_value).reshape(rows, 1)
+    if granularity == "row":  # the second launch computes and stores the scales
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     else:
         scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
-    launch(_WITH_SCALE, scale, scale, granularity == "row")
+    launch(_WITH_SCALE, scale, amax, granularity == "row")
     return q, scale
 
 
