@@ -7,6 +7,7 @@ import datetime
 import platform
 
 import torch
+from torch.autograd import DeviceType
 
 
 def _call_times(step, reps: int) -> list:
@@ -85,9 +86,32 @@ def peak_gib(step) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def gpu_timeline(events, reps: int) -> str:
+    """What the GPU did over `reps` calls, from a profile's events (`prof.events()`): device
+    activities (kernels, copies, memsets) per call, the time at least one ran (busy), and the
+    span from the first start to the last end; span - busy is the time the GPU sat idle between
+    them (launch latency, host waits)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return "GPU timeline: no device activity in the profile"
+    busy, run_start, run_end = 0.0, spans[0][0], spans[0][1]
+    for start, end in spans[1:]:
+        if start > run_end:  # a gap: close the busy run
+            busy += run_end - run_start
+            run_start = start
+        run_end = max(run_end, end)
+    busy += run_end - run_start
+    span = max(end for _, end in spans) - spans[0][0]
+    return (f"GPU timeline ({reps} calls): {len(spans) / reps:.0f} device activities a call; "
+            f"busy {busy / reps / 1e3:.3f} ms of a {span / reps / 1e3:.3f} ms span a call "
+            f"(idle {(span - busy) / reps / 1e3:.3f} ms)")
+
+
 def kernel_breakdown(step, reps: int, top: int = 15) -> str:
-    """torch.profiler tables of `reps` calls of `step()`: the GPU kernels by total GPU time, then
-    the host-side ops by their own CPU time (where a step's time goes when the GPU waits)."""
+    """torch.profiler tables of `reps` calls of `step()`: the GPU's timeline (`gpu_timeline`), the
+    GPU kernels by total GPU time, then the host-side ops by their own CPU time (where a step's
+    time goes when the GPU waits)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -103,6 +127,7 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     except (KeyError, AttributeError):  # older torch names it after CUDA
         device_key = "self_cuda_time_total"
     return "\n".join([
+        gpu_timeline(prof.events(), reps),
         averages.table(sort_by=device_key, row_limit=top, max_name_column_width=70),
         f"host (self CPU time, {reps} calls):",
         averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70),
