@@ -148,6 +148,18 @@ def _scale_of(amax, RECIP_SCALE: tl.constexpr, MAX_VALUE: tl.constexpr,
 
 
 @triton.jit
+def _divisor_of(scale, INV_SQRT: tl.constexpr, POW2_NORM: tl.constexpr):
+    """What the rotated values are divided by, and its reciprocal RN(1 / divisor): the scale,
+    or with POW2_NORM the scale times sqrt(HB) (y / sqrt(HB) / scale as y / (scale * sqrt(HB)):
+    exact for a power of two)."""
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, dtype=tl.float32), scale)
+    if POW2_NORM:
+        scale = scale * (1.0 / INV_SQRT)
+        inv = inv * INV_SQRT
+    return scale, inv
+
+
+@triton.jit
 def _pm1_product(u, pm1, acc, U_ON_LEFT: tl.constexpr):
     if U_ON_LEFT:
         out = tl.dot(u, pm1, acc, input_precision="ieee")
@@ -287,11 +299,9 @@ def _hadamard_quantize_kernel(
                 scale_b = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, NT)), (NB,))
             else:
                 scale_b = tl.load(scale_ptr + tl.full([NB], 0, dtype=tl.int32))
-            scale3 = scale_b[:, None, None]
-            inv3 = tl.math.div_rn(tl.full([NB], 1.0, dtype=tl.float32), scale_b)[:, None, None]
-            if POW2_NORM:  # y / sqrt(HB) / scale, as y / (scale * sqrt(HB)): exact
-                scale3 = scale3 * (1.0 / INV_SQRT)
-                inv3 = inv3 * INV_SQRT
+            divisor, inv = _divisor_of(scale_b, INV_SQRT, POW2_NORM)
+            scale3 = divisor[:, None, None]
+            inv3 = inv[:, None, None]
         n_iter = (k_end - k_start + NT * 256 - 1) // (NT * 256)
         for i in range(0, n_iter):
             if p == 1 and MODE == 0:
@@ -320,11 +330,9 @@ def _hadamard_quantize_kernel(
                                     RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
                 if pid == 0:  # (the first line block's programs store the scales)
                     tl.store(scale_ptr + k0 + k16, scale_k, mask=k_ok)
-                scale3 = scale_k[None, :, :]
-                inv3 = tl.math.div_rn(tl.full([16, 16], 1.0, dtype=tl.float32), scale_k)[None, :, :]
-                if POW2_NORM:
-                    scale3 = scale3 * (1.0 / INV_SQRT)
-                    inv3 = inv3 * INV_SQRT
+                divisor, inv = _divisor_of(scale_k, INV_SQRT, POW2_NORM)
+                scale3 = divisor[None, :, :]
+                inv3 = inv[None, :, :]
             # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
             # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
             # right product: the accumulator of the first dot becomes the A operand of the
