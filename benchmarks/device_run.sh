@@ -9,9 +9,11 @@
 # Stages:
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
 #   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
-#   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s (--sweep)
+#   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s
+#   sweep   kernel, with launch configurations (--sweep)
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
-#   linear, decoder, lora, rotated   one GPU each
+#   linear, decoder, lora, rotated   one GPU each (LINEAR_CONTENDERS / DECODER_CONTENDERS: another
+#           comma-separated list of contenders)
 #   cudagraphs  the decoder step with and without CUDA graphs (mode="reduce-overhead")
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
@@ -39,15 +41,16 @@ stage() {
         timeout 200 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
-    kernel) bench hadamard_quantize 200 hadamard_quantize.py --sweep ;;
+    kernel) bench hadamard_quantize 100 hadamard_quantize.py ;;
+    sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
-    linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "bf16 inductor,\
+    linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "${LINEAR_CONTENDERS:-bf16 inductor,\
 halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 all_inner,\
-torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs" \
+torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs}" \
         --profile "halo fp8 halo2,halo fp8 halo2 cudagraphs" ;;
     decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 \
-        --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard" \
+        --contenders "${DECODER_CONTENDERS:-bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard}" \
         --profile "halo fp8 halo2,torchao float8 rowwise" ;;
     cudagraphs) bench decoder_step_cudagraphs 300 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,bf16 inductor cudagraphs,\

@@ -3,8 +3,8 @@
     python benchmarks/hadamard_quantize.py [--markdown out.md] [--sweep]
 
 GB/s counts the bytes read once and written once (input, 8-bit values, float32 scales); the copy
-reads and writes the input. Timed as CUDA graphs (triton.testing.do_bench_cudagraph, median), so
-launch overhead is left out. Variants: the layouts the three matmuls of a linear need (rows, a
+reads and writes the input; "us" is one call's time. Timed as CUDA graphs
+(triton.testing.do_bench_cudagraph, median), so launch overhead is left out. Variants: the layouts the three matmuls of a linear need (rows, a
 transposed view for grad-weight, rotation along dim 0 for the "outer" grad-input). --sweep also
 times launch configurations (BLOCK_M, NT, num_warps, split) of each variant: the strided
 ones at both shapes, rows at the larger. Needs a CUDA GPU.
@@ -44,10 +44,11 @@ SWEEP = {
 }
 
 
-def gbps(nbytes: int, fn) -> float:
+def timed(nbytes: int, fn) -> "tuple[float, float]":
+    """(GB/s, microseconds) of one call."""
     fn()
     ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
-    return nbytes / (ms * 1e-3) / 1e9
+    return nbytes / (ms * 1e-3) / 1e9, ms * 1e3
 
 
 def main() -> None:
@@ -60,8 +61,8 @@ def main() -> None:
     for m, k in SHAPES:
         t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         copy_bytes = 2 * t.numel() * t.element_size()
-        copy = gbps(copy_bytes, lambda: t.clone())
-        rows.append((f"{m}x{k}", "copy (x.clone())", "-", f"{copy:.0f}", "100%"))
+        copy, us = timed(copy_bytes, lambda: t.clone())
+        rows.append((f"{m}x{k}", "copy (x.clone())", "-", f"{copy:.0f}", "100%", f"{us:.0f}"))
         print(rows[-1], flush=True)
         for name, (build, dim, fmt, gran, block) in VARIANTS.items():
             x = build(t)
@@ -71,13 +72,15 @@ def main() -> None:
             if args.sweep and (strided or (m, k) == SHAPES[-1]):  # rows: the larger shape only
                 configs += SWEEP["strided" if strided else "rows"]
             for cfg in configs:
-                bw = gbps(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block, dim,
-                                                                   **cfg))
+                bw, us = timed(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block, dim,
+                                                                        **cfg))
                 label = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"
-                rows.append((f"{m}x{k}", name, label, f"{bw:.0f}", f"{bw / copy:.0%}"))
+                rows.append((f"{m}x{k}", name, label, f"{bw:.0f}", f"{bw / copy:.0%}",
+                             f"{us:.0f}"))
                 print(rows[-1], flush=True)
     emit(markdown_table("Hadamard + quantize kernel, bf16 input, GB/s (read + write)",
-                        ["shape", "variant", "launch", "GB/s", "of copy"], rows), args.markdown)
+                        ["shape", "variant", "launch", "GB/s", "of copy", "us"], rows),
+         args.markdown)
 
 
 if __name__ == "__main__":
