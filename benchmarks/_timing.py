@@ -90,7 +90,8 @@ def gpu_timeline(events, reps: int) -> str:
     """What the GPU did over `reps` calls, from a profile's events (`prof.events()`): device
     activities (kernels, copies, memsets) per call, the time at least one ran (busy), and the
     span from the first start to the last end; span - busy is the time the GPU sat idle between
-    them (launch latency, host waits)."""
+    them (launch latency, host waits, and the host's time between the profiled calls, which
+    the profiler itself lengthens)."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in events
                    if e.device_type == DeviceType.CUDA)
     if not spans:
