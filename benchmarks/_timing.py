@@ -72,6 +72,12 @@ def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3,
     return {name: _median(t) for name, t in times.items()}
 
 
+def speedup(times: dict, name: str) -> str:
+    """`name`'s speed-up over bf16 Inductor in `times` (name -> ms)."""
+    bf16 = times.get("bf16 inductor")
+    return f"{bf16 / times[name]:.2f}x" if bf16 else "-"
+
+
 def time_fwd_bwd(fn, x, grad, reps: int) -> float:
     """Median milliseconds of `fn(x).backward(grad)`."""
     return median_ms(lambda: fn(x).backward(grad), reps)

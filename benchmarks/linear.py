@@ -23,15 +23,9 @@ import torch
 import torch.nn as nn
 
 from _contenders import NAMES, compile_fn, parse_names
-from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_table
+from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_table, speedup
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
-
-
-def _speedup(times: dict, name: str) -> str:
-    """`name`'s speed-up over bf16 Inductor in `times` (name -> ms)."""
-    bf16 = times.get("bf16 inductor")
-    return f"{bf16 / times[name]:.2f}x" if bf16 else "-"
 
 
 def _forward_backward(fn, x, grad, params):
@@ -88,7 +82,7 @@ def main() -> None:
         queued = interleaved_median_ms(steps, args.rounds, 4 * args.reps, queued=True)
         for name, ms in synced.items():
             rows.append((shape, name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
-                         _speedup(synced, name), f"{queued[name]:.3f}", _speedup(queued, name),
+                         speedup(synced, name), f"{queued[name]:.3f}", speedup(queued, name),
                          f"{errors[name]:.2e}"))
             print(rows[-1], flush=True)
     emit(markdown_table(
