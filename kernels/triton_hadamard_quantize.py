@@ -58,7 +58,9 @@ Design
   Rounding the intermediate to bf16 instead (one dot, no split) measured 28-35% faster on rows
   and 27-35% slower on dim 0, for 0-0.8% more FP8 error against float64 (0-10% INT8): not used
   (docs/BENCHMARKS.md, seventh session), nor is laying the tiles out for 2-D dots (2.4-3x
-  slower than the batched ones).
+  slower than the batched ones). Nor is quantizing dY for grad-input (dim 0) and dYᵀ for
+  grad-weight from one absmax launch over their shared view: the extra per-line absmax made
+  the dim 0 launch several times slower (eighth session).
 * Quantization, exactly as torch computes the reference on the same device: the scale is
   max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
   divides by a Python scalar that way there); q = RN(y / scale), computed as
@@ -80,8 +82,8 @@ to 83 of 33.5M / 117M bf16 values at block 256, scales within 4e-7.
 
 Bandwidth (H200, 2026-11-28, docs/BENCHMARKS.md), bytes read once + written once, CUDA graph
 timing, bf16 -> FP8 per row, block 256, against a 4.1-4.2 TB/s copy, at 8192 x 4096 and
-8192 x 14336: rows 1.83-1.94 TB/s (45-46%; block 0: 2.89-3.21 TB/s, 69-78%), transposed view
-1.05-1.27 TB/s (block 0: 1.50-1.52), dim 0 0.83-0.90 TB/s. The rotated rows kernel is bound by
+8192 x 14336: rows 1.82-1.96 TB/s (44-47%; block 0: 2.89-3.18 TB/s, 69-78%), transposed view
+1.07-1.28 TB/s (block 0: 1.51-1.59), dim 0 0.88-0.93 TB/s. The rotated rows kernel is bound by
 instruction issue (Nsight Compute: issue slots 77% busy before the changes above, which cut its
 two loop bodies from 339 to 245 SASS instructions, 8 values per thread, as Triton 3.9 compiles
 them for sm_90; benchmarks/kernel_resources.py counts them): the three bf16 pieces of the
