@@ -22,13 +22,16 @@ HALO = {
     # Replayed as CUDA graphs: what the step costs once launch overhead is gone.
     "halo fp8 halo2 cudagraphs": {"format": "fp8_e4m3", "hadamard": "halo2", "cudagraphs": True},
 }
+# Inductor's autotuning (Triton GEMM templates measured against the library calls).
+AUTOTUNED = {"bf16 inductor max-autotune": None, "halo fp8 halo2 max-autotune": "halo"}
 TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "tensorwise",
            "torchao float8 rowwise cudagraphs": "rowwise"}
 # Most telling first, so that a run cut short still compares them.
 NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao float8 rowwise",
          "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner",
          "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum", "bf16 inductor cudagraphs",
-         "halo fp8 halo2 cudagraphs", "torchao float8 rowwise cudagraphs")
+         "halo fp8 halo2 cudagraphs", "torchao float8 rowwise cudagraphs",
+         "bf16 inductor max-autotune", "halo fp8 halo2 max-autotune")
 
 
 # Every contender compiles the same code objects (nn.Linear.forward, the decoder layer's forward),
@@ -45,6 +48,9 @@ def compile_fn(name: str, module: nn.Module):
         return torch.compile(module, mode=mode), None
     if name in HALO:
         return torch.compile(module, backend="halo", options=HALO[name]), None
+    if name in AUTOTUNED:  # halo's default options: fp8, halo2
+        backend = AUTOTUNED[name] or "inductor"
+        return torch.compile(module, backend=backend, mode="max-autotune-no-cudagraphs"), None
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:  # torchao missing or built for another torch

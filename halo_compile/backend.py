@@ -48,14 +48,20 @@ def _configured_for(tensors: GraphTensors) -> Optional[HaloConfig]:
     return None
 
 
-# torch.compile's `mode` for this backend (it takes `mode` or `options`, not both).
-MODES = ("default", "reduce-overhead")
+# torch.compile's `mode` for this backend (it takes `mode` or `options`, not both): Inductor's
+# modes, over the configured (or default) options. Their CUDA graphs are halo's `cudagraphs`
+# option (which keeps the ops with host-side work out of the graphs); their other Inductor
+# settings pass through (max-autotune: Triton GEMM templates, `_scaled_mm`'s among them, chosen
+# by measuring them against the library calls).
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None):
     """torch.compile(model, backend="halo", options={...}) lands here for each Dynamo graph;
-    torch.compile(model, backend="halo", mode="reduce-overhead") is options {"cudagraphs": True}
-    over the configured (or default) options."""
+    torch.compile(model, backend="halo", mode=...) is the configured (or default) options with
+    the mode's Inductor settings: "reduce-overhead" is option {"cudagraphs": True},
+    "max-autotune-no-cudagraphs" Inductor's autotuning, "max-autotune" both."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"halo backend: unsupported mode {mode!r}; allowed: {MODES} "
                          "(other Inductor settings are not halo options)")
@@ -64,7 +70,7 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     tensors = GraphTensors(gm, example_inputs)
     if options is None:
         config = _configured_for(tensors) or HaloConfig()
-    if mode == "reduce-overhead":
+    if mode in _CUDA_GRAPH_MODES:
         config = dataclasses.replace(config, cudagraphs=True)
     ctx = PassManager().run(gm, example_inputs, config)
     record = GraphRecord(ctx.layer_reports, ctx.analysis.describe() + ctx.fusion.notes)
@@ -81,6 +87,11 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass,
                                      copy_scales=config.cudagraphs)
     patches = {"post_grad_custom_post_pass": post_grad}
+    if mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        patches.update({key: value for key, value in list_mode_options(mode).items()
+                        if key != "triton.cudagraphs"})
     if config.cudagraphs:
         # The ops with host-side work (the report, opaque quantized matmuls) are tagged
         # cudagraph-unsafe: graph partitioning runs them eagerly between the graphs' replays.

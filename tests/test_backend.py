@@ -459,12 +459,22 @@ def test_no_cudagraphs_by_default(monkeypatch, kwargs):
     assert patches["post_grad_custom_post_pass"].copy_scales is False
 
 
+@pytest.mark.parametrize("mode,cudagraphs", [("max-autotune", True),
+                                             ("max-autotune-no-cudagraphs", False)])
+def test_max_autotune_modes_pass_inductors_settings_through(monkeypatch, mode, cudagraphs):
+    patches = _inductor_patches(monkeypatch, mode=mode)
+    assert patches["max_autotune"] is True and patches["coordinate_descent_tuning"] is True
+    assert patches.get("triton.cudagraphs", False) is cudagraphs
+    assert patches.get("graph_partition", False) is cudagraphs  # CUDA graphs as halo makes them
+    assert patches["post_grad_custom_post_pass"].copy_scales is cudagraphs
+
+
 def test_unsupported_mode_is_an_error():
     from halo_compile.backend import halo_backend
 
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64)))
-    with pytest.raises(ValueError, match="unsupported mode 'max-autotune'"):
-        halo_backend(gm, [torch.randn(2, 64)], mode="max-autotune")
+    with pytest.raises(ValueError, match="unsupported mode 'fastest'"):
+        halo_backend(gm, [torch.randn(2, 64)], mode="fastest")
 
 
 def test_ops_with_host_side_work_stay_out_of_cuda_graphs():
