@@ -10,7 +10,7 @@
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
 #   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s
-#   sweep   kernel, with launch configurations (--sweep)
+#   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so)
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
 #   linear, decoder, lora, rotated   one GPU each (LINEAR_CONTENDERS / DECODER_CONTENDERS: another
 #           comma-separated list of contenders)
@@ -42,7 +42,7 @@ stage() {
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     kernel) bench hadamard_quantize 100 hadamard_quantize.py ;;
-    sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep ;;
+    sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep --only "${SWEEP_ONLY:-}" ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
     linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "${LINEAR_CONTENDERS:-bf16 inductor,\

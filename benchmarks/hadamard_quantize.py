@@ -1,14 +1,14 @@
 """Bandwidth of the fused Hadamard + quantize Triton kernel against a copy (x.clone()).
 
-    python benchmarks/hadamard_quantize.py [--markdown out.md] [--sweep]
+    python benchmarks/hadamard_quantize.py [--markdown out.md] [--sweep] [--only TEXT]
 
 GB/s counts the bytes read once and written once (input, 8-bit values, float32 scales); the copy
 reads and writes the input; "us" is one call's time. Timed as CUDA graphs
 (triton.testing.do_bench_cudagraph, median), so launch overhead is left out. Variants: the
 layouts the three matmuls of a linear need (rows, a transposed view for grad-weight, rotation
 along dim 0 for the "outer" grad-input). --sweep also times launch configurations (BLOCK_M, NT,
-num_warps, split) of each variant: the strided ones at both shapes, rows at the larger. Needs a
-CUDA GPU.
+num_warps, split) of each variant: the strided ones at both shapes, rows at the larger; --only
+picks variants by name. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ SWEEP = {
     # 4096 lines: 64 programs at BLOCK_M 64 unless K is split), at both shapes.
     "strided": [dict(block_m=bm, split=sp) for bm, sp in itertools.product((16, 32, 64),
                                                                           (1, 2, 4, 8))],
+    # dim 0: a program owns 256 tokens and loops over BLOCK_M features at a time, in one of
+    # `split` ranges of the features (the default aims at ~4 programs per SM).
+    "dim0": [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((16, 32, 64), (4, 8))]
+            + [dict(split=sp) for sp in (8, 32, 64)],
 }
 
 
@@ -56,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", help="append the table as markdown to this file")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--only", default="",
+                        help="only the variants whose name contains this text (e.g. 'dim 0')")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     rows = []
@@ -66,12 +72,14 @@ def main() -> None:
         rows.append((f"{m}x{k}", "copy (x.clone())", "-", f"{copy:.0f}", "100%", f"{us:.0f}"))
         print(rows[-1], flush=True)
         for name, (build, dim, fmt, gran, block) in VARIANTS.items():
+            if args.only not in name:
+                continue
             x = build(t)
             nbytes = t.numel() * (t.element_size() + 1) + (x.shape[0] if gran == "row" else 1) * 4
             configs = [{}]
-            strided = dim == 0 or x.stride(1) != 1
-            if args.sweep and (strided or (m, k) == SHAPES[-1]):  # rows: the larger shape only
-                configs += SWEEP["strided" if strided else "rows"]
+            layout = "dim0" if dim == 0 else "strided" if x.stride(1) != 1 else "rows"
+            if args.sweep and (layout != "rows" or (m, k) == SHAPES[-1]):  # rows: larger only
+                configs += SWEEP[layout]
             for cfg in configs:
                 bw, us = timed(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block, dim,
                                                                         **cfg))

@@ -106,8 +106,13 @@ def test_interpreter_transposed_view(lines, k, block, split):
         assert mismatches <= (0 if block == 0 else max(2, q.numel() // 1000))
 
 
-@pytest.mark.parametrize("m,n,block,split", [(256, 33, 64, 1), (768, 130, 256, 2), (48, 7, 16, 3),
-                                             (512, 40, 0, 2)])
+# (tokens, features, block, split): a program owns 256 tokens and loops over its split of the
+# features; the last two are unmasked (EVEN), with several iterations or an uneven last split.
+DIM0_CASES = [(256, 33, 64, 1), (768, 130, 256, 2), (48, 7, 16, 3), (512, 40, 0, 2),
+              (256, 64, 128, 2), (512, 24, 256, 2)]
+
+
+@pytest.mark.parametrize("m,n,block,split", DIM0_CASES)
 def test_interpreter_dim0_outer_rotation(m, n, block, split):
     """The "outer" rotation: H along dim 0 (tokens), still one scale per row of the result."""
     for i, (fmt, gran) in enumerate([(f, g) for f in FMTS for g in GRANULARITIES]):
