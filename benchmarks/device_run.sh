@@ -13,7 +13,7 @@
 #   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so)
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
 #   linear, decoder, lora, rotated   one GPU each (LINEAR_CONTENDERS / DECODER_CONTENDERS: another
-#           comma-separated list of contenders)
+#           comma-separated list of contenders; LINEAR_PROFILE: of those to profile)
 #   cudagraphs  the decoder step with and without CUDA graphs (mode="reduce-overhead")
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
@@ -48,7 +48,7 @@ stage() {
     linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "${LINEAR_CONTENDERS:-bf16 inductor,\
 halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 all_inner,\
 torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs}" \
-        --profile "halo fp8 halo2,halo fp8 halo2 cudagraphs" ;;
+        --profile "${LINEAR_PROFILE:-halo fp8 halo2,halo fp8 halo2 cudagraphs}" ;;
     decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 \
         --contenders "${DECODER_CONTENDERS:-bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard}" \
         --profile "halo fp8 halo2,torchao float8 rowwise" ;;
