@@ -18,7 +18,8 @@ Design
 * The kernel sees M lines of K values through strides (x[m, k] at x + m * sxm + k * sxk) and
   rotates along K. dim=0 runs it on the transposed views of x and of the output, with the
   scales attached to K indices instead of lines (SCALE_PER_K).
-* Grid: (line blocks of BLOCK_M, splits of K). A program loops over its K range twice; one
+* Grid, scales per line: (line blocks of BLOCK_M, splits of K). A program loops over its K
+  range twice; one
   iteration handles NT tiles of 256 K indices per line, i.e. a batch of BLOCK_M * NT tiles
   viewed as [16, 16] (k = k0 + 256 * t + 16 * mid + low). With one split and per-line scales
   (granularity "row", dim=1) one launch does it all: the first loop rotates every tile and
@@ -31,9 +32,16 @@ Design
   granularity "tensor") a first launch atomically max-reduces each scale's absmax and a second
   launch quantizes; it computes the scales from those absmaxes itself, exactly as the reference
   does, and stores them (with granularity "tensor", torch reduces them to the one scale first).
+* Grid, scales per K index (dim 0): (K tiles of 256, splits of the lines). A program owns 256 K
+  indices (tokens) and loops over its range of lines (features) BLOCK_M at a time, so the
+  absmax of each of its K indices stays in registers (an elementwise running max, as above);
+  one atomic max per K index and program at the end, then the quantize launch, which loads its
+  256 scales once. (The loop used to run along K with an atomic max per iteration: BLOCK_M 64
+  is 13-42% faster this way, docs/BENCHMARKS.md, ninth session.)
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
   warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, (64, 1, 4)
-  unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), K split.
+  unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~4
+  programs per SM.
 * The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
   block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
   tile the block transform is X -> G X H_16, H_16 acting on `low` (a right product) and
@@ -241,11 +249,6 @@ def _hadamard_quantize_kernel(
     # index's absmax stays in registers; one atomic max per K index and program at the end.
     pid_a = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if MODE == 2:
-        # Reversed: the absmax launch's last programs read last, so their tiles are the
-        # likeliest to be still in L2 (together with the backward loop below).
-        pid_a = tl.num_programs(0) - 1 - pid_a
-        pid_s = tl.num_programs(1) - 1 - pid_s
     start = pid_s * per_split
     b = tl.arange(0, NB)
     i16 = tl.arange(0, 16)
@@ -332,9 +335,11 @@ def _hadamard_quantize_kernel(
                 inv3 = inv[:, None, None]
         n_iter = (end - start + step - 1) // step
         for i in range(0, n_iter):
-            if p == 1:
+            if p == 1 and MODE == 0:
                 # Backwards: the tiles the absmax loop loaded last are the likeliest to be
                 # still in L2 (a 14336-wide bf16 row is 28 KiB, and thousands are in flight).
+                # (Between the two launches of the other modes, reversing the second launch's
+                # programs and loops measured no faster: docs/BENCHMARKS.md, ninth session.)
                 o = start + (n_iter - 1 - i) * step
             else:
                 o = start + i * step
@@ -356,7 +361,7 @@ def _hadamard_quantize_kernel(
                     mask = None
                 else:
                     mask = b_ok & (o + tile_off < K)
-            if p == 0:  # read again by the quantize pass or launch: keep it in L2
+            if p == 0 and MODE == 0:  # read again in the second pass: keep it in L2
                 x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
                             eviction_policy="evict_last")
             else:
@@ -475,24 +480,24 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
 #   BLOCK_M 64 with K split until ~4 programs per SM. On an H200 (copy 4.1 TB/s): 1.59 TB/s
 #   for a 4096-line view (in one launch, 64 programs: 0.57) and 1.57-1.63 for 14336 lines
 #   (in one launch: 1.41); BLOCK_M 16 or 32 slower at every split.
-# * dim 0 ("outer", scales per K index, reduced over lines by atomics): BLOCK_M 64, K split
-#   until ~4 programs per SM, 0.75 TB/s, vs 0.48 with 16 and 0.62-0.64 with 32; Triton's default
-#   3 pipelining stages beat 1 or 2 (0.61, 0.72).
-# On an H200, 8 or 16 warps and 1-2 stages lost against these for dim 0 and both transposed
-# variants (+3% in one case, -3 to -49% elsewhere; docs/BENCHMARKS.md).
+# * dim 0 ("outer", a program per 256 K indices looping over a split of the lines): on an H200,
+#   BLOCK_M 64 with 4 warps 1.06 / 1.33 TB/s at 8192 x 4096 / 8192 x 14336, 32 1.04 / 1.09,
+#   16 0.54-0.68; 8 warps and other splits no faster.
+# On an H200, 8 or 16 warps and 1-2 stages lost against these for both transposed variants (+3%
+# in one case, -3 to -49% elsewhere; docs/BENCHMARKS.md).
 GPU_CONFIGS = {
     ("rows", True): (1, 2, 2, False),
     ("rows", False): (1, 4, 4, False),
     ("transposed", True): (16, 1, 4, True),
     ("transposed", False): (64, 1, 4, True),
-    ("outer", True): (32, 1, 4, True),
-    ("outer", False): (32, 1, 4, True),  # no matmul asks for it; as rotated
+    ("outer", True): (64, 1, 4, True),
+    ("outer", False): (64, 1, 4, True),  # no matmul asks for it; as rotated
 }
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
 INTERPRETER_STRIDED_CONFIG = (8, 1, None)
-# Programs per SM the split launch aims for when a launch would have too few line blocks.
+# Programs per SM the split launch aims for when a launch would have too few programs.
 _PROGRAMS_PER_SM = 4
 
 
