@@ -29,14 +29,15 @@ Design
   in L2), divides by the scale and stores. When BLOCK_M divides M and NT * 256 divides K the
   tiles are loaded and stored unmasked (EVEN).
   Otherwise (K split over programs because there are few line blocks, scales per K index, or
-  granularity "tensor") a first launch atomically max-reduces each scale's absmax and a second
-  launch quantizes; it computes the scales from those absmaxes itself, exactly as the reference
-  does, and stores them (with granularity "tensor", torch reduces them to the one scale first).
+  granularity "tensor") a first launch stores each program's absmax of each of its scales (a
+  row of partials per split: no atomics, no buffer to zero) and a second launch quantizes; it
+  takes the max over the splits and computes the scales itself, exactly as the reference does,
+  and stores them (with granularity "tensor", torch reduces the partials to the one scale).
 * Grid, scales per K index (dim 0): (K tiles of 256, splits of the lines). A program owns 256 K
   indices (tokens) and loops over its range of lines (features) BLOCK_M at a time, so the
   absmax of each of its K indices stays in registers (an elementwise running max, as above);
-  one atomic max per K index and program at the end, then the quantize launch, which loads its
-  256 scales once. (The loop used to run along K with an atomic max per iteration: BLOCK_M 64
+  its partial absmaxes stored at the end, then the quantize launch, which computes its 256
+  scales once. (The loop used to run along K with an atomic max per iteration: BLOCK_M 64
   is 13-42% faster this way, docs/BENCHMARKS.md, ninth session.)
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
   warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, (64, 1, 4)
@@ -131,9 +132,9 @@ PRECISIONS = ("split", "ieee")
 
 # Kernel modes.
 _ROW = 0  # both loops: per-row absmax, per-row scale, quantize
-_AMAX_ONLY = 1  # first loop only: atomic max of each scale's absmax into a zeroed buffer
+_AMAX_ONLY = 1  # first loop only: each program's absmax per scale, one row per split
 _WITH_SCALE = 2  # second loop only: quantize, the scales computed from a first launch's absmax
-# (SCALE_VEC: per line / K index, read from amax_ptr; else one, given at scale_ptr[0])
+# (SCALE_VEC: per line / K index, the max over amax_ptr's splits; else one, at scale_ptr[0])
 
 
 # tl.max, tl.zeros & co. are @triton.jit functions of triton.language.standard; an
@@ -167,6 +168,16 @@ def _divisor_of(scale, INV_SQRT: tl.constexpr, POW2_NORM: tl.constexpr):
         scale = scale * (1.0 / INV_SQRT)
         inv = inv * INV_SQRT
     return scale, inv
+
+
+@triton.jit
+def _max_over_splits(amax_ptr, idx, ok, n_scales, n_split, SPLITS: tl.constexpr):
+    """The absmax of scales `idx` (1-D): the max of the first launch's partial absmaxes, one
+    row of n_scales per split (NaN already made inf)."""
+    s = tl.arange(0, SPLITS)
+    parts = tl.load(amax_ptr + s[:, None] * n_scales + idx[None, :],
+                    mask=(s[:, None] < n_split) & ok[None, :], other=0.0)
+    return tl.reduce(parts, 0, tl.standard._elementwise_max)
 
 
 @triton.jit
@@ -207,15 +218,18 @@ def _pm1_dot(u, pm1, U_ON_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
 
 
 def _hadamard_quantize_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_ptr,
+    x_ptr, q_ptr, scale_ptr,
+    amax_ptr,  # _AMAX_ONLY / _WITH_SCALE: partial absmaxes [splits, scales], float32
     M, K, stride_xm, stride_xk, stride_qm, stride_qk,
     per_split,  # K indices per program (per line block), or lines with SCALE_PER_K
+    n_split,  # programs along grid axis 1 (partial absmaxes per scale)
     HB: tl.constexpr,  # Hadamard block: 0 (no rotation) or a power of two 16..256
     INT8: tl.constexpr,  # output format: INT8 if true, else FP8 E4M3 (as raw bytes)
     MODE: tl.constexpr,  # _ROW, _AMAX_ONLY or _WITH_SCALE
     SCALE_PER_K: tl.constexpr,  # one scale per index along K (rotation "outer"; NT == 1), else
     # per line
     SCALE_VEC: tl.constexpr,  # _WITH_SCALE: scales from amax_ptr per line / K index, else one
+    SPLITS: tl.constexpr,  # n_split rounded up to a power of two
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
     UPCAST_DOT: tl.constexpr,  # interpreter: all dot operands in float32
@@ -246,7 +260,7 @@ def _hadamard_quantize_kernel(
     # (K indices s * per_split ...), so each line's absmax stays in registers.
     # Scales per K index (SCALE_PER_K, NT == 1): program (a, s) owns the 256 K indices
     # a * 256 ... and loops over split s of the lines (lines s * per_split ...), so each K
-    # index's absmax stays in registers; one atomic max per K index and program at the end.
+    # index's absmax stays in registers; each program stores its partial absmaxes at the end.
     pid_a = tl.program_id(0)
     pid_s = tl.program_id(1)
     start = pid_s * per_split
@@ -310,7 +324,9 @@ def _hadamard_quantize_kernel(
     for p in tl.static_range(FIRST_PASS, LAST_PASS):
         if p == 1:
             if SCALE_PER_K and SCALE_VEC:  # this program's K indices' scales
-                amax_k = tl.load(amax_ptr + k_base + k16, mask=k_ok, other=0.0)
+                k256 = k_base + tl.arange(0, 256)
+                amax_k = _max_over_splits(amax_ptr, k256, k256 < K, K, n_split, SPLITS)
+                amax_k = tl.reshape(amax_k, (16, 16))  # as k16
                 scale_k = _scale_of(amax_k, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
                 if pid_s == 0:  # (one program per K tile stores them)
                     tl.store(scale_ptr + k_base + k16, scale_k, mask=k_ok)
@@ -323,7 +339,7 @@ def _hadamard_quantize_kernel(
                         amax = tl.reshape(amax_b, (BLOCK_M, NT))
                         amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
                     else:  # each line's absmax, from the first launch
-                        amax = tl.load(amax_ptr + rows, mask=row_ok, other=0.0)
+                        amax = _max_over_splits(amax_ptr, rows, row_ok, M, n_split, SPLITS)
                     scale = _scale_of(amax, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
                     if pid_s == 0:  # (K split: one program per line block stores them)
                         tl.store(scale_ptr + rows, scale, mask=row_ok)
@@ -417,11 +433,11 @@ def _hadamard_quantize_kernel(
                 tl.store(q_at, q, mask=mask)
         if p == 0:
             amax_tiles = tl.where(amax_tiles == amax_tiles, amax_tiles, float("inf"))  # NaN
-            if SCALE_PER_K:  # other programs cover other lines: one atomic max per K index
+            if SCALE_PER_K:  # other programs cover other lines: partials, one row per split
                 amax_k = tl.reduce(amax_tiles, 0, tl.standard._elementwise_max)
                 if POW2_NORM:
                     amax_k = amax_k * INV_SQRT
-                tl.atomic_max(amax_ptr + k_base + k16, amax_k, mask=k_ok)
+                tl.store(amax_ptr + pid_s * K + k_base + k16, amax_k, mask=k_ok)
             else:
                 amax_b = tl.reduce(amax_tiles, 2, tl.standard._elementwise_max)
                 amax_b = tl.reduce(amax_b, 1, tl.standard._elementwise_max)
@@ -430,7 +446,7 @@ def _hadamard_quantize_kernel(
                 if MODE == 1:  # other programs may cover other K ranges
                     amax = tl.reshape(amax_b, (BLOCK_M, NT))
                     amax = tl.reduce(amax, 1, tl.standard._elementwise_max)
-                    tl.atomic_max(amax_ptr + rows, amax, mask=row_ok)
+                    tl.store(amax_ptr + pid_s * M + rows, amax, mask=row_ok)
 
 
 _kernel = triton.jit(_hadamard_quantize_kernel)
@@ -559,8 +575,8 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     def launch(mode, scale, amax, scale_vec):
         kernel[grid](
             xv, qv, scale, amax, M, K, xv.stride(0), xv.stride(1), qv.stride(0), qv.stride(1),
-            per_split, HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
-            SCALE_VEC=scale_vec, X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
+            per_split, grid[1], HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
+            SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(grid[1]), X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
             UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
             INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
@@ -578,9 +594,10 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
         launch(_ROW, scale, scale, False)
         return q, scale
-    # Two launches: the absmax of each scale's group (atomic max over the programs that share
-    # it), then quantize, with the scales computed exactly as the reference computes them.
-    amax = torch.zeros((rows,), dtype=torch.float32, device=x.device)
+    # Two launches: each program's absmax of each of its scales' groups (a row of partials per
+    # split: nothing to zero, no atomics), then quantize, with the scales computed from their
+    # maxima exactly as the reference computes them.
+    amax = torch.empty((grid[1], rows), dtype=torch.float32, device=x.device)
     launch(_AMAX_ONLY, amax, amax, False)
     if granularity == "row":  # the second launch computes and stores the scales
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)

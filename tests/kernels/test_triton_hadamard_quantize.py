@@ -86,7 +86,7 @@ def test_interpreter_gpu_like_launch_configs(block_m, nt):
 
 
 # (lines, K, block, split): the transposed-view and dim-0 variants; split > 1 makes programs
-# share a scale (atomic absmax, then a second launch).
+# share a scale (partial absmaxes per split, then a second launch).
 STRIDED_CASES = [(33, 256, 64, 1), (130, 768, 256, 2), (7, 48, 16, 3), (40, 512, 0, 2)]
 
 
