@@ -41,7 +41,7 @@ Design
   is 13-42% faster this way, docs/BENCHMARKS.md, ninth session.)
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
   warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, (64, 1, 4)
-  unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~4
+  unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~2
   programs per SM.
 * The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
   block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
@@ -482,7 +482,8 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
 
 
 # GPU launch configurations, per layout and whether the kernel rotates: (BLOCK_M, NT,
-# num_warps, whether K may be split over programs when there are too few line blocks). Measured
+# num_warps, programs per SM that splitting the loop aims for when a launch has too few
+# programs; 0: no split). Measured
 # on an H100 (triton 3.6, bf16 -> FP8 row scales, 8192 x 4096 and 8192 x 14336,
 # benchmarks/hadamard_quantize.py --sweep, docs/BENCHMARKS.md):
 # * rows (K contiguous): one warp per 16 x 16 tile and few tiles per program, many programs per
@@ -498,23 +499,22 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
 #   (in one launch: 1.41); BLOCK_M 16 or 32 slower at every split.
 # * dim 0 ("outer", a program per 256 K indices looping over a split of the lines): on an H200,
 #   BLOCK_M 64 with 4 warps 1.06 / 1.33 TB/s at 8192 x 4096 / 8192 x 14336, 32 1.04 / 1.09,
-#   16 0.54-0.68; 8 warps and other splits no faster.
+#   16 0.54-0.68, 8 warps or 2 or 4 stages slower; ~2 programs per SM (the most that fit at
+#   once: one wave) 1.18 / 1.36 against 1.06 / 1.33 with ~4.
 # On an H200, 8 or 16 warps and 1-2 stages lost against these for both transposed variants (+3%
 # in one case, -3 to -49% elsewhere; docs/BENCHMARKS.md).
 GPU_CONFIGS = {
-    ("rows", True): (1, 2, 2, False),
-    ("rows", False): (1, 4, 4, False),
-    ("transposed", True): (16, 1, 4, True),
-    ("transposed", False): (64, 1, 4, True),
-    ("outer", True): (64, 1, 4, True),
-    ("outer", False): (64, 1, 4, True),  # no matmul asks for it; as rotated
+    ("rows", True): (1, 2, 2, 0),
+    ("rows", False): (1, 4, 4, 0),
+    ("transposed", True): (16, 1, 4, 4),
+    ("transposed", False): (64, 1, 4, 4),
+    ("outer", True): (64, 1, 4, 2),
+    ("outer", False): (64, 1, 4, 2),  # no matmul asks for it; as rotated
 }
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
 INTERPRETER_STRIDED_CONFIG = (8, 1, None)
-# Programs per SM the split launch aims for when a launch would have too few programs.
-_PROGRAMS_PER_SM = 4
 
 
 # float32(1 / max_value), rounded once, as torch computes the reciprocal on CUDA. Computed here,
@@ -544,10 +544,10 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     strided = xv.stride(1) != 1
     if interpret:
         config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
-        may_split = False
+        programs_per_sm = 0
     else:
         layout = "outer" if per_k else "transposed" if strided else "rows"
-        *config, may_split = GPU_CONFIGS[layout, block > 0]
+        *config, programs_per_sm = GPU_CONFIGS[layout, block > 0]
     bm = block_m or config[0]
     nt = 1 if per_k else (nt or config[1])
     # Programs (a, s): a along the lines (blocks of bm) with the loop along K (tiles of nt * 256),
@@ -558,10 +558,11 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
                                                                              nt * 256)
     if split is None:
         split = 1
-        if may_split and programs < _PROGRAMS_PER_SM * _sm_count(x.device) // 2:
+        want = programs_per_sm * _sm_count(x.device) if programs_per_sm else 0
+        if programs < want // 2:
             # Too few programs (a transposed [out, T] view has only out / BLOCK_M; dim 0 has
             # T / 256): split the loop too.
-            split = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(x.device), programs)
+            split = triton.cdiv(want, programs)
     split = max(1, min(split, loop_units))
     per_split = triton.cdiv(loop_units, split) * unit
     grid = (programs, triton.cdiv(loop_units, per_split // unit))
