@@ -499,8 +499,8 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
 #   (in one launch: 1.41); BLOCK_M 16 or 32 slower at every split.
 # * dim 0 ("outer", a program per 256 K indices looping over a split of the lines): on an H200,
 #   BLOCK_M 64 with 4 warps 1.06 / 1.33 TB/s at 8192 x 4096 / 8192 x 14336, 32 1.04 / 1.09,
-#   16 0.54-0.68, 8 warps or 2 or 4 stages slower; ~2 programs per SM (the most that fit at
-#   once: one wave) 1.18 / 1.36 against 1.06 / 1.33 with ~4.
+#   16 0.54-0.68, 8 warps or 2 or 4 stages slower; up to 2 programs per SM (the most that fit
+#   at once: one wave) 1.18 / 1.36 against 1.06 / 1.33 with ~4.
 # On an H200, 8 or 16 warps and 1-2 stages lost against these for both transposed variants (+3%
 # in one case, -3 to -49% elsewhere; docs/BENCHMARKS.md).
 GPU_CONFIGS = {
@@ -561,8 +561,9 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
         want = programs_per_sm * _sm_count(x.device) if programs_per_sm else 0
         if programs < want // 2:
             # Too few programs (a transposed [out, T] view has only out / BLOCK_M; dim 0 has
-            # T / 256): split the loop too.
-            split = triton.cdiv(want, programs)
+            # T / 256): split the loop too, into no more programs than `want` (at 2 per SM, a
+            # 289th program on 132 SMs is a second wave: 40% slower).
+            split = want // programs
     split = max(1, min(split, loop_units))
     per_split = triton.cdiv(loop_units, split) * unit
     grid = (programs, triton.cdiv(loop_units, per_split // unit))
