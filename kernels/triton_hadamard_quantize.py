@@ -529,6 +529,25 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def launch_grid(M, K, block_m, nt, per_k, split=None, want=0):
+    """(grid, per_split) of a launch over M lines of K values: programs (a, s), a along the
+    lines (blocks of block_m) with the loop along K (tiles of nt * 256), or with per-K scales
+    (per_k) a along K (tiles of 256) with the loop along the lines; s splits the loop, into
+    `split` parts, or when there are fewer than want / 2 programs into as many as keep the
+    launch at no more than `want` programs (at 2 per SM, a 289th program on 132 SMs is a second
+    wave: 40% slower). per_split: the loop extent (K indices, or lines) of one split."""
+    line_blocks = triton.cdiv(M, block_m)
+    k_tiles = triton.cdiv(K, nt * 256)
+    programs, loop_units, unit = ((k_tiles, line_blocks, block_m) if per_k
+                                  else (line_blocks, k_tiles, nt * 256))
+    if split is None:
+        # Too few programs: a transposed [out, T] view has only out / BLOCK_M, dim 0 T / 256.
+        split = want // programs if programs < want // 2 else 1
+    split = max(1, min(split, loop_units))
+    per_split = triton.cdiv(loop_units, split) * unit
+    return (programs, triton.cdiv(loop_units, per_split // unit)), per_split
+
+
 def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
@@ -550,23 +569,8 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
         *config, programs_per_sm = GPU_CONFIGS[layout, block > 0]
     bm = block_m or config[0]
     nt = 1 if per_k else (nt or config[1])
-    # Programs (a, s): a along the lines (blocks of bm) with the loop along K (tiles of nt * 256),
-    # or with per-K scales a along K (tiles of 256) with the loop along the lines.
-    line_blocks = triton.cdiv(M, bm)
-    k_tiles = triton.cdiv(K, nt * 256)
-    programs, loop_units, unit = (k_tiles, line_blocks, bm) if per_k else (line_blocks, k_tiles,
-                                                                             nt * 256)
-    if split is None:
-        split = 1
-        want = programs_per_sm * _sm_count(x.device) if programs_per_sm else 0
-        if programs < want // 2:
-            # Too few programs (a transposed [out, T] view has only out / BLOCK_M; dim 0 has
-            # T / 256): split the loop too, into no more programs than `want` (at 2 per SM, a
-            # 289th program on 132 SMs is a second wave: 40% slower).
-            split = want // programs
-    split = max(1, min(split, loop_units))
-    per_split = triton.cdiv(loop_units, split) * unit
-    grid = (programs, triton.cdiv(loop_units, per_split // unit))
+    want = programs_per_sm * _sm_count(x.device) if programs_per_sm and split is None else 0
+    grid, per_split = launch_grid(M, K, bm, nt, per_k, split, want)
     extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
     if soft_fp8 is None:
         soft_fp8 = interpret

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from halo_compile.kernels.triton_hadamard_quantize import (
+    GPU_CONFIGS,
     hadamard_quantize,
     hadamard_quantize_reference,
     hadamard_quantize_triton,
+    launch_grid,
 )
 
 FMTS = ("fp8_e4m3", "int8")
@@ -127,6 +129,38 @@ def test_interpreter_dim0_outer_rotation(m, n, block, split):
     # ...and dim=0 rotates: the quantized values differ from the unrotated ones.
     if block:
         assert not torch.equal(q, hadamard_quantize_reference(x, fmt, gran, 0)[0])
+
+
+# Llama-3-8B operands at 8192 tokens, as the kernel sees them: (M lines, K, layout).
+LAUNCHES = [(8192, 4096, "rows"), (4096, 8192, "transposed"), (14336, 8192, "transposed"),
+            (4096, 8192, "outer"), (14336, 8192, "outer"), (1000, 300, "outer")]
+
+
+@pytest.mark.parametrize("sms", [132, 78])
+@pytest.mark.parametrize("lines,k,layout", LAUNCHES)
+def test_launch_grid_covers_the_work_in_one_wave(lines, k, layout, sms):
+    """The GPU launches split their loop until the layout's programs per SM, never beyond: a
+    program more than fit at once is a second wave (dim 0 at 14336 features once had 288
+    programs for 264 places). Every line block / K tile is covered exactly once."""
+    block_m, nt, _, per_sm = GPU_CONFIGS[layout, True]
+    per_k = layout == "outer"
+    want = per_sm * sms
+    (programs, splits), per_split = launch_grid(lines, k, block_m, nt, per_k, want=want)
+    unit = block_m if per_k else nt * 256
+    loop_extent = lines if per_k else k
+    assert programs == -(-(k if per_k else lines) // (256 if per_k else block_m))
+    assert per_split % unit == 0 and (splits - 1) * per_split < loop_extent <= splits * per_split
+    if programs < want // 2:
+        assert splits > 1 and programs * splits <= want
+    else:
+        assert splits == 1
+    if (lines, k, layout, sms) == (14336, 8192, "outer", 132):
+        assert (programs, splits) == (32, 8)
+
+
+def test_launch_grid_takes_a_given_split():
+    assert launch_grid(4096, 8192, 64, 1, True, split=3, want=264) == ((32, 3), 1408)
+    assert launch_grid(64, 1024, 16, 1, False, split=99) == ((4, 4), 256)  # at most one per tile
 
 
 def test_interpreter_split_row_launch():
