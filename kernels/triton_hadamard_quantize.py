@@ -38,7 +38,7 @@ Design
   absmax of each of its K indices stays in registers (an elementwise running max, as above);
   its partial absmaxes stored at the end, then the quantize launch, which computes its 256
   scales once. (The loop used to run along K with an atomic max per iteration: BLOCK_M 64
-  is 13-42% faster this way, docs/BENCHMARKS.md, ninth session.)
+  is 36-47% faster this way, docs/BENCHMARKS.md, ninth session.)
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
   warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, (64, 1, 4)
   unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~2
@@ -91,13 +91,13 @@ to 83 of 33.5M / 117M bf16 values at block 256, scales within 4e-7.
 
 Bandwidth (H200, 2026-11-28, docs/BENCHMARKS.md), bytes read once + written once, CUDA graph
 timing, bf16 -> FP8 per row, block 256, against a 4.1-4.2 TB/s copy, at 8192 x 4096 and
-8192 x 14336: rows 1.82-1.96 TB/s (44-47%; block 0: 2.89-3.18 TB/s, 69-78%), transposed view
-1.07-1.28 TB/s (block 0: 1.51-1.59), dim 0 0.88-0.93 TB/s. The rotated rows kernel is bound by
+8192 x 14336: rows 1.84-1.98 TB/s (45-47%; block 0: 2.89-3.21 TB/s, 69-78%), transposed view
+1.18-1.28 TB/s (block 0: 1.58-1.64), dim 0 1.20-1.37 TB/s. The rotated rows kernel is bound by
 instruction issue (Nsight Compute: issue slots 77% busy before the changes above, which cut its
 two loop bodies from 339 to 245 SASS instructions, 8 values per thread, as Triton 3.9 compiles
 them for sm_90; benchmarks/kernel_resources.py counts them): the three bf16 pieces of the
 intermediate and their dots, the rotation done twice (once per pass), the division. The strided
-variants are bound by occupancy (dim 0: 247+ registers and 100 KiB of shared memory per program,
+variants read their input twice (two launches) and are bound by occupancy (dim 0 at BLOCK_M 64:
 two programs per SM).
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
