@@ -98,7 +98,8 @@ two loop bodies from 339 to 245 SASS instructions, 8 values per thread, as Trito
 them for sm_90; benchmarks/kernel_resources.py counts them): the three bf16 pieces of the
 intermediate and their dots, the rotation done twice (once per pass), the division. The strided
 variants read their input twice (two launches) and are bound by occupancy (dim 0 at BLOCK_M 64:
-two programs per SM).
+228-255 registers and 96-104 KiB of shared memory per program, two programs per SM, as
+benchmarks/kernel_resources.py reports).
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
 interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
