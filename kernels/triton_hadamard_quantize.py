@@ -18,16 +18,15 @@ Design
 * The kernel sees M lines of K values through strides (x[m, k] at x + m * sxm + k * sxk) and
   rotates along K. dim=0 runs it on the transposed views of x and of the output, with the
   scales attached to K indices instead of lines (SCALE_PER_K).
-* Grid, scales per line: (line blocks of BLOCK_M, splits of K). A program loops over its K
-  range twice; one
-  iteration handles NT tiles of 256 K indices per line, i.e. a batch of BLOCK_M * NT tiles
-  viewed as [16, 16] (k = k0 + 256 * t + 16 * mid + low). With one split and per-line scales
-  (granularity "row", dim=1) one launch does it all: the first loop rotates every tile and
-  keeps an elementwise running absmax of the tiles (NaN-propagating max; reduced across lanes
-  once, after the loop, not per iteration); the second rotates the same tiles again, backwards
-  (loaded with evict_last in the first loop; the tiles loaded last are the likeliest to be still
-  in L2), divides by the scale and stores. When BLOCK_M divides M and NT * 256 divides K the
-  tiles are loaded and stored unmasked (EVEN).
+* Grid, scales per line: (line blocks of BLOCK_M, splits of K). A program loops over its K range
+  twice; one iteration handles NT tiles of 256 K indices per line, i.e. a batch of BLOCK_M * NT
+  tiles viewed as [16, 16] (k = k0 + 256 * t + 16 * mid + low). With one split and per-line
+  scales (granularity "row", dim=1) one launch does it all: the first loop rotates every tile
+  and keeps an elementwise running absmax of the tiles (NaN-propagating max; reduced across
+  lanes once, after the loop, not per iteration); the second rotates the same tiles again,
+  backwards (loaded with evict_last in the first loop; the tiles loaded last are the likeliest
+  to be still in L2), divides by the scale and stores. When BLOCK_M divides M and NT * 256
+  divides K the tiles are loaded and stored unmasked (EVEN).
   Otherwise (K split over programs because there are few line blocks, scales per K index, or
   granularity "tensor") a first launch stores each program's absmax of each of its scales (a
   row of partials per split: no atomics, no buffer to zero) and a second launch quantizes; it
@@ -583,7 +582,8 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
         kernel[grid](
             xv, qv, scale, amax, M, K, xv.stride(0), xv.stride(1), qv.stride(0), qv.stride(1),
             per_split, grid[1], HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
-            SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(grid[1]), X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
+            SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(grid[1]),
+            X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
             UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
             INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
