@@ -629,7 +629,8 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
     block_m / nt / num_warps / split / num_stages: override the launch configuration
-        (GPU_CONFIGS; split > 1 divides K over programs, then the scales need a second launch;
+        (GPU_CONFIGS; split > 1 divides each program's loop over programs: K for per-row scales,
+        then the scales need a second launch; the lines for dim 0, which always takes two;
         num_stages, Triton's software pipelining depth, sets how many tiles in flight a program
         keeps in shared memory).
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
