@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -72,6 +73,22 @@ def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3,
     return {name: _median(t) for name, t in times.items()}
 
 
+def host_ms(steps: dict, rounds: int, reps: int) -> dict:
+    """Median milliseconds of host time to issue one call of each of `steps`: `reps` calls queued
+    back to back, timed on the host before the synchronization. Where it is near the queued
+    time, the host, not the GPU, sets the pace."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                step()
+            times[name].append((time.perf_counter() - start) * 1e3 / reps)
+            torch.cuda.synchronize()
+    return {name: _median(t) for name, t in times.items()}
+
+
 def speedup(times: dict, name: str) -> str:
     """`name`'s speed-up over bf16 Inductor in `times` (name -> ms)."""
     bf16 = times.get("bf16 inductor")
@@ -121,7 +138,8 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     time goes when the GPU waits)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step()
+    for _ in range(10):  # past one-off costs: lazy module loading, the first batched inf/NaN check
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -139,6 +157,27 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
         f"host (self CPU time, {reps} calls):",
         averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70),
     ])
+
+
+def python_profile(step, reps: int, top: int = 30) -> str:
+    """cProfile of `reps` calls of `step()` queued back to back: the Python functions that the
+    host's time per call goes to, by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 def environment() -> str:

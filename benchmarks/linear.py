@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from _contenders import NAMES, compile_fn, parse_names
-from _timing import emit, interleaved_median_ms, kernel_breakdown, markdown_table, speedup
+from _timing import (emit, host_ms, interleaved_median_ms, kernel_breakdown, markdown_table,
+                     python_profile, speedup)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
@@ -69,7 +70,7 @@ def main() -> None:
             fn, skipped = compile_fn(name, copy.deepcopy(base))
             if skipped:
                 print(f"{shape} {name}: skipped ({skipped})", flush=True)
-                rows.append((shape, name, "skipped", "-", "-", "-", "-", skipped))
+                rows.append((shape, name, "skipped", "-", "-", "-", "-", "-", skipped))
                 continue
             out = fn(x).detach().float()
             errors[name] = ((out - reference).norm() / reference.norm()).item()
@@ -77,18 +78,22 @@ def main() -> None:
             if name in args.profile.split(","):
                 print(f"--- {shape} {name}: GPU kernels over 5 forward+backward ---")
                 print(kernel_breakdown(steps[name], 5), flush=True)
+                print(f"--- {shape} {name}: host Python over 20 queued calls ---")
+                print(python_profile(steps[name], 20), flush=True)
         synced = interleaved_median_ms(steps, args.rounds, args.reps)
         # More calls per queue, so the first call's start (from an idle GPU) weighs little.
         queued = interleaved_median_ms(steps, args.rounds, 4 * args.reps, queued=True)
+        host = host_ms(steps, args.rounds, 4 * args.reps)
         for name, ms in synced.items():
             rows.append((shape, name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
                          speedup(synced, name), f"{queued[name]:.3f}", speedup(queued, name),
-                         f"{errors[name]:.2e}"))
+                         f"{host[name]:.3f}", f"{errors[name]:.2e}"))
             print(rows[-1], flush=True)
     emit(markdown_table(
         f"nn.Linear forward+backward, tokens {args.tokens}, bf16 (in x out)",
         ["in x out", "contender", "ms (synchronized calls)", "TFLOP/s", "x bf16 inductor",
-         "ms (queued calls)", "x bf16 inductor (queued)", "rel. err vs bf16"], rows),
+         "ms (queued calls)", "x bf16 inductor (queued)", "host ms a call", "rel. err vs bf16"],
+        rows),
         args.markdown)
 
 
