@@ -132,6 +132,38 @@ def gpu_timeline(events, reps: int) -> str:
             f"(idle {(span - busy) / reps / 1e3:.3f} ms)")
 
 
+def queued_gaps(step, reps: int, top: int = 8) -> str:
+    """The GPU's idle time over `reps` calls of `step()` queued back to back, profiled with
+    device activity only: the host then keeps ahead (see `host_ms`), so what is left idle
+    between two activities is the GPU's own (launch latency, dependencies), not the host's. The
+    largest idle times a call, by the activity that follows them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    activities = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                        if e.device_type == DeviceType.CUDA)
+    if not activities:
+        return "queued GPU timeline: no device activity in the profile"
+    idle_before, run_end = {}, activities[0][1]
+    for start, end, name in activities[1:]:
+        if start > run_end:
+            idle_before[name] = idle_before.get(name, 0.0) + start - run_end
+        run_end = max(run_end, end)
+    span = run_end - activities[0][0]
+    idle = sum(idle_before.values())
+    lines = [f"queued GPU timeline ({reps} calls): {span / reps / 1e3:.3f} ms a call, of which "
+             f"idle {idle / reps / 1e3:.3f} ms; idle a call before:"]
+    for name, us in sorted(idle_before.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"  {us / reps:8.1f} us  {name[:90]}")
+    return "\n".join(lines)
+
+
 def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     """torch.profiler tables of `reps` calls of `step()`: the GPU's timeline (`gpu_timeline`), the
     GPU kernels by total GPU time, then the host-side ops by their own CPU time (where a step's

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from _contenders import NAMES, compile_fn, parse_names
 from _timing import (emit, host_ms, interleaved_median_ms, kernel_breakdown, markdown_table,
-                     python_profile, speedup)
+                     python_profile, queued_gaps, speedup)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
@@ -78,6 +78,7 @@ def main() -> None:
             if name in args.profile.split(","):
                 print(f"--- {shape} {name}: GPU kernels over 5 forward+backward ---")
                 print(kernel_breakdown(steps[name], 5), flush=True)
+                print(queued_gaps(steps[name], 16), flush=True)
                 print(f"--- {shape} {name}: host Python over 20 queued calls ---")
                 print(python_profile(steps[name], 20), flush=True)
         synced = interleaved_median_ms(steps, args.rounds, args.reps)
