@@ -20,10 +20,14 @@ import torch
 import triton
 
 from _timing import emit, markdown_table
-from halo_compile.kernels.triton_hadamard_quantize import hadamard_quantize_triton
+from halo_compile.kernels.triton_hadamard_quantize import (
+    hadamard_quantize_dual_triton,
+    hadamard_quantize_triton,
+)
 
 SHAPES = [(8192, 4096), (8192, 14336)]
-# name -> (operand builder from a [tokens, features] bf16 tensor, dim, fmt, granularity, block)
+# name -> (operand builder from a [tokens, features] bf16 tensor, dim, fmt, granularity, block);
+# dim "dual": dim 0 and the transposed view's quantizations at once (hadamard_quantize_dual_triton)
 VARIANTS = {
     "rows, fp8 row, block 256": (lambda t: t, 1, "fp8_e4m3", "row", 256),
     "rows, fp8 row, no rotation": (lambda t: t, 1, "fp8_e4m3", "row", 0),
@@ -32,6 +36,8 @@ VARIANTS = {
                                                           256),
     "transposed view, fp8 row, no rotation": (lambda t: t.t(), 1, "fp8_e4m3", "row", 0),
     "dim 0 (outer grad-input), fp8 row, block 256": (lambda t: t, 0, "fp8_e4m3", "row", 256),
+    "dual: dim 0 + transposed view of dY, fp8 row, block 256": (lambda t: t, "dual", "fp8_e4m3",
+                                                                "row", 256),
 }
 SWEEP = {
     "rows": [dict(block_m=bm, nt=nt, num_warps=w) for bm, nt, w in
@@ -76,14 +82,20 @@ def main() -> None:
             if args.only not in name:
                 continue
             x = build(t)
-            nbytes = t.numel() * (t.element_size() + 1) + (x.shape[0] if gran == "row" else 1) * 4
+            outputs = 2 if dim == "dual" else 1
+            scales = sum(x.shape) if dim == "dual" else x.shape[0] if gran == "row" else 1
+            nbytes = t.numel() * (t.element_size() + outputs) + scales * 4
             configs = [{}]
-            layout = "dim0" if dim == 0 else "strided" if x.stride(1) != 1 else "rows"
+            layout = "dim0" if dim in (0, "dual") else "strided" if x.stride(1) != 1 else "rows"
             if args.sweep and (layout != "rows" or (m, k) == SHAPES[-1]):  # rows: larger only
                 configs += SWEEP[layout]
             for cfg in configs:
-                bw, us = timed(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block, dim,
-                                                                        **cfg))
+                if dim == "dual":
+                    bw, us = timed(nbytes, lambda: hadamard_quantize_dual_triton(x, fmt, block,
+                                                                                 **cfg))
+                else:
+                    bw, us = timed(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block,
+                                                                            dim, **cfg))
                 label = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"
                 rows.append((f"{m}x{k}", name, label, f"{bw:.0f}", f"{bw / copy:.0%}",
                              f"{us:.0f}"))

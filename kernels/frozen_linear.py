@@ -27,7 +27,7 @@ from .scaled_matmul import (
     rotated_left_operand,
     scale_for_gemm,
 )
-from .shared_operands import shared
+from .shared_operands import shared_view
 from .weight_cache import FROZEN_WEIGHTS
 
 
@@ -154,7 +154,7 @@ def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, 
 
 def frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt, granularity,
                           forward_rotation, max_block, check_finite, name, fast_accum):
-    x2d = shared(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
+    x2d = shared_view(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
     y = torch.ops.halo.frozen_weight_matmul(
         x2d, weight, fold, fold_inputs, weight_transposed, fmt,
         forward_rotation, max_block, granularity, "nearest", check_finite, f"{name} forward",

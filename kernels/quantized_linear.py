@@ -14,12 +14,12 @@ import torch
 
 from .quantize import HOST_SIDE_TAGS
 from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
-from .shared_operands import shared
+from .shared_operands import DY_TRANSPOSE, shared, shared_view
 
 
 def linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
                    name, fast_accum):
-    x2d = shared(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
+    x2d = shared_view(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
     y = torch.ops.halo.scaled_matmul(
         x2d, weight.to(x.dtype), fmt, forward_rotation, max_block, granularity,
         "nearest", "nearest", check_finite, f"{name} forward", fast_accum,
@@ -72,6 +72,12 @@ def _backward(ctx, grad_out):
     fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name = ctx.settings
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = grad_w = grad_b = None
+    dyt = shared_view(dy, "features x tokens", lambda t: t.t())
+    if gi_rot == "outer" and gw_rot in ("inner", "none") and all(ctx.needs_input_grad[:2]):
+        # grad-input rotates dY along the tokens; grad-weight quantizes dYᵀ along the same
+        # tokens, rotated by the same block or not: the compiled path quantizes both in one
+        # kernel (inductor_decompositions.py), told here how dYᵀ is rotated.
+        shared(dy, DY_TRANSPOSE, lambda _: gw_rot == "inner")
     if ctx.needs_input_grad[0]:
         # dX = dY W: contraction over out-features.
         grad_x = torch.ops.halo.scaled_matmul(
@@ -81,10 +87,10 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         # dW = dYᵀ X: contraction over tokens. Its operands need no inf/NaN check of their own
         # when grad-input checked dY and the forward checked X: each check costs host time.
-        xt = shared(x, ("features x tokens", dy.dtype),
-                    lambda t: t.reshape(-1, t.shape[-1]).to(dy.dtype).t())
+        xt = shared_view(x, ("features x tokens", dy.dtype),
+                         lambda t: t.reshape(-1, t.shape[-1]).to(dy.dtype).t())
         grad_w = torch.ops.halo.scaled_matmul(
-            dy.t(), xt, fmt, gw_rot, max_block, granularity,
+            dyt, xt, fmt, gw_rot, max_block, granularity,
             rounding, "nearest", check and grad_x is None, f"{name} grad-weight",
         ).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

@@ -11,7 +11,11 @@ of x, or one), with no rotated copy in between. The layouts the three matmuls of
 * dim=1 on a transposed view (grad-weight's dYᵀ and Xᵀ, and grad-input's Wᵀ): the kernel reads
   the strided view in place, coalesced along its lines, and writes the contiguous transpose, so
   there is no separate transposing pass;
-* dim=0 (the "outer" rotation of HALO-2's grad-input: H along the tokens, scales still per row).
+* dim=0 (the "outer" rotation of HALO-2's grad-input: H along the tokens, scales still per row);
+* both at once, dual (`halo::hadamard_quantize_dual`): dY [tokens, features] for grad-input
+  (dim=0) and dYᵀ for grad-weight (rotated along the same tokens, or not), from the same
+  tiles: dim 0's two launches also keep each feature's absmax and store the transpose, so dY is
+  read twice for both instead of twice for each.
 
 Design
 ------
@@ -66,9 +70,14 @@ Design
   Rounding the intermediate to bf16 instead (one dot, no split) measured 28-35% faster on rows
   and 27-35% slower on dim 0, for 0-0.8% more FP8 error against float64 (0-10% INT8): not used
   (docs/BENCHMARKS.md, seventh session), nor is laying the tiles out for 2-D dots (2.4-3x
-  slower than the batched ones). Nor is quantizing dY for grad-input (dim 0) and dYᵀ for
-  grad-weight from one absmax launch over their shared view: the extra per-line absmax made
-  the dim 0 launch several times slower (eighth session).
+  slower than the batched ones).
+* Dual (DUAL, on dim 0's launches): a program's tile is 256 tokens x BLOCK_M features, so the
+  first launch also reduces each feature's absmax over its 256 tokens (a partial per K tile,
+  reduced by torch between the launches), and the second quantizes the tile twice, per token
+  into q and per feature into the transpose qt ([features, tokens], contiguous: Triton stages
+  the tile through shared memory for a store coalesced along the tokens). (The eighth
+  session's attempt, on the earlier dim 0 loop along the tokens, made the launch several
+  times slower.)
 * Quantization, exactly as torch computes the reference on the same device: the scale is
   max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
   divides by a Python scalar that way there); q = RN(y / scale), computed as
@@ -217,9 +226,43 @@ def _pm1_dot(u, pm1, U_ON_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
     return acc
 
 
+@triton.jit
+def _quantized(y, divisor, inv, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
+               SOFT_FP8: tl.constexpr, MAX_VALUE: tl.constexpr):
+    """y / divisor (inv = RN(1 / divisor)) rounded to INT8 or FP8 E4M3."""
+    if EXACT_DIV:
+        # y / divisor correctly rounded (Markstein: with inv = RN(1 / divisor), one FMA
+        # correction of RN(y * inv) gives RN(y / divisor); only for |y| in the subnormal range
+        # can it differ, and such values quantize to zero anyway). Cheaper than div.rn.f32.
+        val = y * inv
+        res = tl.fma(-val, divisor, y)  # exact residual
+        val = tl.where(res == 0.0, val, tl.fma(res, inv, val))  # keeps -0.0
+    else:
+        val = y * inv
+    if INT8 or SOFT_FP8:  # (the hardware FP8 conversion saturates by itself)
+        val = tl.minimum(tl.maximum(val, -MAX_VALUE), MAX_VALUE)
+    if INT8:
+        q = ((val + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even
+    elif SOFT_FP8:
+        mag = tl.abs(val)
+        bits = mag.to(tl.int32, bitcast=True)
+        rb = bits + 0x7FFFF + ((bits >> 20) & 1)  # round to 3 mantissa bits, RNE
+        normal = (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7)
+        sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)  # k * 2^-9
+        code = tl.where(mag < 0.015625, sub, normal)
+        sign = (val.to(tl.int32, bitcast=True) >> 24) & 0x80
+        q = (code | sign).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        q = val.to(tl.float8e4nv)
+    return q
+
+
 def _hadamard_quantize_kernel(
     x_ptr, q_ptr, scale_ptr,
     amax_ptr,  # _AMAX_ONLY / _WITH_SCALE: partial absmaxes [splits, scales], float32
+    # DUAL: the transpose's values [M, K] contiguous and scales [M] (one per line), and its
+    # absmaxes: partials [K tiles, M] (_AMAX_ONLY), their max [M] (_WITH_SCALE)
+    qt_ptr, scale_t_ptr, amax_t_ptr,
     M, K, stride_xm, stride_xk, stride_qm, stride_qk,
     per_split,  # K indices per program (per line block), or lines with SCALE_PER_K
     n_split,  # programs along grid axis 1 (partial absmaxes per scale)
@@ -229,6 +272,8 @@ def _hadamard_quantize_kernel(
     SCALE_PER_K: tl.constexpr,  # one scale per index along K (rotation "outer"; NT == 1), else
     # per line
     SCALE_VEC: tl.constexpr,  # _WITH_SCALE: scales from amax_ptr per line / K index, else one
+    DUAL: tl.constexpr,  # SCALE_PER_K: also quantize with one scale per line, stored transposed:
+    ROTATE_T: tl.constexpr,  # the rotated tile (else the tile as loaded)
     SPLITS: tl.constexpr,  # n_split rounded up to a power of two
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
@@ -289,6 +334,7 @@ def _hadamard_quantize_kernel(
         k_of_b = k_of_b.to(tl.int64)
     x_tiles = x_ptr + line_of_b * stride_xm + k_of_b * stride_xk
     q_tiles = q_ptr + line_of_b * stride_qm + k_of_b * stride_qk
+    qt_tiles = qt_ptr + line_of_b * K + k_of_b  # (DUAL)
 
     # +-1 Hadamard H_16 (acts on `low`) and G = I (x) H_R (acts on `mid`), R = HB / 16.
     hu = i16[:, None]
@@ -403,34 +449,38 @@ def _hadamard_quantize_kernel(
                     y = y * INV_SQRT
             if p == 0:
                 amax_tiles = tl.maximum(amax_tiles, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
+                if DUAL:  # each line's absmax over this program's 256 K indices
+                    if ROTATE_T:
+                        a_line = tl.abs(y)
+                    else:
+                        a_line = tl.abs(x.to(tl.float32))
+                    a_line = tl.where(a_line == a_line, a_line, float("inf"))  # NaN
+                    a_line = tl.reduce(a_line, 2, tl.standard._elementwise_max)
+                    a_line = tl.reduce(a_line, 1, tl.standard._elementwise_max)
+                    if POW2_NORM and ROTATE_T:
+                        a_line = a_line * INV_SQRT
+                    tl.store(amax_t_ptr + pid_a * M + o + b, a_line, mask=(o + b) < M)
             else:
-                # ---- quantize ----
-                if EXACT_DIV:
-                    # y / scale correctly rounded (Markstein: with inv = RN(1 / scale), one FMA
-                    # correction of RN(y * inv) gives RN(y / scale); only for |y| in the
-                    # subnormal range can it differ, and such values quantize to zero anyway).
-                    # Cheaper than div.rn.f32.
-                    val = y * inv3
-                    res = tl.fma(-val, scale3, y)  # exact residual
-                    val = tl.where(res == 0.0, val, tl.fma(res, inv3, val))  # keeps -0.0
-                else:
-                    val = y * inv3
-                if INT8 or SOFT_FP8:  # (the hardware FP8 conversion saturates by itself)
-                    val = tl.minimum(tl.maximum(val, -MAX_VALUE), MAX_VALUE)
-                if INT8:
-                    q = ((val + 12582912.0) - 12582912.0).to(tl.int8)  # round half to even
-                elif SOFT_FP8:
-                    mag = tl.abs(val)
-                    bits = mag.to(tl.int32, bitcast=True)
-                    rb = bits + 0x7FFFF + ((bits >> 20) & 1)  # round to 3 mantissa bits, RNE
-                    normal = (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7)
-                    sub = ((mag * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)  # k * 2^-9
-                    code = tl.where(mag < 0.015625, sub, normal)
-                    sign = (val.to(tl.int32, bitcast=True) >> 24) & 0x80
-                    q = (code | sign).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-                else:
-                    q = val.to(tl.float8e4nv)
+                q = _quantized(y, scale3, inv3, EXACT_DIV, INT8, SOFT_FP8, MAX_VALUE)
                 tl.store(q_at, q, mask=mask)
+                if DUAL:  # the same tile, scaled per line, stored as the transpose
+                    lines = o + b
+                    if EVEN:
+                        amax_l = tl.load(amax_t_ptr + lines)
+                    else:
+                        amax_l = tl.load(amax_t_ptr + lines, mask=lines < M, other=0.0)
+                    scale_l = _scale_of(amax_l, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
+                    if pid_a == 0:  # (the programs of the first K tile cover every line)
+                        tl.store(scale_t_ptr + lines, scale_l, mask=lines < M)
+                    if ROTATE_T:
+                        divisor_l, inv_l = _divisor_of(scale_l, INV_SQRT, POW2_NORM)
+                        t = y
+                    else:
+                        divisor_l, inv_l = _divisor_of(scale_l, 1.0, False)
+                        t = x.to(tl.float32)
+                    qt = _quantized(t, divisor_l[:, None, None], inv_l[:, None, None], EXACT_DIV,
+                                    INT8, SOFT_FP8, MAX_VALUE)
+                    tl.store(qt_tiles + o_at * K, qt, mask=mask)
         if p == 0:
             amax_tiles = tl.where(amax_tiles == amax_tiles, amax_tiles, float("inf"))  # NaN
             if SCALE_PER_K:  # other programs cover other lines: partials, one row per split
@@ -551,8 +601,10 @@ def launch_grid(M, K, block_m, nt, per_k, split=None, want=0):
 def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
-                            num_stages=None):
+                            num_stages=None, dual=False, rotate_transpose=True):
     _check_args(x, fmt, granularity, block, dim, precision)
+    if dual and (dim != 0 or granularity != "row"):
+        raise ValueError("hadamard_quantize: the dual output needs dim 0 and row scales")
     torch._check(x.numel() >= 1, lambda: "hadamard_quantize: empty input")
     spec = FORMATS[fmt]
     q = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
@@ -578,11 +630,13 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     if not interpret and num_stages:  # else Triton's default software pipelining
         kwargs["num_stages"] = num_stages
 
-    def launch(mode, scale, amax, scale_vec):
+    def launch(mode, scale, amax, scale_vec, qt=q, scale_t=q, amax_t=q):
         kernel[grid](
-            xv, qv, scale, amax, M, K, xv.stride(0), xv.stride(1), qv.stride(0), qv.stride(1),
-            per_split, grid[1], HB=block, INT8=fmt == "int8", MODE=mode, SCALE_PER_K=per_k,
-            SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(grid[1]),
+            xv, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
+            qv.stride(0), qv.stride(1), per_split, grid[1], HB=block, INT8=fmt == "int8",
+            MODE=mode, SCALE_PER_K=per_k, SCALE_VEC=scale_vec, DUAL=dual,
+            ROTATE_T=rotate_transpose and block > 0,
+            SPLITS=triton.next_power_of_2(grid[1]),
             X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
             UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
             INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
@@ -605,11 +659,21 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     # split: nothing to zero, no atomics), then quantize, with the scales computed from their
     # maxima exactly as the reference computes them.
     amax = torch.empty((grid[1], rows), dtype=torch.float32, device=x.device)
-    launch(_AMAX_ONLY, amax, amax, False)
+    if dual:  # the transpose, quantized per line of the views: its partials per K tile
+        qt = torch.empty((M, K), dtype=spec.dtype, device=x.device)
+        scale_t = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+        amax_t = torch.empty((grid[0], M), dtype=torch.float32, device=x.device)
+        launch(_AMAX_ONLY, amax, amax, False, qt, scale_t, amax_t)
+        amax_t = amax_t.amax(0)  # once, not in every program that needs a line's scale
+    else:
+        launch(_AMAX_ONLY, amax, amax, False)
     if granularity == "row":  # the second launch computes and stores the scales
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     else:
         scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
+    if dual:
+        launch(_WITH_SCALE, scale, amax, True, qt, scale_t, amax_t)
+        return q, scale, qt, scale_t
     launch(_WITH_SCALE, scale, amax, granularity == "row")
     return q, scale
 
@@ -644,11 +708,33 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
                                    recip_scale, num_stages)
 
 
+def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, rotate_transpose=True, **launch):
+    """x [tokens, features] (grad-output dY) quantized for both backward matmuls from one read
+    per launch: (q, scale) as `hadamard_quantize_triton(x, fmt, "row", block, dim=0)` gives them
+    (grad-input's dY, "outer": rotated along the tokens, a scale per token), and (qt, scale_t)
+    as `hadamard_quantize_triton(x.t(), fmt, "row", block if rotate_transpose else 0)` gives them
+    (grad-weight's dYᵀ [features, tokens], contiguous, a scale per feature, rotated along the
+    tokens or not). Each tile is loaded and rotated once per launch for both. `launch`: the
+    launch overrides of `hadamard_quantize_triton` (block_m, num_warps, split, ...)."""
+    interpret = x.device.type != "cuda"
+    kernel = interpreted(_hadamard_quantize_kernel) if interpret else _kernel
+    return _hadamard_quantize_impl(kernel, x, fmt, "row", block, 0, interpret=interpret,
+                                   dual=True, rotate_transpose=rotate_transpose, **launch)
+
+
 def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1):
     """The plain-torch composition the kernel implements."""
     _check_args(x, fmt, granularity, block, dim)
     rotated = block_hadamard(x, block, dim=dim) if block else x.float()
     return quantize(rotated, fmt, granularity)
+
+
+def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0, rotate_transpose=True):
+    """The plain-torch composition the dual output implements."""
+    _check_args(x, fmt, "row", block, 0)
+    rotated = block_hadamard(x, block, dim=0) if block else x.float()
+    transposed = (rotated if rotate_transpose else x.float()).t().contiguous()
+    return (*quantize(rotated, fmt, "row"), *quantize(transposed, fmt, "row"))
 
 
 @triton_op("halo::hadamard_quantize", mutates_args=())
@@ -660,3 +746,16 @@ def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
     if x.device.type != "cuda":
         return hadamard_quantize_reference(x, fmt, granularity, block, dim)
     return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block, dim)
+
+
+@triton_op("halo::hadamard_quantize_dual", mutates_args=())
+def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int, rotate_transpose: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dY quantized for grad-input (rotated along the tokens, a scale per token) and, transposed,
+    for grad-weight (a scale per feature, rotated likewise or not): see
+    `hadamard_quantize_dual_triton`. CUDA: the fused Triton kernel; other devices: the
+    plain-torch reference."""
+    if x.device.type != "cuda":
+        return hadamard_quantize_dual_reference(x, fmt, block, rotate_transpose)
+    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, "row", block, 0, dual=True,
+                                   rotate_transpose=rotate_transpose)

@@ -271,3 +271,44 @@ def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
     assert _rel(got, want) < 1e-5
     for mine, theirs in zip(model.parameters(), reference.parameters()):
         assert _rel(mine.grad, theirs.grad) < 1e-5
+
+
+@pytest.mark.parametrize("grad_weight", ["none", "inner"])
+def test_grad_input_and_grad_weight_quantize_dy_in_one_call(monkeypatch, grad_weight):
+    """With grad-input rotated along the tokens ("outer") and grad-weight's dYᵀ rotated along
+    them too, or not rotated: each linear's dY is quantized for both by one dual call, traced
+    on the CPU as on CUDA, and the gradients are the separate quantizations'."""
+    import halo_compile.kernels.inductor_decompositions as decompositions
+    import halo_compile.kernels.triton_hadamard_quantize as kernel
+
+    calls, dual_calls = [], []
+    reference_body = kernel.hadamard_quantize_reference  # what the ops run off CUDA
+    dual_body = kernel.hadamard_quantize_dual_reference
+
+    def counting_quantize(x, *args):
+        calls.append(tuple(x.shape))
+        return reference_body(x, *args)
+
+    def counting_dual(x, *args):
+        dual_calls.append((tuple(x.shape), *args))
+        return dual_body(x, *args)
+
+    torch.manual_seed(0)
+    model, x = _QKV(), torch.randn(32, 64, requires_grad=True)
+    options = {"format": "fp8_e4m3", "compiler": "aot_eager", "min_features": 16,
+               "hadamard": {"forward": "inner", "grad_input": "outer",
+                            "grad_weight": grad_weight}}
+    reference, x_ref = copy.deepcopy(model), x.detach().clone().requires_grad_()
+    torch.compile(reference, backend="halo", options=options)(x_ref).sum().backward()
+
+    torch._dynamo.reset()  # same code: compile the patched path afresh
+    monkeypatch.setattr(decompositions, "fused_device", lambda t: True)
+    monkeypatch.setattr(kernel, "hadamard_quantize_reference", counting_quantize)
+    monkeypatch.setattr(kernel, "hadamard_quantize_dual_reference", counting_dual)
+    torch.compile(model, backend="halo", options=options)(x).sum().backward()
+    # The three dY [32, 48]: one dual call each (block 32: the tokens'), no dYᵀ [48, 32] alone.
+    assert dual_calls == [((32, 48), "fp8_e4m3", 32, grad_weight == "inner")] * 3
+    assert (48, 32) not in calls
+    assert _rel(x.grad, x_ref.grad) < 1e-6
+    for mine, theirs in zip(model.parameters(), reference.parameters()):
+        assert _rel(mine.grad, theirs.grad) < 1e-6
