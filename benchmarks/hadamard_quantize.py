@@ -27,7 +27,8 @@ from halo_compile.kernels.triton_hadamard_quantize import (
 
 SHAPES = [(8192, 4096), (8192, 14336)]
 # name -> (operand builder from a [tokens, features] bf16 tensor, dim, fmt, granularity, block);
-# dim "dual": dim 0 and the transposed view's quantizations at once (hadamard_quantize_dual_triton)
+# dim "dual" / "dual plain": dim 0 and the transposed view's quantizations at once, the latter
+# rotated or not (hadamard_quantize_dual_triton)
 VARIANTS = {
     "rows, fp8 row, block 256": (lambda t: t, 1, "fp8_e4m3", "row", 256),
     "rows, fp8 row, no rotation": (lambda t: t, 1, "fp8_e4m3", "row", 0),
@@ -38,6 +39,8 @@ VARIANTS = {
     "dim 0 (outer grad-input), fp8 row, block 256": (lambda t: t, 0, "fp8_e4m3", "row", 256),
     "dual: dim 0 + transposed view of dY, fp8 row, block 256": (lambda t: t, "dual", "fp8_e4m3",
                                                                 "row", 256),
+    "dual: dim 0 + transposed view of dY not rotated, fp8 row, block 256": (
+        lambda t: t, "dual plain", "fp8_e4m3", "row", 256),
 }
 SWEEP = {
     "rows": [dict(block_m=bm, nt=nt, num_warps=w) for bm, nt, w in
@@ -50,8 +53,8 @@ SWEEP = {
                                                                           (1, 2, 4, 8))],
     # dim 0: a program owns 256 tokens and loops over BLOCK_M features at a time, in one of
     # `split` ranges of the features (the default aims at ~4 programs per SM).
-    # (BLOCK_M 16 measured half as fast on an H200.)
-    "dim0": [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((32, 64), (4, 8))]
+    # (BLOCK_M 16 measured half as fast for dim 0 alone on an H200; the dual holds more.)
+    "dim0": [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((16, 32, 64), (4, 8))]
             + [dict(split=sp) for sp in (8, 32)] + [dict(num_stages=st) for st in (2, 4)],
 }
 
@@ -82,17 +85,18 @@ def main() -> None:
             if args.only not in name:
                 continue
             x = build(t)
-            outputs = 2 if dim == "dual" else 1
-            scales = sum(x.shape) if dim == "dual" else x.shape[0] if gran == "row" else 1
+            dual = dim in ("dual", "dual plain")
+            outputs = 2 if dual else 1
+            scales = sum(x.shape) if dual else x.shape[0] if gran == "row" else 1
             nbytes = t.numel() * (t.element_size() + outputs) + scales * 4
             configs = [{}]
-            layout = "dim0" if dim in (0, "dual") else "strided" if x.stride(1) != 1 else "rows"
+            layout = "dim0" if dim == 0 or dual else "strided" if x.stride(1) != 1 else "rows"
             if args.sweep and (layout != "rows" or (m, k) == SHAPES[-1]):  # rows: larger only
                 configs += SWEEP[layout]
             for cfg in configs:
-                if dim == "dual":
-                    bw, us = timed(nbytes, lambda: hadamard_quantize_dual_triton(x, fmt, block,
-                                                                                 **cfg))
+                if dual:
+                    bw, us = timed(nbytes, lambda: hadamard_quantize_dual_triton(
+                        x, fmt, block, rotate_transpose=dim == "dual", **cfg))
                 else:
                     bw, us = timed(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block,
                                                                             dim, **cfg))

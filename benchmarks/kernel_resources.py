@@ -114,9 +114,9 @@ def _sass(cubin: bytes) -> tuple[int, str]:
             " + ".join(str(n) for n in loops) or "no loop")
 
 
-def report(name: str, x: torch.Tensor, block: int, dim: int) -> list[tuple]:
+def report(name: str, x: torch.Tensor, block: int, dim: int, **launch) -> list[tuple]:
     recorder = _Recorder()
-    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1)
+    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1, **launch)
     rows = []
     for grid, args, kwargs in recorder.launches:
         warps = kwargs["num_warps"]
@@ -141,12 +141,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--features", type=int, default=14336)
+    parser.add_argument("--only", default="", help="only the variants whose name contains this")
     args = parser.parse_args()
     t = torch.empty(args.tokens, args.features, dtype=torch.bfloat16, device="meta")
     variants = [("rows (X, W), block 256", t, 256, 1), ("rows, no rotation", t, 0, 1),
                 ("transposed view (dYᵀ, Xᵀ), block 256", t.t(), 256, 1),
                 ("transposed view, no rotation", t.t(), 0, 1),
-                ("dim 0 (outer dY), block 256", t, 256, 0)]
+                ("dim 0 (outer dY), block 256", t, 256, 0),
+                ("dual (dY, dYᵀ rotated), block 256", t, 256, 0, dict(dual=True)),
+                ("dual (dY, dYᵀ not rotated), block 256", t, 256, 0,
+                 dict(dual=True, rotate_transpose=False))]
     header = ("variant", "launch", "(BLOCK_M, NT, warps)", "shared KiB", "programs/SM",
               "warps/SM", "registers", "SASS per loop iteration", "convert_layout", "mma",
               "cp.async", "global loads", "global stores")
@@ -154,7 +158,9 @@ def main() -> None:
           "-> FP8 row scales\n")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for variant in variants:
-        for row in report(*variant):
+        if args.only not in variant[0]:
+            continue
+        for row in report(*variant[:4], **(variant[4] if len(variant) > 4 else {})):
             print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
 
 

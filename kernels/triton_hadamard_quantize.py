@@ -257,6 +257,36 @@ def _quantized(y, divisor, inv, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
     return q
 
 
+@triton.jit
+def _line_absmax(t):
+    """The absmax of each line of a [lines, 16, 16] batch of tiles, NaN made inf."""
+    a = tl.abs(t)
+    a = tl.where(a == a, a, float("inf"))
+    a = tl.reduce(a, 2, tl.standard._elementwise_max)
+    return tl.reduce(a, 1, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _store_transposed(t, qt_at, mask, lines, amax_t_ptr, scale_t_ptr, store_scales, M,
+                      EVEN: tl.constexpr, RECIP_SCALE: tl.constexpr, MAX_VALUE: tl.constexpr,
+                      INV_MAX_VALUE: tl.constexpr, INV_SQRT: tl.constexpr,
+                      POW2_NORM: tl.constexpr, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
+                      SOFT_FP8: tl.constexpr):
+    """DUAL: `t` [lines, 16, 16] quantized with one scale per line (from the lines' absmaxes at
+    amax_t_ptr; stored too when `store_scales`) at `qt_at`, the transpose's addresses."""
+    if EVEN:
+        amax = tl.load(amax_t_ptr + lines)
+    else:
+        amax = tl.load(amax_t_ptr + lines, mask=lines < M, other=0.0)
+    scale = _scale_of(amax, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
+    if store_scales:  # (the programs of the first K tile cover every line)
+        tl.store(scale_t_ptr + lines, scale, mask=lines < M)
+    divisor, inv = _divisor_of(scale, INV_SQRT, POW2_NORM)
+    q = _quantized(t, divisor[:, None, None], inv[:, None, None], EXACT_DIV, INT8, SOFT_FP8,
+                   MAX_VALUE)
+    tl.store(qt_at, q, mask=mask)
+
+
 def _hadamard_quantize_kernel(
     x_ptr, q_ptr, scale_ptr,
     amax_ptr,  # _AMAX_ONLY / _WITH_SCALE: partial absmaxes [splits, scales], float32
@@ -429,6 +459,15 @@ def _hadamard_quantize_kernel(
             else:
                 x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
                             eviction_policy="evict_first")
+            if DUAL and not ROTATE_T:  # the transpose of the tile as loaded: done with x first
+                if p == 0:
+                    tl.store(amax_t_ptr + pid_a * M + o + b, _line_absmax(x.to(tl.float32)),
+                             mask=(o + b) < M)
+                else:
+                    _store_transposed(x.to(tl.float32), qt_tiles + o_at * K, mask, o + b,
+                                      amax_t_ptr, scale_t_ptr, pid_a == 0, M, EVEN, RECIP_SCALE,
+                                      MAX_VALUE, INV_MAX_VALUE, 1.0, False, EXACT_DIV, INT8,
+                                      SOFT_FP8)
             # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
             # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
             # right product: the accumulator of the first dot becomes the A operand of the
@@ -449,38 +488,19 @@ def _hadamard_quantize_kernel(
                     y = y * INV_SQRT
             if p == 0:
                 amax_tiles = tl.maximum(amax_tiles, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
-                if DUAL:  # each line's absmax over this program's 256 K indices
-                    if ROTATE_T:
-                        a_line = tl.abs(y)
-                    else:
-                        a_line = tl.abs(x.to(tl.float32))
-                    a_line = tl.where(a_line == a_line, a_line, float("inf"))  # NaN
-                    a_line = tl.reduce(a_line, 2, tl.standard._elementwise_max)
-                    a_line = tl.reduce(a_line, 1, tl.standard._elementwise_max)
-                    if POW2_NORM and ROTATE_T:
+                if DUAL and ROTATE_T:  # each line's absmax over this program's 256 K indices
+                    a_line = _line_absmax(y)
+                    if POW2_NORM:
                         a_line = a_line * INV_SQRT
                     tl.store(amax_t_ptr + pid_a * M + o + b, a_line, mask=(o + b) < M)
             else:
                 q = _quantized(y, scale3, inv3, EXACT_DIV, INT8, SOFT_FP8, MAX_VALUE)
                 tl.store(q_at, q, mask=mask)
-                if DUAL:  # the same tile, scaled per line, stored as the transpose
-                    lines = o + b
-                    if EVEN:
-                        amax_l = tl.load(amax_t_ptr + lines)
-                    else:
-                        amax_l = tl.load(amax_t_ptr + lines, mask=lines < M, other=0.0)
-                    scale_l = _scale_of(amax_l, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
-                    if pid_a == 0:  # (the programs of the first K tile cover every line)
-                        tl.store(scale_t_ptr + lines, scale_l, mask=lines < M)
-                    if ROTATE_T:
-                        divisor_l, inv_l = _divisor_of(scale_l, INV_SQRT, POW2_NORM)
-                        t = y
-                    else:
-                        divisor_l, inv_l = _divisor_of(scale_l, 1.0, False)
-                        t = x.to(tl.float32)
-                    qt = _quantized(t, divisor_l[:, None, None], inv_l[:, None, None], EXACT_DIV,
-                                    INT8, SOFT_FP8, MAX_VALUE)
-                    tl.store(qt_tiles + o_at * K, qt, mask=mask)
+                if DUAL and ROTATE_T:  # the same tile, scaled per line, stored transposed
+                    _store_transposed(y, qt_tiles + o_at * K, mask, o + b, amax_t_ptr,
+                                      scale_t_ptr, pid_a == 0, M, EVEN, RECIP_SCALE, MAX_VALUE,
+                                      INV_MAX_VALUE, INV_SQRT, POW2_NORM, EXACT_DIV, INT8,
+                                      SOFT_FP8)
         if p == 0:
             amax_tiles = tl.where(amax_tiles == amax_tiles, amax_tiles, float("inf"))  # NaN
             if SCALE_PER_K:  # other programs cover other lines: partials, one row per split
