@@ -19,6 +19,11 @@ HALO = {
     "halo fp8 halo2 unchecked": {"format": "fp8_e4m3", "hadamard": "halo2",
                                  "nonfinite": "propagate"},
     "halo fp8 all_inner": {"format": "fp8_e4m3", "hadamard": "all_inner"},
+    # HALO-2 with grad-weight rotated too (along the tokens): all three matmuls rotated, dY
+    # quantized for both backward matmuls by one dual kernel.
+    "halo fp8 halo2+gw": {"format": "fp8_e4m3",
+                          "hadamard": {"forward": "inner", "grad_input": "outer",
+                                       "grad_weight": "inner"}},
     # Replayed as CUDA graphs: what the step costs once launch overhead is gone.
     "halo fp8 halo2 cudagraphs": {"format": "fp8_e4m3", "hadamard": "halo2", "cudagraphs": True},
 }
@@ -28,7 +33,7 @@ TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "te
            "torchao float8 rowwise cudagraphs": "rowwise"}
 # Most telling first, so that a run cut short still compares them.
 NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao float8 rowwise",
-         "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner",
+         "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner", "halo fp8 halo2+gw",
          "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum", "bf16 inductor cudagraphs",
          "halo fp8 halo2 cudagraphs", "torchao float8 rowwise cudagraphs",
          "bf16 inductor max-autotune", "halo fp8 halo2 max-autotune")

@@ -46,17 +46,15 @@ from .triton_hadamard_quantize import (  # noqa: F401  (registers the ops)
 
 def _hadamard_quantize_op(x, fmt, granularity, block, dim):
     # Once per operand object: linears reading one activation share it (shared_operands.py).
-    rotate_transpose = cached(x, DY_TRANSPOSE) if dim == 0 and block and granularity == "row" \
-        else None
-    if rotate_transpose is not None:
+    if dim == 0 and block and granularity == "row" and cached(x, DY_TRANSPOSE):
         # grad-input's dY ("outer": rotated along the tokens), whose transpose grad-weight
-        # quantizes next, rotated along the same tokens or not (quantized_linear.py says which).
-        # One kernel quantizes both, and leaves dYᵀ's where grad-weight's view looks for it.
+        # rotates along the same tokens next (quantized_linear.py). One kernel quantizes both,
+        # and leaves dYᵀ's where grad-weight's view of dY looks for it.
         q, scale, qt, scale_t = shared(
-            x, ("hadamard_quantize_dual", fmt, block, rotate_transpose),
-            lambda t: torch.ops.halo.hadamard_quantize_dual(t, fmt, block, rotate_transpose))
-        key = ("hadamard_quantize", fmt, granularity, block if rotate_transpose else 0, 1)
-        shared(shared_view(x, "features x tokens", lambda t: t.t()), key, lambda _: (qt, scale_t))
+            x, ("hadamard_quantize_dual", fmt, block),
+            lambda t: torch.ops.halo.hadamard_quantize_dual(t, fmt, block))
+        dyt = shared_view(x, "features x tokens", lambda t: t.t())
+        shared(dyt, ("hadamard_quantize", fmt, granularity, block, 1), lambda _: (qt, scale_t))
         return q, scale
     return shared(x, ("hadamard_quantize", fmt, granularity, block, dim),
                   lambda t: torch.ops.halo.hadamard_quantize(t, fmt, granularity, block, dim))

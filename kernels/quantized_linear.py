@@ -73,11 +73,11 @@ def _backward(ctx, grad_out):
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = grad_w = grad_b = None
     dyt = shared_view(dy, "features x tokens", lambda t: t.t())
-    if gi_rot == "outer" and gw_rot in ("inner", "none") and all(ctx.needs_input_grad[:2]):
-        # grad-input rotates dY along the tokens; grad-weight quantizes dYᵀ along the same
-        # tokens, rotated by the same block or not: the compiled path quantizes both in one
-        # kernel (inductor_decompositions.py), told here how dYᵀ is rotated.
-        shared(dy, DY_TRANSPOSE, lambda _: gw_rot == "inner")
+    if gi_rot == "outer" and gw_rot == "inner" and all(ctx.needs_input_grad[:2]):
+        # grad-input rotates dY along the tokens, grad-weight dYᵀ along the same tokens by the
+        # same block: the compiled path quantizes both in one kernel when told so
+        # (inductor_decompositions.py).
+        shared(dy, DY_TRANSPOSE, lambda _: True)
     if ctx.needs_input_grad[0]:
         # dX = dY W: contraction over out-features.
         grad_x = torch.ops.halo.scaled_matmul(

@@ -16,9 +16,9 @@ refer to it (a view does, through its C++ base, which would keep it alive for ev
 preserves a tensor's Python object while its C++ side is referenced). They are ignored once the
 tensor's version counter shows an in-place write.
 
-Under the key DY_TRANSPOSE the backward's dY holds whether grad-weight quantizes dYᵀ rotated
-along the tokens (True) or not (False), where grad-input quantizes dY rotated along them: one
-kernel then computes both, and leaves dYᵀ's result where grad-weight's `shared` finds it
+Under the key DY_TRANSPOSE the backward's dY holds True when grad-input quantizes dY rotated
+along the tokens and grad-weight dYᵀ rotated along them by the same block: one kernel then
+computes both, and leaves dYᵀ's result where grad-weight's `shared` finds it
 (inductor_decompositions.py).
 """
 

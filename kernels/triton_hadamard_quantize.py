@@ -13,9 +13,9 @@ of x, or one), with no rotated copy in between. The layouts the three matmuls of
   there is no separate transposing pass;
 * dim=0 (the "outer" rotation of HALO-2's grad-input: H along the tokens, scales still per row);
 * both at once, dual (`halo::hadamard_quantize_dual`): dY [tokens, features] for grad-input
-  (dim=0) and dYᵀ for grad-weight (rotated along the same tokens, or not), from the same
-  tiles: dim 0's two launches also keep each feature's absmax and store the transpose, so dY is
-  read twice for both instead of twice for each.
+  (dim=0) and dYᵀ for grad-weight, rotated along the same tokens, from the same tiles: dim 0's
+  two launches also keep each feature's absmax and store the transpose, so dY is read and
+  rotated twice for both instead of twice for each.
 
 Design
 ------
@@ -75,9 +75,12 @@ Design
   first launch also reduces each feature's absmax over its 256 tokens (a partial per K tile,
   reduced by torch between the launches), and the second quantizes the tile twice, per token
   into q and per feature into the transpose qt ([features, tokens], contiguous: Triton stages
-  the tile through shared memory for a store coalesced along the tokens). (The eighth
-  session's attempt, on the earlier dim 0 loop along the tokens, made the launch several
-  times slower.)
+  the tile through shared memory for a store coalesced along the tokens). At BLOCK_M 32 that
+  is 444 µs for dY [8192, 14336] on an H200, against 533 for the two quantizations apart. A dual
+  whose transpose is not rotated (HALO-2's grad-weight) measured 2.2x slower than apart (the
+  loaded tile's own absmax and quantization beside the rotated one's: 255 registers, twice
+  the SASS per iteration; docs/BENCHMARKS.md, tenth session), so with grad-weight "none" dYᵀ
+  is quantized on its own.
 * Quantization, exactly as torch computes the reference on the same device: the scale is
   max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
   divides by a Python scalar that way there); q = RN(y / scale), computed as
@@ -302,8 +305,7 @@ def _hadamard_quantize_kernel(
     SCALE_PER_K: tl.constexpr,  # one scale per index along K (rotation "outer"; NT == 1), else
     # per line
     SCALE_VEC: tl.constexpr,  # _WITH_SCALE: scales from amax_ptr per line / K index, else one
-    DUAL: tl.constexpr,  # SCALE_PER_K: also quantize with one scale per line, stored transposed:
-    ROTATE_T: tl.constexpr,  # the rotated tile (else the tile as loaded)
+    DUAL: tl.constexpr,  # SCALE_PER_K: also quantize with one scale per line, stored transposed
     SPLITS: tl.constexpr,  # n_split rounded up to a power of two
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
@@ -459,15 +461,6 @@ def _hadamard_quantize_kernel(
             else:
                 x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
                             eviction_policy="evict_first")
-            if DUAL and not ROTATE_T:  # the transpose of the tile as loaded: done with x first
-                if p == 0:
-                    tl.store(amax_t_ptr + pid_a * M + o + b, _line_absmax(x.to(tl.float32)),
-                             mask=(o + b) < M)
-                else:
-                    _store_transposed(x.to(tl.float32), qt_tiles + o_at * K, mask, o + b,
-                                      amax_t_ptr, scale_t_ptr, pid_a == 0, M, EVEN, RECIP_SCALE,
-                                      MAX_VALUE, INV_MAX_VALUE, 1.0, False, EXACT_DIV, INT8,
-                                      SOFT_FP8)
             # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
             # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
             # right product: the accumulator of the first dot becomes the A operand of the
@@ -488,7 +481,7 @@ def _hadamard_quantize_kernel(
                     y = y * INV_SQRT
             if p == 0:
                 amax_tiles = tl.maximum(amax_tiles, tl.abs(y), propagate_nan=tl.PropagateNan.ALL)
-                if DUAL and ROTATE_T:  # each line's absmax over this program's 256 K indices
+                if DUAL:  # each line's absmax over this program's 256 K indices
                     a_line = _line_absmax(y)
                     if POW2_NORM:
                         a_line = a_line * INV_SQRT
@@ -496,7 +489,7 @@ def _hadamard_quantize_kernel(
             else:
                 q = _quantized(y, scale3, inv3, EXACT_DIV, INT8, SOFT_FP8, MAX_VALUE)
                 tl.store(q_at, q, mask=mask)
-                if DUAL and ROTATE_T:  # the same tile, scaled per line, stored transposed
+                if DUAL:  # the same tile, scaled per line, stored transposed
                     _store_transposed(y, qt_tiles + o_at * K, mask, o + b, amax_t_ptr,
                                       scale_t_ptr, pid_a == 0, M, EVEN, RECIP_SCALE, MAX_VALUE,
                                       INV_MAX_VALUE, INV_SQRT, POW2_NORM, EXACT_DIV, INT8,
@@ -580,6 +573,9 @@ GPU_CONFIGS = {
     ("transposed", False): (64, 1, 4, 4),
     ("outer", True): (64, 1, 4, 2),
     ("outer", False): (64, 1, 4, 2),  # no matmul asks for it; as rotated
+    # dim 0 with the transpose too (dual): BLOCK_M 32 (444 µs at 8192 x 14336 on an H200,
+    # against 571 at 64 and 665 at 16).
+    ("dual", True): (32, 1, 4, 2),
 }
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
@@ -621,7 +617,7 @@ def launch_grid(M, K, block_m, nt, per_k, split=None, want=0):
 def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
-                            num_stages=None, dual=False, rotate_transpose=True):
+                            num_stages=None, dual=False):
     _check_args(x, fmt, granularity, block, dim, precision)
     if dual and (dim != 0 or granularity != "row"):
         raise ValueError("hadamard_quantize: the dual output needs dim 0 and row scales")
@@ -637,7 +633,7 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
         config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
         programs_per_sm = 0
     else:
-        layout = "outer" if per_k else "transposed" if strided else "rows"
+        layout = "dual" if dual else "outer" if per_k else "transposed" if strided else "rows"
         *config, programs_per_sm = GPU_CONFIGS[layout, block > 0]
     bm = block_m or config[0]
     nt = 1 if per_k else (nt or config[1])
@@ -655,7 +651,6 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
             xv, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
             qv.stride(0), qv.stride(1), per_split, grid[1], HB=block, INT8=fmt == "int8",
             MODE=mode, SCALE_PER_K=per_k, SCALE_VEC=scale_vec, DUAL=dual,
-            ROTATE_T=rotate_transpose and block > 0,
             SPLITS=triton.next_power_of_2(grid[1]),
             X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
             UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
@@ -728,18 +723,19 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
                                    recip_scale, num_stages)
 
 
-def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, rotate_transpose=True, **launch):
-    """x [tokens, features] (grad-output dY) quantized for both backward matmuls from one read
-    per launch: (q, scale) as `hadamard_quantize_triton(x, fmt, "row", block, dim=0)` gives them
-    (grad-input's dY, "outer": rotated along the tokens, a scale per token), and (qt, scale_t)
-    as `hadamard_quantize_triton(x.t(), fmt, "row", block if rotate_transpose else 0)` gives them
-    (grad-weight's dYᵀ [features, tokens], contiguous, a scale per feature, rotated along the
-    tokens or not). Each tile is loaded and rotated once per launch for both. `launch`: the
-    launch overrides of `hadamard_quantize_triton` (block_m, num_warps, split, ...)."""
+def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):
+    """x [tokens, features] (grad-output dY) rotated along the tokens and quantized for both
+    backward matmuls from one read per launch: (q, scale) as
+    `hadamard_quantize_triton(x, fmt, "row", block, dim=0)` gives them (grad-input's dY,
+    "outer": a scale per token), and (qt, scale_t) as
+    `hadamard_quantize_triton(x.t(), fmt, "row", block)` gives them (grad-weight's dYᵀ
+    [features, tokens], contiguous, "inner": a scale per feature). Each tile is loaded and
+    rotated once per launch for both. `launch`: the launch overrides of
+    `hadamard_quantize_triton` (block_m, num_warps, split, ...)."""
     interpret = x.device.type != "cuda"
     kernel = interpreted(_hadamard_quantize_kernel) if interpret else _kernel
     return _hadamard_quantize_impl(kernel, x, fmt, "row", block, 0, interpret=interpret,
-                                   dual=True, rotate_transpose=rotate_transpose, **launch)
+                                   dual=True, **launch)
 
 
 def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1):
@@ -749,12 +745,11 @@ def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, d
     return quantize(rotated, fmt, granularity)
 
 
-def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0, rotate_transpose=True):
+def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0):
     """The plain-torch composition the dual output implements."""
     _check_args(x, fmt, "row", block, 0)
     rotated = block_hadamard(x, block, dim=0) if block else x.float()
-    transposed = (rotated if rotate_transpose else x.float()).t().contiguous()
-    return (*quantize(rotated, fmt, "row"), *quantize(transposed, fmt, "row"))
+    return (*quantize(rotated, fmt, "row"), *quantize(rotated.t().contiguous(), fmt, "row"))
 
 
 @triton_op("halo::hadamard_quantize", mutates_args=())
@@ -769,13 +764,11 @@ def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
 
 
 @triton_op("halo::hadamard_quantize_dual", mutates_args=())
-def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int, rotate_transpose: bool
+def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dY quantized for grad-input (rotated along the tokens, a scale per token) and, transposed,
-    for grad-weight (a scale per feature, rotated likewise or not): see
-    `hadamard_quantize_dual_triton`. CUDA: the fused Triton kernel; other devices: the
-    plain-torch reference."""
+    """dY rotated along the tokens, quantized for grad-input (a scale per token) and,
+    transposed, for grad-weight (a scale per feature): see `hadamard_quantize_dual_triton`.
+    CUDA: the fused Triton kernel; other devices: the plain-torch reference."""
     if x.device.type != "cuda":
-        return hadamard_quantize_dual_reference(x, fmt, block, rotate_transpose)
-    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, "row", block, 0, dual=True,
-                                   rotate_transpose=rotate_transpose)
+        return hadamard_quantize_dual_reference(x, fmt, block)
+    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, "row", block, 0, dual=True)
