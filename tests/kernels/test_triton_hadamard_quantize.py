@@ -281,6 +281,19 @@ def test_custom_op_on_cpu_is_the_reference():
     assert hadamard_quantize is not None
 
 
+def test_dual_op_on_cpu_is_the_reference_and_traces_with_fake_tensors():
+    x = _input(256, 96, torch.bfloat16, 13, outliers=True)
+    for fmt in FMTS:
+        got = torch.ops.halo.hadamard_quantize_dual(x, fmt, 128)
+        for mine, theirs in zip(got, hadamard_quantize_dual_reference(x, fmt, 128)):
+            assert torch.equal(mine.float(), theirs.float())
+    with torch._subclasses.FakeTensorMode():
+        q, s, qt, st = torch.ops.halo.hadamard_quantize_dual(
+            torch.empty(512, 96, dtype=torch.bfloat16), "int8", 256)
+        assert q.shape == (512, 96) and qt.shape == (96, 512) and qt.is_contiguous()
+        assert s.shape == (512, 1) and st.shape == (96, 1) and q.dtype == qt.dtype == torch.int8
+
+
 def test_custom_op_traces_with_fake_tensors():
     def f(x):
         q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 64)
