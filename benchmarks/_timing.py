@@ -132,6 +132,14 @@ def gpu_timeline(events, reps: int) -> str:
             f"(idle {(span - busy) / reps / 1e3:.3f} ms)")
 
 
+def _warm(step) -> None:
+    """Calls enough to be past one-off costs before a profile: lazy module loading, the first
+    batched inf/NaN check."""
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+
+
 def queued_gaps(step, reps: int, top: int = 8) -> str:
     """The GPU's idle time over `reps` calls of `step()` queued back to back, profiled with
     device activity only: the host then keeps ahead (see `host_ms`), so what is left idle
@@ -139,9 +147,7 @@ def queued_gaps(step, reps: int, top: int = 8) -> str:
     largest idle times a call, by the activity that follows them."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
+    _warm(step)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
@@ -170,9 +176,7 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     time goes when the GPU waits)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(10):  # past one-off costs: lazy module loading, the first batched inf/NaN check
-        step()
-    torch.cuda.synchronize()
+    _warm(step)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
@@ -198,9 +202,7 @@ def python_profile(step, reps: int, top: int = 30) -> str:
     import io
     import pstats
 
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
+    _warm(step)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(reps):
