@@ -6,9 +6,9 @@ GB/s counts the bytes read once and written once (input, 8-bit values, float32 s
 reads and writes the input; "us" is one call's time. Timed as CUDA graphs
 (triton.testing.do_bench_cudagraph, median), so launch overhead is left out. Variants: the
 layouts the three matmuls of a linear need (rows, a transposed view for grad-weight, rotation
-along dim 0 for the "outer" grad-input, and the last two at once: the dual). --sweep also times launch configurations (BLOCK_M, NT,
-num_warps, split) of each variant: the strided ones at both shapes, rows at the larger; --only
-picks variants by name. Needs a CUDA GPU.
+along dim 0 for the "outer" grad-input, and the last two at once: the dual). --sweep also times
+launch configurations (BLOCK_M, NT, num_warps, split) of each variant: the strided ones at both
+shapes, rows at the larger; --only picks variants by name. Needs a CUDA GPU.
 """
 
 from __future__ import annotations

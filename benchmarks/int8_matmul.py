@@ -55,7 +55,8 @@ def main() -> None:
                          "-" if name == "bf16 matmul" else "yes" if same else "NO"))
             print(rows[-1], flush=True)
     emit(markdown_table("INT8 GEMM with scale epilogue (M x K x N, bf16 output)",
-                        ["shape", "contender", "ms", "TFLOP/s", "x bf16", "INT8 results bitwise equal"], rows), args.markdown)
+                        ["shape", "contender", "ms", "TFLOP/s", "x bf16",
+                         "INT8 results bitwise equal"], rows), args.markdown)
 
 
 if __name__ == "__main__":

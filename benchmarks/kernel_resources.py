@@ -77,7 +77,8 @@ def _widths(ptx: str, op: str) -> str:
 def _tool(name: str):
     """Triton's bundled binary `name` (nvdisasm, cuobjdump), or None."""
     knob = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), name, None)
-    path = getattr(knob, "path", None) or Path(triton.__file__).parent / "backends/nvidia/bin" / name
+    bundled = Path(triton.__file__).parent / "backends/nvidia/bin" / name
+    path = getattr(knob, "path", None) or bundled
     return str(path) if Path(path).exists() else None
 
 

@@ -106,9 +106,8 @@ class LayerConfig:
             isinstance(block, int) and not isinstance(block, bool) and block >= 16
             and block & (block - 1) == 0
         ):
-            raise ValueError(
-                f"halo option 'hadamard_block' must be a power of two >= 16 or 'full', got {block!r}"
-            )
+            raise ValueError(f"halo option 'hadamard_block' must be a power of two >= 16 or "
+                             f"'full', got {block!r}")
         if not isinstance(self.fast_accum, bool):
             raise ValueError(f"halo option 'fast_accum' must be True or False, got "
                              f"{self.fast_accum!r}")

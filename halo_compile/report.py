@@ -136,5 +136,6 @@ def report(model: torch.nn.Module) -> HaloReport:
             by_fqn.update((layer.fqn, layer) for layer in record.layers)
             structure.extend(line for line in record.structure if line not in structure)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    layers = sorted(by_fqn.values(), key=lambda layer: (order.get(layer.fqn, len(order)), layer.fqn))
+    layers = sorted(by_fqn.values(),
+                    key=lambda layer: (order.get(layer.fqn, len(order)), layer.fqn))
     return HaloReport(layers, structure)

@@ -87,7 +87,8 @@ def _fold_value_heads(ctx, attention: AttentionSite, linears, position) -> str:
         if not path or path & {n for n in other_inputs if isinstance(n, fx.Node)}:
             return f"{site.fqn}'s output is used elsewhere too (a returned KV cache?)"
     allowed = {site.node for site in readers} | set(passthrough_descendants(attention.node))
-    if any(user not in allowed for n in passthrough_descendants(attention.node) for user in n.users):
+    if any(user not in allowed
+           for n in passthrough_descendants(attention.node) for user in n.users):
         return "the attention output is read by more than linears"
     for site in writers:
         fold_weight(ctx, site, rotate_output_side, (None, block), f"H{block}/head out",

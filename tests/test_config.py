@@ -1,4 +1,5 @@
-"""HaloConfig: parsing and validation of torch.compile(options=...), per-layer globs, configure()."""
+"""HaloConfig: parsing and validation of torch.compile(options=...), per-layer globs,
+configure()."""
 
 import re
 

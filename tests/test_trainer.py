@@ -83,7 +83,8 @@ def test_trainer_train_evaluate_save_reload(tmp_path):
     ids = TokenDataset(4, 3).ids
     with torch.no_grad():
         # model.forward: the trained model's eager forward (its __call__ is the compiled one).
-        assert torch.equal(reloaded(input_ids=ids).logits, model.eval().forward(input_ids=ids).logits)
+        eager = model.eval().forward(input_ids=ids).logits
+        assert torch.equal(reloaded(input_ids=ids).logits, eager)
 
 
 def _eager_loss(model, dataset):

@@ -1,4 +1,5 @@
-"""kernels/hadamard.py: the block Walsh-Hadamard transform against the explicit matrix in float64."""
+"""kernels/hadamard.py: the block Walsh-Hadamard transform against the explicit matrix in
+float64."""
 
 import math
 

@@ -454,8 +454,8 @@ CUDA_TOLERANCES = {  # (Frobenius, elementwise relative to max|ref|)
 @pytest.mark.parametrize("fmt,dtype,granularity", list(_gpu_cases()))
 def test_cuda_kernel_matches_reference(fmt, dtype, granularity, shape):
     """The CUDA kernel (torch._scaled_mm, every dimension padded to a multiple of 16 and sliced
-    back / the Triton INT8 GEMM, edges masked) computes what the reference computes on the same CUDA inputs, up to
-    summation order and the output rounding."""
+    back / the Triton INT8 GEMM, edges masked) computes what the reference computes on the same
+    CUDA inputs, up to summation order and the output rounding."""
     m, k, n = shape
     g = torch.Generator(device="cuda").manual_seed(m + k + n)
     a = torch.randn(m, k, device="cuda", generator=g).to(dtype)

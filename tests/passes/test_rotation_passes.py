@@ -61,7 +61,8 @@ def rotation_lines(ctx) -> str:
         readers = ", ".join(sorted(user.name for user in node.users))
         lines.append(f"{node.target.__name__}({args}) -> {readers}")
     # Online rotations are no graph nodes: the forward matmul's "inner" rotation does them.
-    lines += [f"online Hadamard (forward inner) -> {fqn}" for fqn in sorted(ctx.fusion.forward_hadamard)]
+    lines += [f"online Hadamard (forward inner) -> {fqn}"
+              for fqn in sorted(ctx.fusion.forward_hadamard)]
     return "\n".join(lines)
 
 
