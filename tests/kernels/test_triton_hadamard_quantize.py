@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from halo_compile.kernels.triton_hadamard_quantize import (
+    GPU_CONFIGS,
+    _hadamard_quantize_impl,
+    hadamard_quantize,
     hadamard_quantize_dual_reference,
     hadamard_quantize_dual_triton,
-    GPU_CONFIGS,
-    hadamard_quantize,
     hadamard_quantize_reference,
     hadamard_quantize_triton,
     launch_grid,
@@ -292,6 +293,16 @@ def test_dual_op_on_cpu_is_the_reference_and_traces_with_fake_tensors():
             torch.empty(512, 96, dtype=torch.bfloat16), "int8", 256)
         assert q.shape == (512, 96) and qt.shape == (96, 512) and qt.is_contiguous()
         assert s.shape == (512, 1) and st.shape == (96, 1) and q.dtype == qt.dtype == torch.int8
+
+
+def test_dual_rejects_what_it_cannot_quantize():
+    x = _input(48, 256, torch.float32, 14, outliers=False)
+    with pytest.raises(ValueError, match="block 32 does not divide 48"):
+        hadamard_quantize_dual_triton(x, "fp8_e4m3", 32)  # the tokens' block
+    with pytest.raises(ValueError, match="unknown format"):
+        hadamard_quantize_dual_triton(x, "fp4", 16)
+    with pytest.raises(ValueError, match="dim 0 and row scales"):
+        _hadamard_quantize_impl(lambda *a: None, x, "int8", "tensor", 16, 0, dual=True)
 
 
 def test_custom_op_traces_with_fake_tensors():
