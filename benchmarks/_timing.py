@@ -76,7 +76,8 @@ def interleaved_median_ms(steps: dict, rounds: int, reps: int, warmup: int = 3,
 def host_ms(steps: dict, rounds: int, reps: int) -> dict:
     """Median milliseconds of host time to issue one call of each of `steps`: `reps` calls queued
     back to back, timed on the host before the synchronization. Where it is near the queued
-    time, the host, not the GPU, sets the pace."""
+    time, the host, not the GPU, sets the pace; unless the step itself synchronizes (a
+    transformers Llama does once a step: docs/BENCHMARKS.md), whose wait is then counted too."""
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
