@@ -158,6 +158,34 @@ def test_gpu_generated_code_launches_kernels_not_python_ops(hadamard):
 
 
 @pytest.mark.gpu
+def test_gpu_compiled_backward_quantizes_dy_once_for_both_gradients(monkeypatch):
+    """HALO-2 with grad-weight rotated too: the compiled backward quantizes each dY with the
+    dual kernel, and its gradients are the eager op's, which quantizes dY twice apart."""
+    import halo_compile.kernels.triton_hadamard_quantize as kernel
+
+    duals = []
+    impl = kernel._hadamard_quantize_impl
+
+    def counting_impl(*args, dual=False, **kwargs):
+        duals.append(dual)
+        return impl(*args, dual=dual, **kwargs)
+
+    monkeypatch.setattr(kernel, "_hadamard_quantize_impl", counting_impl)
+    x, w = _operands(4096, 512, 768, torch.bfloat16, 7, device="cuda")
+    x.requires_grad_(True)
+    rotations = {"forward": "inner", "grad_input": "outer", "grad_weight": "inner"}
+    y, grad_w, _ = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": rotations})
+    assert any(duals)  # traced: the dual op's body ran
+    xe, we = x.detach().clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.ops.halo.quantized_linear(xe, we, None, "fp8_e4m3", "row", "inner", "outer",
+                                           "inner", 256, "nearest", True, "l", True)
+    want.backward(torch.ones_like(want))
+    for got, expected in ((y, want), (x.grad, xe.grad), (grad_w, we.grad)):
+        assert _rel(got, expected) < 2**-7
+    raise_pending_nonfinite()
+
+
+@pytest.mark.gpu
 def test_gpu_generated_code_int8_launches_the_triton_gemm():
     """INT8: Inductor emits the INT8 GEMM (scales in its epilogue) next to the quantize kernels."""
     x, w = _operands(300, 256, 512, torch.bfloat16, 8, device="cuda")
