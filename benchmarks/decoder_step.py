@@ -3,11 +3,14 @@
 bf16, SDPA attention) at sequence 4096, batch 1: tokens/s and peak memory for bf16 Inductor, the
 halo backend's variants and torchao float8 training, side by side in one process.
 
-    python benchmarks/decoder_step.py [--layers 2] [--seq 4096] [--markdown out.md]
-                                      [--profile "halo fp8 halo2,..."]
+    python benchmarks/decoder_step.py [--layers 2] [--seq 4096] [--batch 1] [--compile layers]
+                                      [--markdown out.md] [--profile "halo fp8 halo2,..."]
 
-Each decoder layer is compiled on its own (regional compilation: the layers share one compiled
-graph); the tiny embedding (vocab 256) and the final norm stay eager. Every contender is built
+With --compile layers (default), each decoder layer is compiled on its own (regional
+compilation: the layers share one compiled graph); the tiny embedding (vocab 256) and the final
+norm stay eager, and so does transformers' mask creation, which synchronizes with the GPU once a
+step (it reads a tensor's value to detect packed sequences). With --compile model the whole
+model is one compiled graph, and the mask creation is traced (no synchronization). Every contender is built
 first (peak memory counts its own allocations), then the steps are timed in rounds that take each
 contender in turn, twice: each step synchronized, and steps queued back to back (as a training
 loop that does not wait for each step runs them). Needs a CUDA GPU.
@@ -59,6 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--compile", choices=("layers", "model"), default="layers",
+                        help="compile each decoder layer, or the whole model")
     parser.add_argument("--reps", type=int, default=2, help="steps per contender and round")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of timing, each taking every contender in turn")
@@ -71,18 +77,21 @@ def main() -> None:
     names = parse_names(args.contenders)
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(args.layers).state_dict().items()}
-    embeds = torch.randn(1, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
+    embeds = torch.randn(args.batch, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
     rows, steps, notes = [], {}, {}
     for name in names:
         before = torch.cuda.memory_allocated()  # the contenders built earlier stay allocated
         model = build_model(args.layers)
         model.load_state_dict(state)
-        skipped = None
-        for i, layer in enumerate(model.layers):
-            compiled, skipped = compile_fn(name, layer)
-            if skipped:
-                break
-            model.layers[i] = compiled
+        if args.compile == "model":
+            model, skipped = compile_fn(name, model)
+        else:
+            skipped = None
+            for i, layer in enumerate(model.layers):
+                compiled, skipped = compile_fn(name, layer)
+                if skipped:
+                    break
+                model.layers[i] = compiled
         if skipped:
             print(f"{name}: skipped ({skipped})", flush=True)
             rows.append((name, "skipped", "-", "-", "-", "-", "-", "-", skipped))
@@ -95,19 +104,20 @@ def main() -> None:
         if name in args.profile.split(","):
             print(f"--- {name}: GPU kernels over 3 steps ---")
             print(kernel_breakdown(steps[name], 3, top=25), flush=True)
+    tokens = args.batch * args.seq
     times = interleaved_median_ms(steps, args.rounds, args.reps)
     queued = interleaved_median_ms(steps, args.rounds, 4 * args.reps, queued=True)
     host = host_ms(steps, args.rounds, 4 * args.reps)
     for name, ms in times.items():
         peak, loss = notes[name]
-        rows.append((name, f"{ms:.1f}", f"{args.seq / (ms * 1e-3):.0f}", speedup(times, name),
+        rows.append((name, f"{ms:.1f}", f"{tokens / (ms * 1e-3):.0f}", speedup(times, name),
                      f"{queued[name]:.1f}", speedup(queued, name), f"{host[name]:.1f}",
                      f"{peak:.2f}",
                      f"first loss {loss:.4f}"))
         print(rows[-1], flush=True)
     emit(markdown_table(
         f"Training step (fwd+bwd+AdamW), {args.layers} Llama-3-8B-shaped decoder layers, seq "
-        f"{args.seq}, batch 1, bf16",
+        f"{args.seq}, batch {args.batch}, bf16, compiled by {args.compile}",
         ["contender", "ms / step (synchronized)", "tokens/s", "x bf16 inductor",
          "ms / step (queued)", "x bf16 inductor (queued)", "host ms a step", "peak GiB", "note"],
         rows),

@@ -11,9 +11,12 @@
 #   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s
 #   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so)
+#   layer   every quantization of one Llama-3-8B layer's step (halo2, halo2+gw), launches swept
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
 #   linear, decoder, lora, rotated   one GPU each (LINEAR_CONTENDERS / DECODER_CONTENDERS: another
-#           comma-separated list of contenders; LINEAR_PROFILE: of those to profile)
+#           comma-separated list of contenders; LINEAR_PROFILE: of those to profile;
+#           DECODER_ARGS: more decoder_step.py arguments, e.g. "--compile model";
+#           DECODER_PROFILE: the decoder contenders to profile)
 #   cudagraphs  the decoder step with and without CUDA graphs (mode="reduce-overhead")
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
@@ -43,15 +46,17 @@ stage() {
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     kernel) bench hadamard_quantize 100 hadamard_quantize.py ;;
     sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep --only "${SWEEP_ONLY:-}" ;;
+    layer) bench layer_quantizations 150 hadamard_quantize.py --layer halo2 --sweep
+        bench layer_quantizations_gw 120 hadamard_quantize.py --layer inner,outer,inner --sweep ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
     linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "${LINEAR_CONTENDERS:-bf16 inductor,\
 halo fp8 halo2,halo fp8 no-Hadamard,torchao float8 rowwise,halo fp8 halo2 unchecked,halo fp8 all_inner,\
 torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs}" \
         --profile "${LINEAR_PROFILE:-halo fp8 halo2,halo fp8 halo2 cudagraphs}" ;;
-    decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 \
+    decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 ${DECODER_ARGS:-} \
         --contenders "${DECODER_CONTENDERS:-bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard}" \
-        --profile "halo fp8 halo2,torchao float8 rowwise" ;;
+        --profile "${DECODER_PROFILE:-halo fp8 halo2,torchao float8 rowwise}" ;;
     cudagraphs) bench decoder_step_cudagraphs 300 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,bf16 inductor cudagraphs,\
 halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs" --profile "halo fp8 halo2 cudagraphs" ;;

@@ -1,6 +1,7 @@
 """Bandwidth of the fused Hadamard + quantize Triton kernel against a copy (x.clone()).
 
     python benchmarks/hadamard_quantize.py [--markdown out.md] [--sweep] [--only TEXT]
+    python benchmarks/hadamard_quantize.py --layer halo2 [--tokens 4096] [--sweep]
 
 GB/s counts the bytes read once and written once (input, 8-bit values, float32 scales); the copy
 reads and writes the input; "us" is one call's time. Timed as CUDA graphs
@@ -8,7 +9,12 @@ reads and writes the input; "us" is one call's time. Timed as CUDA graphs
 layouts the three matmuls of a linear need (rows, a transposed view for grad-weight, rotation
 along dim 0 for the "outer" grad-input, and the last two at once: the dual). --sweep also times
 launch configurations (BLOCK_M, NT, num_warps, split) of each variant: the strided ones at both
-shapes, rows at the larger; --only picks variants by name. Needs a CUDA GPU.
+shapes, rows at the larger; --only picks variants by name.
+--layer times instead every quantization that one Llama-3-8B decoder layer's training step makes
+(its seven linears' three matmuls, at --tokens tokens, with the rotations of a `hadamard` preset
+or "forward,grad_input,grad_weight"), with the operands that linears share quantized once, as
+the compiled step does: the table says what each costs per step and in all, against a copy of the
+same bytes, and --sweep times each at the launch configurations of its layout. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import torch
 import triton
 
 from _timing import emit, markdown_table
+from halo_compile.config import parse_hadamard
 from halo_compile.kernels.triton_hadamard_quantize import (
+    MAX_BLOCK,
     hadamard_quantize_dual_triton,
     hadamard_quantize_triton,
 )
@@ -57,11 +65,137 @@ SWEEP = {
 }
 
 
+# One Llama-3-8B decoder layer's linears: name -> (out, in, the activation they read). Linears
+# that read one activation share its quantization (kernels/shared_operands.py).
+LLAMA3_8B_LINEARS = {
+    "q_proj": (4096, 4096, "attention input"), "k_proj": (1024, 4096, "attention input"),
+    "v_proj": (1024, 4096, "attention input"), "o_proj": (4096, 4096, "attention output"),
+    "gate_proj": (14336, 4096, "MLP input"), "up_proj": (14336, 4096, "MLP input"),
+    "down_proj": (4096, 14336, "SiLU-gate product"),
+}
+
+
+def _block(size: int) -> int:
+    """The Hadamard block of a dimension: its largest power-of-two divisor, at most MAX_BLOCK
+    (halo's default hadamard_block)."""
+    return min(size & -size, MAX_BLOCK)
+
+
+def layer_quantizations(hadamard, tokens: int, linears=LLAMA3_8B_LINEARS) -> list:
+    """The quantize calls of one decoder layer's step: [(operand, shape, view, dim, block)],
+    view "rows" (the [lines, K] tensor itself) or "transposed" (a view of a tensor of
+    the transposed shape), dim 0, 1 or "dual"; with the rotations of `hadamard` (a
+    halo_compile.config.Hadamard) on forward X Wᵀ, grad-input dY W and grad-weight dYᵀ X."""
+    calls = {}  # (operand, shape, view, dim, block) -> None: an ordered set
+
+    for name, (out, inp, activation) in linears.items():
+        x, dy, w = ("X: " + activation, (tokens, inp)), (f"dY: {name}", (tokens, out)), \
+            (f"W: {name}", (out, inp))
+        calls[(*x, "rows", 1, _block(inp) if hadamard.forward == "inner" else 0)] = None
+        calls[(*w, "rows", 1, _block(inp) if hadamard.forward == "inner" else 0)] = None
+        gi_block = _block(out) if hadamard.grad_input == "inner" else 0
+        gw_block = _block(tokens) if hadamard.grad_weight == "inner" else 0
+        if hadamard.grad_input == "outer" and hadamard.grad_weight == "inner":
+            calls[(*dy, "rows", "dual", _block(tokens))] = None
+        else:
+            if hadamard.grad_input == "outer":
+                calls[(*dy, "rows", 0, _block(tokens))] = None
+            else:
+                calls[(*dy, "rows", 1, gi_block)] = None
+            calls[(*dy, "transposed", 1, gw_block)] = None
+        calls[(*w, "transposed", 1, gi_block)] = None
+        calls[(*x, "transposed", 1, gw_block)] = None
+    return list(calls)
+
+
 def timed(nbytes: int, fn) -> "tuple[float, float]":
     """(GB/s, microseconds) of one call."""
     fn()
     ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
     return nbytes / (ms * 1e-3) / 1e9, ms * 1e3
+
+
+def quantize_call(x, dim, fmt, granularity, block, config):
+    """(the bytes it reads once and writes once, the call) of a variant: x's quantization along
+    `dim` (0, 1 or "dual") with the launch overrides `config`."""
+    dual = dim == "dual"
+    scales = sum(x.shape) if dual else x.shape[0] if granularity == "row" else 1
+    nbytes = x.numel() * (x.element_size() + (2 if dual else 1)) + scales * 4
+    if dual:
+        return nbytes, lambda: hadamard_quantize_dual_triton(x, fmt, block, **config)
+    return nbytes, lambda: hadamard_quantize_triton(x, fmt, granularity, block, dim, **config)
+
+
+def configs_of(x, dim, sweep: bool) -> list:
+    """The default launch, and with `sweep` those of x's layout."""
+    layout = "dim0" if dim in (0, "dual") else "strided" if x.stride(1) != 1 else "rows"
+    return [{}] + (SWEEP[layout] if sweep else [])
+
+
+def _label(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
+def kernel_table(args) -> None:
+    rows = []
+    for m, k in SHAPES:
+        t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        copy, us = timed(2 * t.numel() * t.element_size(), lambda: t.clone())
+        rows.append((f"{m}x{k}", "copy (x.clone())", "-", f"{copy:.0f}", "100%", f"{us:.0f}"))
+        print(rows[-1], flush=True)
+        for name, (build, dim, fmt, gran, block) in VARIANTS.items():
+            if args.only not in name:
+                continue
+            x = build(t)
+            sweep = args.sweep and (x.stride(1) != 1 or dim != 1 or (m, k) == SHAPES[-1])
+            for config in configs_of(x, dim, sweep):  # rows swept at the larger shape only
+                bw, us = timed(*quantize_call(x, dim, fmt, gran, block, config))
+                rows.append((f"{m}x{k}", name, _label(config), f"{bw:.0f}", f"{bw / copy:.0%}",
+                             f"{us:.0f}"))
+                print(rows[-1], flush=True)
+    emit(markdown_table("Hadamard + quantize kernel, bf16 input, GB/s (read + write)",
+                        ["shape", "variant", "launch", "GB/s", "of copy", "us"], rows),
+         args.markdown)
+
+
+def layer_table(args) -> None:
+    """Every quantization of one decoder layer's step: its time, against a copy of its input."""
+    preset = args.layer if "," not in args.layer else dict(
+        zip(("forward", "grad_input", "grad_weight"), args.layer.split(",")))
+    calls = layer_quantizations(parse_hadamard(preset), args.tokens)
+    rows, sums = [], {"us": 0.0, "copy us": 0.0, "fastest us": 0.0, "bytes": 0, "copy bytes": 0}
+    measured = {}  # (shape, view, dim, block) -> (copy us, {launch: us}): alike operands once
+    for operand, shape, view, dim, block in calls:
+        t = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        x = t.t() if view == "transposed" else t
+        nbytes, copy_bytes = quantize_call(x, dim, "fp8_e4m3", "row", block, {})[0], 4 * t.numel()
+        key = (shape, view, dim, block)
+        if key not in measured:
+            times = {_label(config): timed(*quantize_call(x, dim, "fp8_e4m3", "row", block,
+                                                          config))[1]
+                     for config in configs_of(x, dim, args.sweep)}
+            measured[key] = (timed(1, lambda: t.clone())[1], times)
+        copy_us, times = measured[key]
+        best = min(times, key=times.get)
+        for name, value in (("us", times["default"]), ("copy us", copy_us),
+                            ("fastest us", times[best]), ("bytes", nbytes),
+                            ("copy bytes", copy_bytes)):
+            sums[name] += value
+        rows.append((operand, "x".join(map(str, x.shape)), view, str(dim), str(block),
+                     f"{times['default']:.0f}", f"{copy_us:.0f}",
+                     f"{nbytes / times['default'] / (copy_bytes / copy_us):.0%}",
+                     f"{best} ({times[best]:.0f})"))
+        print(rows[-1], flush=True)
+    rows.append(("all, one layer", "-", "-", "-", "-", f"{sums['us']:.0f}",
+                 f"{sums['copy us']:.0f}",
+                 f"{sums['bytes'] / sums['us'] / (sums['copy bytes'] / sums['copy us']):.0%}",
+                 f"{sums['fastest us']:.0f}"))
+    emit(markdown_table(
+        f"The quantizations of one Llama-3-8B decoder layer's training step, hadamard "
+        f"{args.layer!r}, {args.tokens} tokens, bf16 -> FP8 row scales: us a call (CUDA graph), "
+        f"against a copy (clone) of its input",
+        ["operand", "view shape", "view", "dim", "block", "us", "copy us", "of copy GB/s",
+         "fastest launch (us)"], rows), args.markdown)
 
 
 def main() -> None:
@@ -70,41 +204,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--only", default="",
                         help="only the variants whose name contains this text (e.g. 'dim 0')")
+    parser.add_argument("--layer", help="a hadamard preset (halo2) or 'forward,grad_input,"
+                        "grad_weight' (inner,outer,inner): a decoder layer's quantizations")
+    parser.add_argument("--tokens", type=int, default=4096)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    rows = []
-    for m, k in SHAPES:
-        t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        copy_bytes = 2 * t.numel() * t.element_size()
-        copy, us = timed(copy_bytes, lambda: t.clone())
-        rows.append((f"{m}x{k}", "copy (x.clone())", "-", f"{copy:.0f}", "100%", f"{us:.0f}"))
-        print(rows[-1], flush=True)
-        for name, (build, dim, fmt, gran, block) in VARIANTS.items():
-            if args.only not in name:
-                continue
-            x = build(t)
-            dual = dim == "dual"
-            outputs = 2 if dual else 1
-            scales = sum(x.shape) if dual else x.shape[0] if gran == "row" else 1
-            nbytes = t.numel() * (t.element_size() + outputs) + scales * 4
-            configs = [{}]
-            layout = "dim0" if dim == 0 or dual else "strided" if x.stride(1) != 1 else "rows"
-            if args.sweep and (layout != "rows" or (m, k) == SHAPES[-1]):  # rows: larger only
-                configs += SWEEP[layout]
-            for cfg in configs:
-                if dual:
-                    bw, us = timed(nbytes, lambda: hadamard_quantize_dual_triton(x, fmt, block,
-                                                                                 **cfg))
-                else:
-                    bw, us = timed(nbytes, lambda: hadamard_quantize_triton(x, fmt, gran, block,
-                                                                            dim, **cfg))
-                label = ", ".join(f"{k}={v}" for k, v in cfg.items()) or "default"
-                rows.append((f"{m}x{k}", name, label, f"{bw:.0f}", f"{bw / copy:.0%}",
-                             f"{us:.0f}"))
-                print(rows[-1], flush=True)
-    emit(markdown_table("Hadamard + quantize kernel, bf16 input, GB/s (read + write)",
-                        ["shape", "variant", "launch", "GB/s", "of copy", "us"], rows),
-         args.markdown)
+    layer_table(args) if args.layer else kernel_table(args)
 
 
 if __name__ == "__main__":
