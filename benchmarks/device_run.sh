@@ -11,7 +11,8 @@
 #   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s
 #   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so)
-#   layer   every quantization of one Llama-3-8B layer's step (halo2, halo2+gw), launches swept
+#   layer   every quantization of one Llama-3-8B layer's step, launches swept (LAYER_PRESETS:
+#           the hadamard settings, default "halo2 inner,outer,inner")
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
 #   linear, decoder, lora, rotated   one GPU each (LINEAR_CONTENDERS / DECODER_CONTENDERS: another
 #           comma-separated list of contenders; LINEAR_PROFILE: of those to profile;
@@ -46,8 +47,8 @@ stage() {
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
     kernel) bench hadamard_quantize 100 hadamard_quantize.py ;;
     sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep --only "${SWEEP_ONLY:-}" ;;
-    layer) bench layer_quantizations 150 hadamard_quantize.py --layer halo2 --sweep
-        bench layer_quantizations_gw 120 hadamard_quantize.py --layer inner,outer,inner --sweep ;;
+    layer) for preset in ${LAYER_PRESETS:-halo2 inner,outer,inner}; do
+        bench "layer_quantizations_${preset//,/_}" 150 hadamard_quantize.py --layer "$preset" --sweep; done ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
     linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "${LINEAR_CONTENDERS:-bf16 inductor,\

@@ -60,6 +60,13 @@ SWEEP = {
     # dim 0: a program owns 256 tokens and loops over BLOCK_M features at a time, in one of
     # `split` ranges of the features (the default aims at ~4 programs per SM).
     # (BLOCK_M 16 measured half as fast on an H200, for dim 0 and the dual.)
+    # A transposed view not rotated (a kernel of its own): tiles of BLOCK_M lines x BLOCK_K K
+    # indices, `tiles` of them per program of the quantize launch, the absmax launch's K split.
+    "transpose": [dict(block_m=bm, block_k=bk, num_warps=w, tiles=t) for bm, bk, w, t in
+                  [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 4, 8), (64, 64, 8, 4),
+                   (128, 64, 4, 4), (128, 64, 8, 4), (32, 64, 4, 4), (64, 128, 4, 4),
+                   (64, 128, 8, 4), (64, 32, 4, 4), (128, 128, 8, 2), (32, 128, 4, 4)]]
+                 + [dict(split=sp) for sp in (1, 8, 16)],
     "dim0": [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((32, 64), (4, 8))]
             + [dict(split=sp) for sp in (8, 32)] + [dict(num_stages=st) for st in (2, 4)],
 }
@@ -126,9 +133,10 @@ def quantize_call(x, dim, fmt, granularity, block, config):
     return nbytes, lambda: hadamard_quantize_triton(x, fmt, granularity, block, dim, **config)
 
 
-def configs_of(x, dim, sweep: bool) -> list:
+def configs_of(x, dim, block, sweep: bool) -> list:
     """The default launch, and with `sweep` those of x's layout."""
-    layout = "dim0" if dim in (0, "dual") else "strided" if x.stride(1) != 1 else "rows"
+    layout = ("dim0" if dim in (0, "dual") else "rows" if x.stride(1) == 1
+              else "strided" if block else "transpose")
     return [{}] + (SWEEP[layout] if sweep else [])
 
 
@@ -148,7 +156,7 @@ def kernel_table(args) -> None:
                 continue
             x = build(t)
             sweep = args.sweep and (x.stride(1) != 1 or dim != 1 or (m, k) == SHAPES[-1])
-            for config in configs_of(x, dim, sweep):  # rows swept at the larger shape only
+            for config in configs_of(x, dim, block, sweep):  # rows swept at the larger shape only
                 bw, us = timed(*quantize_call(x, dim, fmt, gran, block, config))
                 rows.append((f"{m}x{k}", name, _label(config), f"{bw:.0f}", f"{bw / copy:.0%}",
                              f"{us:.0f}"))
@@ -173,7 +181,7 @@ def layer_table(args) -> None:
         if key not in measured:
             times = {_label(config): timed(*quantize_call(x, dim, "fp8_e4m3", "row", block,
                                                           config))[1]
-                     for config in configs_of(x, dim, args.sweep)}
+                     for config in configs_of(x, dim, block, args.sweep)}
             measured[key] = (timed(1, lambda: t.clone())[1], times)
         copy_us, times = measured[key]
         best = min(times, key=times.get)

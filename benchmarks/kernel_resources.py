@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from halo_compile.kernels.triton_hadamard_quantize import _hadamard_quantize_impl, _kernel
+from halo_compile.kernels.triton_hadamard_quantize import _JITTED, _hadamard_quantize_impl
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHARED_PER_SM = 228 * 1024  # H100
@@ -39,17 +39,24 @@ _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float8_
 
 
 class _Recorder:
-    """Stands in for the kernel: `kernel[grid](*args, **kwargs)` records each launch."""
+    """Stands in for the op's `launchable`: `recorder(kernel_fn)[grid](*args, **kwargs)` records
+    each launch."""
 
     def __init__(self):
         self.launches = []
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+    def __call__(self, kernel_fn):
+        jitted = _JITTED[kernel_fn]
+
+        class _Launch:
+            def __getitem__(_, grid):
+                return lambda *args, **kwargs: self.launches.append((jitted, grid, args, kwargs))
+
+        return _Launch()
 
 
-def _compile(args, kwargs):
-    names = list(_kernel.arg_names)
+def _compile(kernel, args, kwargs):
+    names = list(kernel.arg_names)
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, value) in enumerate(zip(names, args)):
         if isinstance(value, torch.Tensor):
@@ -64,7 +71,7 @@ def _compile(args, kwargs):
     options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
     for name, value in kwargs.items():
         signature[name], constexprs[name] = "constexpr", value
-    source = ASTSource(fn=_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=SM90, options=options)
 
 
@@ -119,9 +126,9 @@ def report(name: str, x: torch.Tensor, block: int, dim: int, **launch) -> list[t
     recorder = _Recorder()
     _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1, **launch)
     rows = []
-    for grid, args, kwargs in recorder.launches:
+    for kernel, grid, args, kwargs in recorder.launches:
         warps = kwargs["num_warps"]
-        compiled = _compile(args, dict(kwargs))
+        compiled = _compile(kernel, args, dict(kwargs))
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         shared = compiled.metadata.shared
         registers, loops = _sass(compiled.asm["cubin"])
@@ -130,7 +137,9 @@ def report(name: str, x: torch.Tensor, block: int, dim: int, **launch) -> list[t
         per_sm = min(SHARED_PER_SM // max(shared, 1), 64 // warps,
                      REGISTERS_PER_SM // max(per_warp * warps, 1))
         pass_name = {0: "absmax+quantize", 1: "absmax", 2: "quantize"}[kwargs["MODE"]]
-        rows.append((name, pass_name, f"({kwargs['BLOCK_M']}, {kwargs['NT']}, {warps})",
+        # (the unrotated transpose's kernel: BLOCK_K in NT's place)
+        second = kwargs.get("NT", kwargs.get("BLOCK_K"))
+        rows.append((name, pass_name, f"({kwargs['BLOCK_M']}, {second}, {warps})",
                      f"{shared / 1024:.1f}", per_sm, per_sm * warps, registers or "-", loops,
                      ttgir.count("convert_layout"), ptx.count("mma.sync"),
                      ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),

@@ -512,7 +512,80 @@ def _hadamard_quantize_kernel(
                     tl.store(amax_ptr + pid_s * M + rows, amax, mask=row_ok)
 
 
-_kernel = triton.jit(_hadamard_quantize_kernel)
+def _transpose_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr,
+    amax_ptr,  # partial absmaxes [splits, M], float32
+    M, K, stride_xm, stride_xk,
+    per_split,  # K indices per program
+    n_split,  # programs along K of the absmax launch (rows of partials at amax_ptr)
+    INT8: tl.constexpr,
+    MODE: tl.constexpr,  # _AMAX_ONLY or _WITH_SCALE
+    SCALE_VEC: tl.constexpr,  # _WITH_SCALE: a scale per line from amax_ptr, else one given
+    SPLITS: tl.constexpr,  # n_split rounded up to a power of two
+    SOFT_FP8: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    INV_MAX_VALUE: tl.constexpr,
+    RECIP_SCALE: tl.constexpr,
+    EXACT_DIV: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # lines per program
+    BLOCK_K: tl.constexpr,  # K indices per loop iteration
+    EVEN: tl.constexpr,  # BLOCK_M divides M, BLOCK_K divides per_split and K: no masks
+):
+    # The unrotated quantization of a strided view: x[m, k] at x_ptr + m * stride_xm +
+    # k * stride_xk (stride_xm 1: a [K, M] tensor seen as its transpose), q [M, K] contiguous.
+    # A tile [BLOCK_K, BLOCK_M] is loaded coalesced along the lines and stored coalesced along
+    # K (Triton stages it through shared memory). Without a rotation, the main kernel's [16, 16]
+    # tiles and Hadamard blocks are pure overhead.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    lines = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    line_ok = lines < M
+    ks = tl.arange(0, BLOCK_K)
+    start = pid_k * per_split
+    end = tl.minimum(K, start + per_split)
+    if INT64:
+        x_tile = (x_ptr + ks.to(tl.int64)[:, None] * stride_xk
+                  + lines.to(tl.int64)[None, :] * stride_xm)
+        q_tile = q_ptr + lines.to(tl.int64)[None, :] * K + ks[:, None]
+    else:
+        x_tile = x_ptr + ks[:, None] * stride_xk + lines[None, :] * stride_xm
+        q_tile = q_ptr + lines[None, :] * K + ks[:, None]
+    if MODE == 1:
+        amax = tl.full([BLOCK_K, BLOCK_M], 0.0, dtype=tl.float32)  # elementwise, reduced after
+    else:
+        if SCALE_VEC:
+            line_amax = _max_over_splits(amax_ptr, lines, line_ok, M, n_split, SPLITS)
+            scale = _scale_of(line_amax, RECIP_SCALE, MAX_VALUE, INV_MAX_VALUE)
+            if pid_k == 0:
+                tl.store(scale_ptr + lines, scale, mask=line_ok)
+        else:
+            scale = tl.load(scale_ptr + tl.full([BLOCK_M], 0, dtype=tl.int32))
+        divisor, inv = _divisor_of(scale, 1.0, False)
+    for k0 in range(start, end, BLOCK_K):
+        if INT64:
+            k_at = k0.to(tl.int64)
+        else:
+            k_at = k0
+        if EVEN:
+            mask = None
+        else:
+            mask = ((k0 + ks) < end)[:, None] & line_ok[None, :]
+        x = tl.load(x_tile + k_at * stride_xk, mask=mask, other=None if EVEN else 0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        if MODE == 1:
+            amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        else:
+            q = _quantized(x, divisor[None, :], inv[None, :], EXACT_DIV, INT8, SOFT_FP8,
+                           MAX_VALUE)
+            tl.store(q_tile + k_at, q, mask=mask)
+    if MODE == 1:
+        amax = tl.where(amax == amax, amax, float("inf"))  # NaN
+        amax = tl.reduce(amax, 0, tl.standard._elementwise_max)
+        tl.store(amax_ptr + pid_k * M + lines, amax, mask=line_ok)
+
+
+_JITTED = {fn: triton.jit(fn) for fn in (_hadamard_quantize_kernel, _transpose_quantize_kernel)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +643,6 @@ GPU_CONFIGS = {
     ("rows", True): (1, 2, 2, 0),
     ("rows", False): (1, 4, 4, 0),
     ("transposed", True): (16, 1, 4, 4),
-    ("transposed", False): (64, 1, 4, 4),
     ("outer", True): (64, 1, 4, 2),
     ("outer", False): (64, 1, 4, 2),  # no matmul asks for it; as rotated
     # dim 0 with the transpose too (dual): BLOCK_M 32 (444 µs at 8192 x 14336 on an H200,
@@ -578,10 +650,14 @@ GPU_CONFIGS = {
     ("dual", True): (32, 1, 4, 2),
     ("dual", False): (32, 1, 4, 2),  # no matmul asks for it; as rotated
 }
+# A transposed view without rotation (_transpose_quantize_kernel): (BLOCK_M, BLOCK_K, num_warps,
+# programs per SM the absmax launch aims for, K tiles per program of the quantize launch).
+TRANSPOSE_CONFIG = (64, 64, 4, 4, 4)
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
 INTERPRETER_STRIDED_CONFIG = (8, 1, None)
+INTERPRETER_TRANSPOSE_CONFIG = (8, 16, None, 0, 2)
 
 
 # float32(1 / max_value), rounded once, as torch computes the reciprocal on CUDA. Computed here,
@@ -615,10 +691,12 @@ def launch_grid(M, K, block_m, nt, per_k, split=None, want=0):
     return (programs, triton.cdiv(loop_units, per_split // unit)), per_split
 
 
-def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision="split",
+def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
-                            num_stages=None, dual=False):
+                            num_stages=None, dual=False, block_k=None, tiles=None):
+    """`launchable(kernel_fn)`: what launches a kernel function here (its @triton.jit
+    compilation, wrapped for a triton_op, or interpreted)."""
     _check_args(x, fmt, granularity, block, dim, precision)
     if dual and (dim != 0 or granularity != "row"):
         raise ValueError("hadamard_quantize: the dual output needs dim 0 and row scales")
@@ -630,6 +708,15 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     M, K = xv.shape
     per_k = dim == 0  # scales per row of x = per K index of the views
     strided = xv.stride(1) != 1
+    if soft_fp8 is None:
+        soft_fp8 = interpret
+    if recip_scale is None:
+        recip_scale = not interpret
+    if strided and not block and not per_k:
+        return _quantize_transposed(launchable(_transpose_quantize_kernel), xv, q, fmt,
+                                    granularity, interpret, soft_fp8, recip_scale, exact_div,
+                                    block_m, block_k, num_warps, split, tiles, num_stages)
+    kernel = launchable(_hadamard_quantize_kernel)
     if interpret:
         config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
         programs_per_sm = 0
@@ -641,8 +728,6 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     want = programs_per_sm * _sm_count(x.device) if programs_per_sm and split is None else 0
     grid, per_split = launch_grid(M, K, bm, nt, per_k, split, want)
     extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
-    if soft_fp8 is None:
-        soft_fp8 = interpret
     kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
     if not interpret and num_stages:  # else Triton's default software pipelining
         kwargs["num_stages"] = num_stages
@@ -656,8 +741,7 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
             X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
             UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
             INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
-            RECIP_SCALE=(not interpret) if recip_scale is None else recip_scale,
-            INV_SQRT=1.0 / math.sqrt(block) if block else 1.0,
+            RECIP_SCALE=recip_scale, INV_SQRT=1.0 / math.sqrt(block) if block else 1.0,
             POW2_NORM=block in (16, 64, 256), R=max(block // 16, 1),
             FIRST_PASS=1 if mode == _WITH_SCALE else 0,
             LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
@@ -694,10 +778,55 @@ def _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim=1, precision
     return q, scale
 
 
+def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, recip_scale,
+                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages):
+    """The unrotated quantization of a strided view xv [M, K] (a transpose: stride (1, M'))
+    into q [M, K]:
+    an absmax launch (each program's absmax of each of its lines over its range of K, a row of
+    partials per split), then a quantize launch (more, shorter programs: the scales computed
+    from the partials, as the reference computes them). Returns (q, scale)."""
+    M, K = xv.shape
+    config = INTERPRETER_TRANSPOSE_CONFIG if interpret else TRANSPOSE_CONFIG
+    bm, bk = block_m or config[0], block_k or config[1]
+    tiles = tiles or config[4]
+    line_blocks, k_tiles = triton.cdiv(M, bm), triton.cdiv(K, bk)
+    if split is None:  # the absmax launch: up to `programs per SM` programs per SM
+        want = config[3] * _sm_count(xv.device) if config[3] else 0
+        split = want // line_blocks if line_blocks < want // 2 else 1
+    split = max(1, min(split, k_tiles))
+    amax_per_split = triton.cdiv(k_tiles, split) * bk
+    n_split = triton.cdiv(K, amax_per_split)
+    spec = FORMATS[fmt]
+    extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
+    kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
+    if not interpret and num_stages:
+        kwargs["num_stages"] = num_stages
+
+    def launch(mode, grid, per_split, scale, amax, scale_vec):
+        kernel[grid](
+            xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
+            INT8=fmt == "int8",
+            MODE=mode, SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(n_split),
+            SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
+            RECIP_SCALE=recip_scale, EXACT_DIV=exact_div, INT64=extent >= 2**31,
+            BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, **kwargs,
+        )
+
+    amax = torch.empty((n_split, M), dtype=torch.float32, device=xv.device)
+    launch(_AMAX_ONLY, (line_blocks, n_split), amax_per_split, amax, amax, False)
+    if granularity == "row":  # the quantize launch computes and stores the scales
+        scale = torch.empty((M, 1), dtype=torch.float32, device=xv.device)
+    else:
+        scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
+    launch(_WITH_SCALE, (line_blocks, triton.cdiv(k_tiles, tiles)), tiles * bk, scale, amax,
+           granularity == "row")
+    return q, scale
+
+
 def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1, *,
                              precision="split", soft_fp8=None, block_m=None, num_warps=None,
                              nt=None, split=None, exact_div=True, recip_scale=None,
-                             num_stages=None):
+                             num_stages=None, block_k=None, tiles=None):
     """Run the Triton kernel directly: on CUDA tensors compiled, on CPU tensors through the
     Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, contiguous; scale float32
     [M, 1] or [1, 1]): the rows of block_hadamard(x, block, dim) quantized per row (or tensor).
@@ -712,16 +841,18 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
         (GPU_CONFIGS; split > 1 divides each program's loop over programs: K for per-row scales,
         then the scales need a second launch; the lines for dim 0, which always takes two;
         num_stages, Triton's software pipelining depth, sets how many tiles in flight a program
-        keeps in shared memory).
+        keeps in shared memory). A transposed view without rotation has a kernel of its own
+        (TRANSPOSE_CONFIG): block_m lines by block_k K indices a tile, split the absmax
+        launch's K ranges, tiles the K tiles of a quantize program.
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
         knob: not bit-exact, and no faster on an H100).
     recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
         there) rather than amax / max (default on the CPU)."""
     interpret = x.device.type != "cuda"
-    kernel = interpreted(_hadamard_quantize_kernel) if interpret else _kernel
-    return _hadamard_quantize_impl(kernel, x, fmt, granularity, block, dim, precision, soft_fp8,
-                                   interpret, block_m, num_warps, nt, split, exact_div,
-                                   recip_scale, num_stages)
+    return _hadamard_quantize_impl(interpreted if interpret else _JITTED.get, x, fmt,
+                                   granularity, block, dim, precision, soft_fp8, interpret,
+                                   block_m, num_warps, nt, split, exact_div, recip_scale,
+                                   num_stages, block_k=block_k, tiles=tiles)
 
 
 def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):
@@ -734,9 +865,13 @@ def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):
     rotated once per launch for both. `launch`: the launch overrides of
     `hadamard_quantize_triton` (block_m, num_warps, split, ...)."""
     interpret = x.device.type != "cuda"
-    kernel = interpreted(_hadamard_quantize_kernel) if interpret else _kernel
-    return _hadamard_quantize_impl(kernel, x, fmt, "row", block, 0, interpret=interpret,
-                                   dual=True, **launch)
+    return _hadamard_quantize_impl(interpreted if interpret else _JITTED.get, x, fmt, "row",
+                                   block, 0, interpret=interpret, dual=True, **launch)
+
+
+def _wrapped(kernel_fn):
+    """A kernel function launched from a triton_op (Inductor then emits the kernel itself)."""
+    return wrap_triton(_JITTED[kernel_fn])
 
 
 def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1):
@@ -761,7 +896,7 @@ def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
     reference."""
     if x.device.type != "cuda":
         return hadamard_quantize_reference(x, fmt, granularity, block, dim)
-    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, granularity, block, dim)
+    return _hadamard_quantize_impl(_wrapped, x, fmt, granularity, block, dim)
 
 
 @triton_op("halo::hadamard_quantize_dual", mutates_args=())
@@ -772,4 +907,4 @@ def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int
     CUDA: the fused Triton kernel; other devices: the plain-torch reference."""
     if x.device.type != "cuda":
         return hadamard_quantize_dual_reference(x, fmt, block)
-    return _hadamard_quantize_impl(wrap_triton(_kernel), x, fmt, "row", block, 0, dual=True)
+    return _hadamard_quantize_impl(_wrapped, x, fmt, "row", block, 0, dual=True)

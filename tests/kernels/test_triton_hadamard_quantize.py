@@ -6,6 +6,7 @@ sets TRITON_INTERPRET (which would turn every kernel decorated later in this pyt
 an interpreted one, GPU tests included). The GPU tests run the compiled kernel on CUDA.
 """
 
+import itertools
 import math
 
 import pytest
@@ -92,7 +93,10 @@ def test_interpreter_gpu_like_launch_configs(block_m, nt):
 
 # (lines, K, block, split): the transposed-view and dim-0 variants; split > 1 makes programs
 # share a scale (partial absmaxes per split, then a second launch).
-STRIDED_CASES = [(33, 256, 64, 1), (130, 768, 256, 2), (7, 48, 16, 3), (40, 512, 0, 2)]
+# Block 0 takes a kernel of its own (tiles of 8 lines x 16 K indices in the interpreter): odd
+# sizes, several splits, and an unmasked (EVEN) case.
+STRIDED_CASES = [(33, 256, 64, 1), (130, 768, 256, 2), (7, 48, 16, 3), (40, 512, 0, 2),
+                 (33, 100, 0, 3), (7, 5, 0, 1), (16, 64, 0, 2)]
 
 
 @pytest.mark.parametrize("lines,k,block,split", STRIDED_CASES)
@@ -194,6 +198,9 @@ def test_interpreter_fp16_and_strided_input():
     for fmt in FMTS:
         q, s = hadamard_quantize_triton(x, fmt, "row", 128)
         _compare(q, s, *hadamard_quantize_reference(x, fmt, "row", 128))
+        # Every other column (strides (512, 2)), not rotated: the strided kernel, bit for bit.
+        q, s = hadamard_quantize_triton(base[:, ::2], fmt, "row", 0)
+        assert _compare(q, s, *hadamard_quantize_reference(base[:, ::2], fmt, "row", 0)) == 0
 
 
 def test_interpreter_ieee_precision():
@@ -243,14 +250,15 @@ def test_zero_rows_and_nonfinite_rows():
     x[1] = 0.0
     x[3, 7] = float("nan")
     x[4, 0] = float("inf")
-    for fmt in FMTS:
-        q, s = hadamard_quantize_triton(x, fmt, "row", 64)
+    # As rows rotated, and (the unrotated strided kernel) as a transposed view not rotated.
+    for fmt, (x, block) in itertools.product(FMTS, [(x, 64), (x.t().contiguous().t(), 0)]):
+        q, s = hadamard_quantize_triton(x, fmt, "row", block)
         assert float(s[1]) == 1e-12 / (448.0 if fmt == "fp8_e4m3" else 127.0) or math.isclose(
             float(s[1]), torch.tensor(1e-12).div(448.0 if fmt == "fp8_e4m3" else 127.0).item())
         assert torch.all(q[1].float() == 0)
         assert torch.isfinite(s[[0, 1, 2]]).all()
         assert not torch.isfinite(s[3]).any() and not torch.isfinite(s[4]).any()
-        _, st = hadamard_quantize_triton(x, fmt, "tensor", 64)
+        _, st = hadamard_quantize_triton(x, fmt, "tensor", block)
         assert not torch.isfinite(st).any()
 
 
@@ -385,7 +393,8 @@ def test_gpu_float32_and_small_blocks(precision, block):
 def test_gpu_grad_layouts_match_reference(variant, fmt, gran):
     """Real shapes of the backward's operands: dYᵀ of dY [8192, 4095 + 1] read in place
     (grad-weight, rotation along tokens) and dY rotated along tokens (grad-input "outer")."""
-    for tokens, width, block in ((8192, 4096, 256), (4100, 1000, 0), (2048, 336, 128)):
+    for tokens, width, block in ((8192, 4096, 256), (4100, 1000, 0), (2048, 336, 128),
+                                 (8191, 4096, 0)):
         dy = _input(tokens, width, torch.bfloat16, tokens + width, outliers=True, device="cuda")
         x, dim = (dy.t(), 1) if variant == "transposed" else (dy, 0)
         q, s = hadamard_quantize_triton(x, fmt, gran, block, dim)
