@@ -10,10 +10,16 @@ With --compile layers (default), each decoder layer is compiled on its own (regi
 compilation: the layers share one compiled graph); the tiny embedding (vocab 256) and the final
 norm stay eager, and so does transformers' mask creation, which synchronizes with the GPU once a
 step (it reads a tensor's value to detect packed sequences). With --compile model the whole
-model is one compiled graph, and the mask creation is traced (no synchronization). Every contender is built
-first (peak memory counts its own allocations), then the steps are timed in rounds that take each
-contender in turn, twice: each step synchronized, and steps queued back to back (as a training
-loop that does not wait for each step runs them). Needs a CUDA GPU.
+model is one compiled graph, and the mask creation is traced (no synchronization; but the
+traced mask is a tensor, which SDPA then applies instead of its causal kernels: attention takes
+about 3x longer). --no-packed-check leaves out that synchronization in the regional mode:
+transformers' packed-sequence detection (masking_utils.find_packed_sequence_indices, which
+reads a tensor on the host) is replaced by its answer for these inputs, one sequence per batch
+row (None); so the step never waits for the GPU, as in a training loop whose model does not.
+
+Every contender is built first (peak memory counts its own allocations), then the steps are timed
+in rounds that take each contender in turn, twice: each step synchronized, and steps queued back
+to back (as a training loop that does not wait for each step runs them). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--compile", choices=("layers", "model"), default="layers",
                         help="compile each decoder layer, or the whole model")
+    parser.add_argument("--no-packed-check", action="store_true",
+                        help="skip transformers' per-step packed-sequence detection (a host "
+                             "synchronization); the inputs are not packed")
     parser.add_argument("--reps", type=int, default=2, help="steps per contender and round")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of timing, each taking every contender in turn")
@@ -75,6 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     names = parse_names(args.contenders)
+    if args.no_packed_check:
+        import transformers.masking_utils
+
+        transformers.masking_utils.find_packed_sequence_indices = lambda position_ids: None
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(args.layers).state_dict().items()}
     embeds = torch.randn(args.batch, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
@@ -117,7 +130,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     emit(markdown_table(
         f"Training step (fwd+bwd+AdamW), {args.layers} Llama-3-8B-shaped decoder layers, seq "
-        f"{args.seq}, batch {args.batch}, bf16, compiled by {args.compile}",
+        f"{args.seq}, batch {args.batch}, bf16, compiled by {args.compile}"
+        + (", packed-sequence check skipped" if args.no_packed_check else ""),
         ["contender", "ms / step (synchronized)", "tokens/s", "x bf16 inductor",
          "ms / step (queued)", "x bf16 inductor (queued)", "host ms a step", "peak GiB", "note"],
         rows),

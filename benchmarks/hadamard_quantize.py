@@ -183,6 +183,8 @@ def layer_table(args) -> None:
                                                           config))[1]
                      for config in configs_of(x, dim, block, args.sweep)}
             measured[key] = (timed(1, lambda: t.clone())[1], times)
+            if args.sweep:
+                print(key, {k: round(v, 1) for k, v in times.items()}, flush=True)
         copy_us, times = measured[key]
         best = min(times, key=times.get)
         for name, value in (("us", times["default"]), ("copy us", copy_us),

@@ -652,7 +652,10 @@ GPU_CONFIGS = {
 }
 # A transposed view without rotation (_transpose_quantize_kernel): (BLOCK_M, BLOCK_K, num_warps,
 # programs per SM the absmax launch aims for, K tiles per program of the quantize launch).
-TRANSPOSE_CONFIG = (64, 64, 4, 4, 4)
+# On an H200, for a decoder layer's transposes (4096 tokens; benchmarks/hadamard_quantize.py
+# --layer halo2 --sweep): BLOCK_K 128 25 / 85 µs at 4096 x 4096 / 14336 x 4096, against 29 / 93
+# at BLOCK_K 64; BLOCK_M 32 wins by 1-2 µs on 1024-line views only.
+TRANSPOSE_CONFIG = (64, 128, 4, 4, 4)
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
