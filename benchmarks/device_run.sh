@@ -10,6 +10,7 @@
 #   tests   pytest -m gpu (all GPU tests)      smoke   the GPU tests of the compiled path
 #   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s
+#   layercode  Inductor's output for one decoder layer (halo2, bf16)
 #   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so)
 #   layer   every quantization of one Llama-3-8B layer's step, launches swept (LAYER_PRESETS:
 #           the hadamard settings, default "halo2 inner,outer,inner")
@@ -45,6 +46,8 @@ stage() {
         timeout 200 python3 -m pytest -q -p no:cacheprovider "${workers[@]}" -m gpu -rs "$REPO/tests/kernels/test_inductor_decompositions.py" \
         "$REPO/tests/kernels/test_quantized_linear.py" "$REPO/tests/test_gpu_end_to_end.py" 2>&1 | tee "$LOGS/gpu_smoke_tests.log" ;;
     code) bench output_code 90 output_code.py --out "$LOGS" ;;
+    layercode) for h in halo2 bf16; do bench "output_code_layer_$h" 150 output_code.py --decoder-layer \
+        --tokens 4096 --hadamard "$h" --out "$LOGS"; done ;;
     kernel) bench hadamard_quantize 100 hadamard_quantize.py ;;
     sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep --only "${SWEEP_ONLY:-}" ;;
     layer) for preset in ${LAYER_PRESETS:-halo2 inner,outer,inner}; do

@@ -3,9 +3,13 @@ count of what it launches (Triton kernels by name, extern GEMM calls, calls back
 ops), so that the fusion claims in docs/ can be checked against the code.
 
     python benchmarks/output_code.py [--hadamard halo2] [--tokens 8192] [--out DIR]
+                                     [--decoder-layer]
 
 Writes DIR/output_code_<hadamard>.py (every graph Inductor compiled, forward then backward) and
-prints, and with --markdown appends, the launch summary. Needs a CUDA GPU.
+prints, and with --markdown appends, the launch summary. --decoder-layer compiles one
+Llama-3-8B-shaped decoder layer (transformers' LlamaDecoderLayer, SDPA) at --tokens tokens
+instead of one linear; --hadamard bf16 compiles it with plain Inductor, for comparison.
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +40,22 @@ def launches(code: str) -> Counter:
     return counts
 
 
+def decoder_layer(tokens: int):
+    """(a Llama-3-8B-shaped decoder layer, its keyword inputs for `tokens` tokens, a label)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, num_hidden_layers=1, rope_theta=500000.0,
+                         attn_implementation="sdpa", use_cache=False)
+    layer = LlamaDecoderLayer(config, 0).to("cuda", torch.bfloat16)
+    x = torch.randn(1, tokens, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rotary = LlamaRotaryEmbedding(config).to("cuda")
+    position_embeddings = rotary(x, torch.arange(tokens, device="cuda")[None])
+    return layer, {"hidden_states": x, "position_embeddings": position_embeddings,
+                   "attention_mask": None}, "a Llama-3-8B decoder layer"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hadamard", default="halo2")
@@ -44,26 +64,36 @@ def main() -> None:
     parser.add_argument("--shape", default="4096x14336", help="in x out")
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--markdown", help="append the summary to this file")
+    parser.add_argument("--decoder-layer", action="store_true",
+                        help="a Llama-3-8B decoder layer instead of one linear")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this script needs a CUDA GPU"
-    fan_in, fan_out = map(int, args.shape.split("x"))
-    linear = torch.nn.Linear(fan_in, fan_out, bias=False, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(args.tokens, fan_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     options = {"format": args.format, "hadamard": args.hadamard}
-    compiled = torch.compile(linear, backend="halo", options=options)
+    if args.decoder_layer:
+        module, inputs, what = decoder_layer(args.tokens)
+    else:
+        fan_in, fan_out = map(int, args.shape.split("x"))
+        module = torch.nn.Linear(fan_in, fan_out, bias=False, device="cuda",
+                                 dtype=torch.bfloat16)
+        inputs = {"input": torch.randn(args.tokens, fan_in, device="cuda", dtype=torch.bfloat16,
+                                       requires_grad=True)}
+        what = f"one linear {args.shape}"
+    compiled = (torch.compile(module) if args.hadamard == "bf16"
+                else torch.compile(module, backend="halo", options=options))
 
     def step():
-        y = compiled(x)
+        y = compiled(**inputs)
+        y = y[0] if isinstance(y, tuple) else y
         y.backward(torch.ones_like(y))
 
     _, codes = run_and_get_code(step)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"output_code_{args.hadamard}.py"
+    path = args.out / f"output_code_{'layer_' if args.decoder_layer else ''}{args.hadamard}.py"
     path.write_text("\n\n# ---- next graph ----\n\n".join(codes))
     rows = [(graph, what, n) for graph, code in zip(("forward", "backward"), codes)
             for what, n in sorted(launches(code).items())]
-    title = (f"Inductor output for one linear {args.shape}, tokens {args.tokens}, {options} "
-             f"(code: {path.name})")
+    title = (f"Inductor output for {what}, tokens {args.tokens}, "
+             f"{'bf16' if args.hadamard == 'bf16' else options} (code: {path.name})")
     emit(markdown_table(title, ("graph", "launch", "call sites"), rows), args.markdown)
 
 
