@@ -450,3 +450,43 @@ def test_gpu_op_in_compiled_graph():
     x = _input(300, 1024, torch.bfloat16, 4, outliers=True, device="cuda")
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
+class _Sm90Driver:
+    """Triton's active driver as traced code needs it (the kernels' target) on a CPU machine."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def test_traced_kernels_read_the_activation_not_its_views(monkeypatch):
+    """Traced for Inductor (fake CUDA tensors, as AOTAutograd traces them), each launch reads
+    the activation the quantized views are views of: a view handed to a Triton kernel would be
+    materialized as a copy for each launch (one more store in the producer per launch)."""
+    import triton
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import halo_compile.kernels.triton_hadamard_quantize as kernel
+
+    monkeypatch.setattr(kernel, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver())
+
+    def quantize_all(gate, up):
+        h = (torch.nn.functional.silu(gate) * up).reshape(-1, gate.shape[-1])
+        return (*torch.ops.halo.hadamard_quantize(h, "fp8_e4m3", "row", 256, 1),
+                *torch.ops.halo.hadamard_quantize(h.t(), "fp8_e4m3", "row", 0, 1),
+                *torch.ops.halo.hadamard_quantize(h.t(), "fp8_e4m3", "row", 256, 1),
+                *torch.ops.halo.hadamard_quantize(h, "fp8_e4m3", "row", 256, 0),
+                *torch.ops.halo.hadamard_quantize_dual(h, "fp8_e4m3", 256))
+
+    graphs = []
+    with FakeTensorMode():
+        gate, up = (torch.empty(1, 512, 1024, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+        aot_function(quantize_all, fw_compiler=lambda gm, _: graphs.append(gm) or gm)(gate, up)
+    launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 9  # rows 1; the others 2 each (absmax, then quantize)
+    assert {str(n.kwargs["kwargs"]["x_ptr"]) for n in launches} == {"mul"}
