@@ -694,22 +694,6 @@ def launch_grid(M, K, block_m, nt, per_k, split=None, want=0):
     return (programs, triton.cdiv(loop_units, per_split // unit)), per_split
 
 
-def _storage_of(view: torch.Tensor) -> torch.Tensor:
-    """What a kernel reading `view` (or a view of it) through its strides is handed: the tensor
-    it is a view of where they start at the same address (a kernel only sees the address), else
-    `view`. Traced for
-    Inductor, a view passed to a Triton kernel is materialized, for each launch, as a copy with
-    the view's strides when what it views is not yet in memory (a norm's or SiLU's output,
-    fused into its producer as one more store per launch: measured, the SiLU-gate product of
-    a decoder layer written 3 times in the forward and dY 4 times in the backward); the
-    tensor itself is kept in memory once, and every launch reads it."""
-    base = view._base
-    if (base is not None and base.dtype == view.dtype
-            and base.storage_offset() == view.storage_offset()):
-        return base
-    return view
-
-
 def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
@@ -727,13 +711,12 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
     M, K = xv.shape
     per_k = dim == 0  # scales per row of x = per K index of the views
     strided = xv.stride(1) != 1
-    source = _storage_of(x)  # what the kernels are handed: xv's first element at its address
     if soft_fp8 is None:
         soft_fp8 = interpret
     if recip_scale is None:
         recip_scale = not interpret
     if strided and not block and not per_k:
-        return _quantize_transposed(launchable(_transpose_quantize_kernel), xv, source, q, fmt,
+        return _quantize_transposed(launchable(_transpose_quantize_kernel), xv, q, fmt,
                                     granularity, interpret, soft_fp8, recip_scale, exact_div,
                                     block_m, block_k, num_warps, split, tiles, num_stages)
     kernel = launchable(_hadamard_quantize_kernel)
@@ -754,7 +737,7 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
 
     def launch(mode, scale, amax, scale_vec, qt=q, scale_t=q, amax_t=q):
         kernel[grid](
-            source, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
+            xv, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
             qv.stride(0), qv.stride(1), per_split, grid[1], HB=block, INT8=fmt == "int8",
             MODE=mode, SCALE_PER_K=per_k, SCALE_VEC=scale_vec, DUAL=dual,
             SPLITS=triton.next_power_of_2(grid[1]),
@@ -798,11 +781,10 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
     return q, scale
 
 
-def _quantize_transposed(kernel, xv, source, q, fmt, granularity, interpret, soft_fp8,
-                         recip_scale, exact_div, block_m, block_k, num_warps, split, tiles,
-                         num_stages):
+def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, recip_scale,
+                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages):
     """The unrotated quantization of a strided view xv [M, K] (a transpose: stride (1, M'))
-    into q [M, K], read through `source` (_storage_of):
+    into q [M, K]:
     an absmax launch (each program's absmax of each of its lines over its range of K, a row of
     partials per split), then a quantize launch (more, shorter programs: the scales computed
     from the partials, as the reference computes them). Returns (q, scale)."""
@@ -825,7 +807,7 @@ def _quantize_transposed(kernel, xv, source, q, fmt, granularity, interpret, sof
 
     def launch(mode, grid, per_split, scale, amax, scale_vec):
         kernel[grid](
-            source, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
+            xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
             INT8=fmt == "int8",
             MODE=mode, SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(n_split),
             SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
