@@ -43,9 +43,15 @@ Design
   scales once. (The loop used to run along K with an atomic max per iteration: BLOCK_M 64
   is 36-47% faster this way, docs/BENCHMARKS.md, ninth session.)
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
-  warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, (64, 1, 4)
-  unrotated, K split until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~2
-  programs per SM.
+  warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, K split
+  until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~2 programs per SM.
+* A strided view without rotation (grad-weight's dYᵀ and Xᵀ with HALO-2, grad-input's Wᵀ with
+  an "outer" or no rotation: half of a decoder layer's quantize time) has a kernel of its own,
+  `_transpose_quantize_kernel`: plain [BLOCK_K, BLOCK_M] tiles loaded along the lines and
+  stored along K, an absmax launch (a row of partials per K split) then a quantize launch of
+  shorter programs (TRANSPOSE_CONFIG), none of the [16, 16] batching the rotation needs: 46%
+  of copy bandwidth at a decoder layer's shapes against 35% through the main kernel (H200,
+  docs/BENCHMARKS.md, eleventh session).
 * The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
   block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
   tile the block transform is X -> G X H_16, H_16 acting on `low` (a right product) and
@@ -103,14 +109,14 @@ to 83 of 33.5M / 117M bf16 values at block 256, scales within 4e-7.
 Bandwidth (H200, 2026-11-28, docs/BENCHMARKS.md), bytes read once + written once, CUDA graph
 timing, bf16 -> FP8 per row, block 256, against a 4.1-4.2 TB/s copy, at 8192 x 4096 and
 8192 x 14336: rows 1.84-1.98 TB/s (45-47%; block 0: 2.89-3.21 TB/s, 69-78%), transposed view
-1.18-1.28 TB/s (block 0: 1.58-1.64), dim 0 1.20-1.37 TB/s. The rotated rows kernel is bound by
-instruction issue (Nsight Compute: issue slots 77% busy before the changes above, which cut its
-two loop bodies from 339 to 245 SASS instructions, 8 values per thread, as Triton 3.9 compiles
-them for sm_90; benchmarks/kernel_resources.py counts them): the three bf16 pieces of the
-intermediate and their dots, the rotation done twice (once per pass), the division. The strided
-variants read their input twice (two launches) and are bound by occupancy (dim 0 at BLOCK_M 64:
-228-255 registers and 96-104 KiB of shared memory per program, two programs per SM, as
-benchmarks/kernel_resources.py reports).
+1.18-1.28 TB/s (block 0, its own kernel: 1.87-1.97 at BLOCK_K 64), dim 0 1.20-1.37 TB/s.
+The rotated rows kernel is bound by instruction issue (Nsight Compute: issue slots 77% busy before
+the changes above, which cut its two loop bodies from 339 to 245 SASS instructions, 8 values per
+thread, as Triton 3.9 compiles them for sm_90; benchmarks/kernel_resources.py counts them): the
+three bf16 pieces of the intermediate and their dots, the rotation done twice (once per pass), the
+division. The strided variants read their input twice (two launches) and are bound by occupancy (dim
+0 at BLOCK_M 64: 228-255 registers and 96-104 KiB of shared memory per program, two programs per SM,
+as benchmarks/kernel_resources.py reports).
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
 interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
@@ -629,10 +635,8 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
 # * a transposed view (lines contiguous; grad-weight's dYᵀ and Xᵀ, grad-input's Wᵀ): BLOCK_M
 #   lines side by side make each load 2 * BLOCK_M contiguous bytes (bf16) per K index. Rotated:
 #   BLOCK_M 16 1.12 TB/s, 32 or 64 0.74-0.90 (the ±1 blocks are broadcast over the BLOCK_M tiles
-#   of a batched dot and staged in shared memory: 32 KiB each at 64). Not rotated (no dot):
-#   BLOCK_M 64 with K split until ~4 programs per SM. On an H200 (copy 4.1 TB/s): 1.59 TB/s
-#   for a 4096-line view (in one launch, 64 programs: 0.57) and 1.57-1.63 for 14336 lines
-#   (in one launch: 1.41); BLOCK_M 16 or 32 slower at every split.
+#   of a batched dot and staged in shared memory: 32 KiB each at 64). (Not rotated: a kernel
+#   of its own, TRANSPOSE_CONFIG.)
 # * dim 0 ("outer", a program per 256 K indices looping over a split of the lines): on an H200,
 #   BLOCK_M 64 with 4 warps 1.06 / 1.33 TB/s at 8192 x 4096 / 8192 x 14336, 32 1.04 / 1.09,
 #   16 0.54-0.68, 8 warps or 2 or 4 stages slower; up to 2 programs per SM (the most that fit
