@@ -788,10 +788,9 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
 def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, recip_scale,
                          exact_div, block_m, block_k, num_warps, split, tiles, num_stages):
     """The unrotated quantization of a strided view xv [M, K] (a transpose: stride (1, M'))
-    into q [M, K]:
-    an absmax launch (each program's absmax of each of its lines over its range of K, a row of
-    partials per split), then a quantize launch (more, shorter programs: the scales computed
-    from the partials, as the reference computes them). Returns (q, scale)."""
+    into q [M, K]: an absmax launch (each program's absmax of each of its lines over its range
+    of K, a row of partials per split), then a quantize launch (more, shorter programs: the
+    scales computed from the partials, as the reference computes them). Returns (q, scale)."""
     M, K = xv.shape
     config = INTERPRETER_TRANSPOSE_CONFIG if interpret else TRANSPOSE_CONFIG
     bm, bk = block_m or config[0], block_k or config[1]
@@ -812,8 +811,8 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
     def launch(mode, grid, per_split, scale, amax, scale_vec):
         kernel[grid](
             xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
-            INT8=fmt == "int8",
-            MODE=mode, SCALE_VEC=scale_vec, SPLITS=triton.next_power_of_2(n_split),
+            INT8=fmt == "int8", MODE=mode, SCALE_VEC=scale_vec,
+            SPLITS=triton.next_power_of_2(n_split),
             SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=recip_scale, EXACT_DIV=exact_div, INT64=extent >= 2**31,
             BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, **kwargs,
