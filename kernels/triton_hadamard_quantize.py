@@ -679,23 +679,32 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def launch_grid(M, K, block_m, nt, per_k, split=None, want=0):
+def launch_grid(M, K, block_m, nt, per_k, split=None, want=0, k_tile=256):
     """(grid, per_split) of a launch over M lines of K values: programs (a, s), a along the
-    lines (blocks of block_m) with the loop along K (tiles of nt * 256), or with per-K scales
-    (per_k) a along K (tiles of 256) with the loop along the lines; s splits the loop, into
+    lines (blocks of block_m) with the loop along K (tiles of nt * k_tile), or with per-K scales
+    (per_k) a along K (tiles of k_tile) with the loop along the lines; s splits the loop, into
     `split` parts, or when there are fewer than want / 2 programs into as many as keep the
     launch at no more than `want` programs (at 2 per SM, a 289th program on 132 SMs is a second
     wave: 40% slower). per_split: the loop extent (K indices, or lines) of one split."""
     line_blocks = triton.cdiv(M, block_m)
-    k_tiles = triton.cdiv(K, nt * 256)
+    k_tiles = triton.cdiv(K, nt * k_tile)
     programs, loop_units, unit = ((k_tiles, line_blocks, block_m) if per_k
-                                  else (line_blocks, k_tiles, nt * 256))
+                                  else (line_blocks, k_tiles, nt * k_tile))
     if split is None:
         # Too few programs: a transposed [out, T] view has only out / BLOCK_M, dim 0 T / 256.
         split = want // programs if programs < want // 2 else 1
     split = max(1, min(split, loop_units))
     per_split = triton.cdiv(loop_units, split) * unit
     return (programs, triton.cdiv(loop_units, per_split // unit)), per_split
+
+
+def _second_launch_scale(amax, granularity, spec):
+    """The scales of a two-launch quantization, given the first launch's partial absmaxes
+    [splits, lines]: with row scales an empty [lines, 1] that the second launch fills (it
+    computes them from the partials, as the reference does); with a tensor scale, that scale."""
+    if granularity == "row":
+        return torch.empty((amax.shape[1], 1), dtype=torch.float32, device=amax.device)
+    return (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
 
 
 def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, precision="split",
@@ -774,10 +783,7 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
         amax_t = amax_t.amax(0)  # once, not in every program that needs a line's scale
     else:
         launch(_AMAX_ONLY, amax, amax, False)
-    if granularity == "row":  # the second launch computes and stores the scales
-        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    else:
-        scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
+    scale = _second_launch_scale(amax, granularity, spec)
     if dual:
         launch(_WITH_SCALE, scale, amax, True, qt, scale_t, amax_t)
         return q, scale, qt, scale_t
@@ -795,13 +801,9 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
     config = INTERPRETER_TRANSPOSE_CONFIG if interpret else TRANSPOSE_CONFIG
     bm, bk = block_m or config[0], block_k or config[1]
     tiles = tiles or config[4]
-    line_blocks, k_tiles = triton.cdiv(M, bm), triton.cdiv(K, bk)
-    if split is None:  # the absmax launch: up to `programs per SM` programs per SM
-        want = config[3] * _sm_count(xv.device) if config[3] else 0
-        split = want // line_blocks if line_blocks < want // 2 else 1
-    split = max(1, min(split, k_tiles))
-    amax_per_split = triton.cdiv(k_tiles, split) * bk
-    n_split = triton.cdiv(K, amax_per_split)
+    want = config[3] * _sm_count(xv.device) if config[3] and split is None else 0
+    amax_grid, amax_per_split = launch_grid(M, K, bm, 1, False, split, want, k_tile=bk)
+    line_blocks, n_split, k_tiles = amax_grid[0], amax_grid[1], triton.cdiv(K, bk)
     spec = FORMATS[fmt]
     extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
     kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
@@ -819,11 +821,8 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
         )
 
     amax = torch.empty((n_split, M), dtype=torch.float32, device=xv.device)
-    launch(_AMAX_ONLY, (line_blocks, n_split), amax_per_split, amax, amax, False)
-    if granularity == "row":  # the quantize launch computes and stores the scales
-        scale = torch.empty((M, 1), dtype=torch.float32, device=xv.device)
-    else:
-        scale = (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
+    launch(_AMAX_ONLY, amax_grid, amax_per_split, amax, amax, False)
+    scale = _second_launch_scale(amax, granularity, spec)
     launch(_WITH_SCALE, (line_blocks, triton.cdiv(k_tiles, tiles)), tiles * bk, scale, amax,
            granularity == "row")
     return q, scale
