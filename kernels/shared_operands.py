@@ -42,24 +42,29 @@ def _owner(t: torch.Tensor, key: Hashable):
     return (t, key) if base is None else _owner(base, (tag[1], key))
 
 
-def shared(t: torch.Tensor, key: Hashable, derive: Callable[[torch.Tensor], object]):
-    """`derive(t)`, computed once per tensor (per base and description, for a `shared_view`),
-    `key` and version. The value must not be a view of `t` (see the module's doc)."""
+def _entries(t: torch.Tensor, key: Hashable):
+    """(the entries that hold `key` of `t`, the key there)."""
     owner, key = _owner(t, key)
-    entries = owner.__dict__.setdefault(_ENTRIES, {})
-    hit = entries.get(key)
-    if hit is not None and hit[0] == t._version:
-        return hit[1]
-    value = derive(t)
-    entries[key] = (t._version, value)
-    return value
+    return owner.__dict__.setdefault(_ENTRIES, {}), key
 
 
 def cached(t: torch.Tensor, key: Hashable):
     """What `shared(t, key, ...)` holds for `t` at its current version, or None."""
-    owner, key = _owner(t, key)
-    hit = owner.__dict__.get(_ENTRIES, {}).get(key)
+    entries, key = _entries(t, key)
+    hit = entries.get(key)
     return hit[1] if hit is not None and hit[0] == t._version else None
+
+
+def shared(t: torch.Tensor, key: Hashable, derive: Callable[[torch.Tensor], object]):
+    """`derive(t)`, computed once per tensor (per base and description, for a `shared_view`),
+    `key` and version. The value must be neither None nor a view of `t` (see the module's
+    doc)."""
+    value = cached(t, key)
+    if value is None:
+        value = derive(t)
+        entries, key = _entries(t, key)
+        entries[key] = (t._version, value)
+    return value
 
 
 def shared_view(t: torch.Tensor, description: Hashable,
