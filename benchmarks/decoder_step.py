@@ -28,6 +28,7 @@ import argparse
 
 import torch
 
+import halo_compile.backend as halo_backend
 from _contenders import NAMES, compile_fn, parse_names
 from _timing import (
     emit,
@@ -64,6 +65,17 @@ def training_step(model, opt, embeds):
     return step
 
 
+def leave_inductor_as_is(names: str) -> None:
+    """Turn off the named settings the halo backend gives Inductor (halo_compile/backend.py)."""
+    for name in filter(None, names.split(",")):
+        if name == "realize":
+            halo_backend._realize_user_kernel_inputs = lambda: None
+        elif name == "static-launch":
+            halo_backend._static_launch = lambda inductor_config: {}
+        else:
+            raise SystemExit(f"--as-is: unknown setting {name!r}; known: realize, static-launch")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -74,6 +86,11 @@ def main() -> None:
     parser.add_argument("--no-packed-check", action="store_true",
                         help="skip transformers' per-step packed-sequence detection (a host "
                              "synchronization); the inputs are not packed")
+    parser.add_argument("--as-is", default="",
+                        help="comma-separated halo settings of Inductor to leave as torch has "
+                             "them, to measure what they save: realize (an input several halo "
+                             "kernel launches share computed once), static-launch (halo's "
+                             "kernels through Inductor's static CUDA launcher)")
     parser.add_argument("--reps", type=int, default=2, help="steps per contender and round")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of timing, each taking every contender in turn")
@@ -88,6 +105,7 @@ def main() -> None:
         import transformers.masking_utils
 
         transformers.masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    leave_inductor_as_is(args.as_is)
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(args.layers).state_dict().items()}
     embeds = torch.randn(args.batch, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
@@ -131,7 +149,9 @@ def main() -> None:
     emit(markdown_table(
         f"Training step (fwd+bwd+AdamW), {args.layers} Llama-3-8B-shaped decoder layers, seq "
         f"{args.seq}, batch {args.batch}, bf16, compiled by {args.compile}"
-        + (", packed-sequence check skipped" if args.no_packed_check else ""),
+        + (", packed-sequence check skipped" if args.no_packed_check else "")
+        + (f", halo's Inductor settings left as torch has them: {args.as_is}" if args.as_is
+           else ""),
         ["contender", "ms / step (synchronized)", "tokens/s", "x bf16 inductor",
          "ms / step (queued)", "x bf16 inductor (queued)", "host ms a step", "peak GiB", "note"],
         rows),

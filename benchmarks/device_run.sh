@@ -19,6 +19,7 @@
 #           comma-separated list of contenders; LINEAR_PROFILE: of those to profile;
 #           DECODER_ARGS: more decoder_step.py arguments, e.g. "--compile model";
 #           DECODER_PROFILE: the decoder contenders to profile)
+#   decoder-as-is  the decoder step of bf16 and halo2 with halo's Inductor settings off
 #   cudagraphs  the decoder step with and without CUDA graphs (mode="reduce-overhead")
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
@@ -61,6 +62,8 @@ torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,tor
     decoder) bench decoder_step 240 decoder_step.py --reps 2 --rounds 4 ${DECODER_ARGS:-} \
         --contenders "${DECODER_CONTENDERS:-bf16 inductor,halo fp8 halo2,torchao float8 rowwise,halo fp8 no-Hadamard}" \
         --profile "${DECODER_PROFILE:-halo fp8 halo2,torchao float8 rowwise}" ;;
+    decoder-as-is) bench decoder_step_as_is 200 decoder_step.py --reps 2 --rounds 4 ${DECODER_ARGS:-} \
+        --as-is realize,static-launch --contenders "bf16 inductor,halo fp8 halo2" ;;
     cudagraphs) bench decoder_step_cudagraphs 300 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,bf16 inductor cudagraphs,\
 halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs" --profile "halo fp8 halo2 cudagraphs" ;;

@@ -83,10 +83,11 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
+    _realize_user_kernel_inputs()
     # One inf/NaN report per compiled graph instead of a Python op call per quantized matmul.
     post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass,
                                      copy_scales=config.cudagraphs)
-    patches = {"post_grad_custom_post_pass": post_grad}
+    patches = {"post_grad_custom_post_pass": post_grad, **_static_launch(inductor_config)}
     if mode not in (None, "default"):
         from torch._inductor import list_mode_options
 
@@ -101,3 +102,28 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
                              "lacks")
         patches.update({"triton.cudagraphs": True, "graph_partition": True})
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _realize_user_kernel_inputs() -> None:
+    """Have Inductor compute an input of a user-defined Triton kernel (halo's quantize kernels)
+    into a buffer of its own when it has several users, as it does for the inputs of a matmul.
+    Otherwise an elementwise result (the SiLU-gate product, a norm's output, their gradients)
+    stays unrealized, and each kernel launch that reads it gets a copy of its own: Inductor
+    holds a user kernel's inputs to their traced strides and copies an unrealized input for
+    every launch (ExternKernel.require_exact_strides -> copy_input), so a decoder layer's
+    SiLU-gate kernels stored their output 3 times in the forward and 4 in the backward. The
+    set is Inductor's own (lowering.needs_realized_inputs); adding to it once is enough."""
+    from torch._inductor.lowering import needs_realized_inputs
+
+    needs_realized_inputs.add(torch.ops.higher_order.triton_kernel_wrapper_mutation)
+
+
+def _static_launch(inductor_config) -> dict:
+    """The Inductor setting that launches halo's Triton kernels as Inductor launches its own,
+    through its static CUDA launcher instead of Triton's Python launcher (less host time per
+    launch, and a decoder layer's step makes dozens), where this torch has it and uses that
+    launcher (torch leaves it off for user-defined kernels by default)."""
+    if getattr(inductor_config, "use_static_cuda_launcher", False) and hasattr(
+            inductor_config, "static_launch_user_defined_triton_kernels"):
+        return {"static_launch_user_defined_triton_kernels": True}
+    return {}

@@ -497,3 +497,74 @@ def test_cudagraphs_on_a_torch_without_partitioning_is_an_error(monkeypatch):
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(64, 64)))
     with pytest.raises(ValueError, match="'cudagraphs' needs Inductor's graph partitioning"):
         backend.halo_backend(gm, [torch.randn(2, 64)], options={"cudagraphs": True})
+
+
+# --------------------------------------------------------------------------------------------
+# Inductor settings for halo's Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_kernels_use_inductors_static_launcher_where_inductor_does(monkeypatch, static):
+    from torch._inductor import config as inductor_config
+
+    if not hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
+        pytest.skip(f"torch {torch.__version__} has no static launch of user-defined kernels")
+    with inductor_config.patch(use_static_cuda_launcher=static):
+        patches = _inductor_patches(monkeypatch)
+    assert patches.get("static_launch_user_defined_triton_kernels", False) is static
+
+
+def test_shared_inputs_of_kernels_are_realized_once(monkeypatch):
+    from torch._inductor.lowering import needs_realized_inputs
+
+    kernel = torch.ops.higher_order.triton_kernel_wrapper_mutation
+    needs_realized_inputs.discard(kernel)  # as a fresh process has it
+    _inductor_patches(monkeypatch)
+    assert kernel in needs_realized_inputs
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, hidden, intermediate):
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _stores_of_kernels_computing(code: str, op: str) -> int:
+    """How many tensors the Inductor-generated Triton kernels in `code` that compute `op` store
+    (halo's own kernels compute no `op`)."""
+    kernels = code.split("async_compile.triton(")[1:]
+    return sum(k.split("''')")[0].count("tl.store(") for k in kernels if op in k.split("''')")[0])
+
+
+@pytest.mark.gpu
+def test_gpu_silu_gate_product_is_stored_once_for_every_kernel_reading_it():
+    """The SiLU-gate product feeds the down projection's quantize kernel in the forward (and its
+    grad-weight's, through the transpose, in the backward); Inductor left alone stores it once
+    per kernel launch that reads it (backend._realize_user_kernel_inputs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    mlp = _SwiGLU(512, 1024).to("cuda", torch.bfloat16)
+    compiled = torch.compile(mlp, backend="halo", options={"format": "fp8_e4m3",
+                                                           "hadamard": "halo2"}, fullgraph=True)
+    x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        y = compiled(x)
+        y.backward(torch.ones_like(y))
+        return y
+
+    y, (forward, backward) = run_and_get_code(step)
+    stores = (_stores_of_kernels_computing(forward, "sigmoid"),
+              _stores_of_kernels_computing(backward, "sigmoid"))
+    # The forward: the product, once (its quantize kernel and the backward read that buffer).
+    # The backward: the product again (recomputed: the grad-weight's input), its gradients with
+    # respect to the gate and the up projections: one store each.
+    assert stores == (1, 3), (stores, forward, backward)
+    torch.testing.assert_close(y, mlp(x), rtol=0.1, atol=0.1)
