@@ -171,10 +171,28 @@ def queued_gaps(step, reps: int, top: int = 8) -> str:
     return "\n".join(lines)
 
 
+def device_activities(events, reps: int, top: int) -> str:
+    """The device activities (kernels, copies, memsets) of a profile by their GPU time a call.
+    Only the device's own events: torch.profiler's table also lists the host-side ranges
+    Inductor names after the kernels it launches (`<kernel>_<n>`), each repeating its kernel's
+    time."""
+    totals: dict = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            us, count = totals.get(e.name, (0.0, 0))
+            totals[e.name] = (us + e.time_range.end - e.time_range.start, count + 1)
+    busy = sum(us for us, _ in totals.values())
+    lines = [f"device activities by GPU time ({reps} calls; {busy / reps / 1e3:.3f} ms a call "
+             f"in all):", f"{'us a call':>10} {'share':>6} {'a call':>6}  name"]
+    for name, (us, count) in sorted(totals.items(), key=lambda item: -item[1][0])[:top]:
+        lines.append(f"{us / reps:10.1f} {100 * us / busy:5.1f}% {count / reps:6.1f}  {name[:90]}")
+    return "\n".join(lines)
+
+
 def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     """torch.profiler tables of `reps` calls of `step()`: the GPU's timeline (`gpu_timeline`), the
-    GPU kernels by total GPU time, then the host-side ops by their own CPU time (where a step's
-    time goes when the GPU waits)."""
+    device activities by GPU time (`device_activities`), then the host-side ops by their own CPU
+    time (where a step's time goes when the GPU waits)."""
     from torch.profiler import ProfilerActivity, profile
 
     _warm(step)
@@ -182,15 +200,9 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    averages = prof.key_averages()
-    device_key = "self_device_time_total"
-    try:
-        averages.table(sort_by=device_key, row_limit=1)
-    except (KeyError, AttributeError):  # older torch names it after CUDA
-        device_key = "self_cuda_time_total"
     return "\n".join([
         gpu_timeline(prof.events(), reps),
-        averages.table(sort_by=device_key, row_limit=top, max_name_column_width=70),
+        device_activities(prof.events(), reps, top),
         f"host (self CPU time, {reps} calls):",
         averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70),
     ])
