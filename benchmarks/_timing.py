@@ -204,7 +204,8 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
         gpu_timeline(prof.events(), reps),
         device_activities(prof.events(), reps, top),
         f"host (self CPU time, {reps} calls):",
-        averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70),
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top,
+                                  max_name_column_width=70),
     ])
 
 
