@@ -110,14 +110,20 @@ def peak_gib(step) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def _on_device(events):
+    """A profile's device activities (kernels, copies, memsets), without the ranges that
+    annotate them on the device's timeline (`Optimizer.step#AdamW.step` spans its kernels)."""
+    return [e for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def gpu_timeline(events, reps: int) -> str:
     """What the GPU did over `reps` calls, from a profile's events (`prof.events()`): device
     activities (kernels, copies, memsets) per call, the time at least one ran (busy), and the
     span from the first start to the last end; span - busy is the time the GPU sat idle between
     them (launch latency, host waits, and the host's time between the profiled calls, which
     the profiler itself lengthens)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == DeviceType.CUDA)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in _on_device(events))
     if not spans:
         return "GPU timeline: no device activity in the profile"
     busy, run_start, run_end = 0.0, spans[0][0], spans[0][1]
@@ -153,8 +159,8 @@ def queued_gaps(step, reps: int, top: int = 8) -> str:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    activities = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                        if e.device_type == DeviceType.CUDA)
+    activities = sorted((e.time_range.start, e.time_range.end, e.name)
+                        for e in _on_device(prof.events()))
     if not activities:
         return "queued GPU timeline: no device activity in the profile"
     idle_before, run_end = {}, activities[0][1]
@@ -177,10 +183,9 @@ def device_activities(events, reps: int, top: int) -> str:
     Inductor names after the kernels it launches (`<kernel>_<n>`), each repeating its kernel's
     time."""
     totals: dict = {}
-    for e in events:
-        if e.device_type == DeviceType.CUDA:
-            us, count = totals.get(e.name, (0.0, 0))
-            totals[e.name] = (us + e.time_range.end - e.time_range.start, count + 1)
+    for e in _on_device(events):
+        us, count = totals.get(e.name, (0.0, 0))
+        totals[e.name] = (us + e.time_range.end - e.time_range.start, count + 1)
     busy = sum(us for us, _ in totals.values())
     lines = [f"device activities by GPU time ({reps} calls; {busy / reps / 1e3:.3f} ms a call "
              f"in all):", f"{'us a call':>10} {'share':>6} {'a call':>6}  name"]
