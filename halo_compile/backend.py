@@ -107,12 +107,13 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
 def _realize_user_kernel_inputs() -> None:
     """Have Inductor compute an input of a user-defined Triton kernel (halo's quantize kernels)
     into a buffer of its own when it has several users, as it does for the inputs of a matmul.
-    Otherwise an elementwise result (the SiLU-gate product, a norm's output, their gradients)
-    stays unrealized, and each kernel launch that reads it gets a copy of its own: Inductor
-    holds a user kernel's inputs to their traced strides and copies an unrealized input for
-    every launch (ExternKernel.require_exact_strides -> copy_input), so a decoder layer's
-    SiLU-gate kernels stored their output 3 times in the forward and 4 in the backward. The
-    set is Inductor's own (lowering.needs_realized_inputs); adding to it once is enough."""
+    Otherwise an elementwise result (the SiLU-gate product and its gradients) stays unrealized,
+    and each kernel launch that reads it gets a copy of its own: Inductor holds a user kernel's
+    inputs to their traced strides and copies an unrealized input for every launch
+    (ExternKernel.require_exact_strides -> copy_input), so a decoder layer's SiLU-gate kernels
+    stored their product 3 times in the forward and each of its gradients 4 times in the
+    backward. The set is Inductor's own (lowering.needs_realized_inputs); adding to it once is
+    enough."""
     from torch._inductor.lowering import needs_realized_inputs
 
     needs_realized_inputs.add(torch.ops.higher_order.triton_kernel_wrapper_mutation)
