@@ -525,17 +525,6 @@ def test_shared_inputs_of_kernels_are_realized_once(monkeypatch):
     assert kernel in needs_realized_inputs
 
 
-class _SwiGLU(nn.Module):
-    def __init__(self, hidden, intermediate):
-        super().__init__()
-        self.gate = nn.Linear(hidden, intermediate, bias=False)
-        self.up = nn.Linear(hidden, intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
 def _stores_of_kernels_computing(code: str, op: str) -> int:
     """How many tensors the Inductor-generated Triton kernels in `code` named after `op` (Inductor
     names a fused kernel after the ops it computes: `triton_poi_fused_mul_silu_0`) store."""
@@ -554,7 +543,7 @@ def _silu_gate_stores(monkeypatch, realize: bool):
         monkeypatch.setattr(backend, "_realize_user_kernel_inputs", lambda: None)
         needs_realized_inputs.discard(torch.ops.higher_order.triton_kernel_wrapper_mutation)
     torch.manual_seed(0)
-    mlp = _SwiGLU(512, 1024).to("cuda", torch.bfloat16)
+    mlp = MLP(512, 1024).to("cuda", torch.bfloat16)
     compiled = torch.compile(mlp, backend="halo", options={"format": "fp8_e4m3",
                                                            "hadamard": "halo2"}, fullgraph=True)
     x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
