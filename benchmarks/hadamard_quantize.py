@@ -55,20 +55,20 @@ SWEEP = {
     # program at BLOCK_M 64 (kernel_resources.py), 64 KiB with 1 stage, 32 KiB at BLOCK_M 32.
     # Lines per program against programs per launch (a [T, 4096] operand's transposed view has
     # 4096 lines: 64 programs at BLOCK_M 64 unless K is split), at both shapes.
-    "strided": [dict(block_m=bm, split=sp) for bm, sp in itertools.product((16, 32, 64),
-                                                                          (1, 2, 4, 8))],
-    # dim 0: a program owns 256 tokens and loops over BLOCK_M features at a time, in one of
-    # `split` ranges of the features (the default aims at ~4 programs per SM).
-    # (BLOCK_M 16 measured half as fast on an H200, for dim 0 and the dual.)
+    "strided": [dict(block_m=bm, split=sp)
+                for bm, sp in itertools.product((16, 32, 64), (1, 2, 4, 8))],
     # A transposed view not rotated (a kernel of its own): tiles of BLOCK_M lines x BLOCK_K K
     # indices, `tiles` of them per program of the quantize launch, the absmax launch's K split.
     "transpose": [dict(block_m=bm, block_k=bk, num_warps=w, tiles=t) for bm, bk, w, t in
                   [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 4, 8), (64, 64, 8, 4),
                    (128, 64, 4, 4), (128, 64, 8, 4), (32, 64, 4, 4), (64, 128, 4, 4),
                    (64, 128, 8, 4), (64, 32, 4, 4), (128, 128, 8, 2), (32, 128, 4, 4)]]
-                 + [dict(split=sp) for sp in (1, 8, 16)],
+    + [dict(split=sp) for sp in (1, 8, 16)],
+    # dim 0: a program owns 256 tokens and loops over BLOCK_M features at a time, in one of
+    # `split` ranges of the features (the default aims at ~4 programs per SM).
+    # (BLOCK_M 16 measured half as fast on an H200, for dim 0 and the dual.)
     "dim0": [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((32, 64), (4, 8))]
-            + [dict(split=sp) for sp in (8, 32)] + [dict(num_stages=st) for st in (2, 4)],
+    + [dict(split=sp) for sp in (8, 32)] + [dict(num_stages=st) for st in (2, 4)],
 }
 
 
