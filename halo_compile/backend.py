@@ -112,11 +112,13 @@ def _realize_user_kernel_inputs() -> None:
     inputs to their traced strides and copies an unrealized input for every launch
     (ExternKernel.require_exact_strides -> copy_input), so a decoder layer's SiLU-gate kernels
     stored their product 3 times in the forward and each of its gradients 4 times in the
-    backward. The set is Inductor's own (lowering.needs_realized_inputs); adding to it once is
-    enough."""
-    from torch._inductor.lowering import needs_realized_inputs
+    backward. The set is Inductor's own (lowering.needs_realized_inputs, in torch 2.11-2.13; a
+    torch without it is left as it is); adding to it once is enough."""
+    from torch._inductor import lowering
 
-    needs_realized_inputs.add(torch.ops.higher_order.triton_kernel_wrapper_mutation)
+    needs_realized = getattr(lowering, "needs_realized_inputs", None)
+    if needs_realized is not None:
+        needs_realized.add(torch.ops.higher_order.triton_kernel_wrapper_mutation)
 
 
 def _static_launch(inductor_config) -> dict:

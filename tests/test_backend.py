@@ -525,6 +525,13 @@ def test_shared_inputs_of_kernels_are_realized_once(monkeypatch):
     assert kernel in needs_realized_inputs
 
 
+def test_a_torch_without_inductors_realization_set_still_compiles(monkeypatch):
+    import torch._inductor.lowering as lowering
+
+    monkeypatch.delattr(lowering, "needs_realized_inputs")
+    assert "post_grad_custom_post_pass" in _inductor_patches(monkeypatch)
+
+
 def _stores_of_kernels_computing(code: str, op: str) -> int:
     """How many tensors the Inductor-generated Triton kernels in `code` named after `op` (Inductor
     names a fused kernel after the ops it computes: `triton_poi_fused_mul_silu_0`) store."""
