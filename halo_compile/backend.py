@@ -1,6 +1,7 @@
 """The `halo` torch.compile backend: halo's FX passes on the Dynamo graph, then AOTAutograd and
 Inductor (or aot_eager) as the default backend would run them, with one post-grad pass of ours
-in Inductor (passes/batch_nonfinite_checks.py)."""
+in Inductor (passes/batch_nonfinite_checks.py) and two Inductor settings for halo's Triton
+kernels (`_realize_user_kernel_inputs`, `_static_launch`; docs/design.md)."""
 
 from __future__ import annotations
 
