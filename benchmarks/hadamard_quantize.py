@@ -171,7 +171,8 @@ def layer_table(args) -> None:
     preset = args.layer if "," not in args.layer else dict(
         zip(("forward", "grad_input", "grad_weight"), args.layer.split(",")))
     calls = layer_quantizations(parse_hadamard(preset), args.tokens)
-    rows, sums = [], {"us": 0.0, "copy us": 0.0, "fastest us": 0.0, "bytes": 0, "copy bytes": 0}
+    rows, totals = [], {}  # totals: the layer and each kind of operand -> sums over its calls
+    layer = "all, one layer"
     measured = {}  # (shape, view, dim, block) -> (copy us, {launch: us}): alike operands once
     for operand, shape, view, dim, block in calls:
         t = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
@@ -188,19 +189,23 @@ def layer_table(args) -> None:
                 print(key, {k: round(v, 1) for k, v in times.items()}, flush=True)
         copy_us, times = measured[key]
         best = min(times, key=times.get)
-        for name, value in (("us", times["default"]), ("copy us", copy_us),
-                            ("fastest us", times[best]), ("bytes", nbytes),
-                            ("copy bytes", copy_bytes)):
-            sums[name] += value
+        for group in (f"all {operand.split(':')[0]}", layer):  # X, W or dY
+            sums = totals.setdefault(group, dict.fromkeys(
+                ("us", "copy us", "fastest us", "bytes", "copy bytes"), 0.0))
+            for name, value in (("us", times["default"]), ("copy us", copy_us),
+                                ("fastest us", times[best]), ("bytes", nbytes),
+                                ("copy bytes", copy_bytes)):
+                sums[name] += value
         rows.append((operand, "x".join(map(str, x.shape)), view, str(dim), str(block),
                      f"{times['default']:.0f}", f"{copy_us:.0f}",
                      f"{nbytes / times['default'] / (copy_bytes / copy_us):.0%}",
                      f"{best} ({times[best]:.0f})"))
         print(rows[-1], flush=True)
-    rows.append(("all, one layer", "-", "-", "-", "-", f"{sums['us']:.0f}",
-                 f"{sums['copy us']:.0f}",
-                 f"{sums['bytes'] / sums['us'] / (sums['copy bytes'] / sums['copy us']):.0%}",
-                 f"{sums['fastest us']:.0f}"))
+    for group in sorted(totals.keys() - {layer}) + [layer]:
+        sums = totals[group]
+        rows.append((group, "-", "-", "-", "-", f"{sums['us']:.0f}", f"{sums['copy us']:.0f}",
+                     f"{sums['bytes'] / sums['us'] / (sums['copy bytes'] / sums['copy us']):.0%}",
+                     f"{sums['fastest us']:.0f}"))
     emit(markdown_table(
         f"The quantizations of one Llama-3-8B decoder layer's training step, hadamard "
         f"{args.layer!r}, {args.tokens} tokens, bf16 -> FP8 row scales: us a call (CUDA graph), "
