@@ -186,11 +186,11 @@ def device_activities(events, reps: int, top: int) -> str:
     for e in _on_device(events):
         us, count = totals.get(e.name, (0.0, 0))
         totals[e.name] = (us + e.time_range.end - e.time_range.start, count + 1)
-    busy = sum(us for us, _ in totals.values())
-    lines = [f"device activities by GPU time ({reps} calls; {busy / reps / 1e3:.3f} ms a call "
+    total = sum(us for us, _ in totals.values())  # overlapping activities count each
+    lines = [f"device activities by GPU time ({reps} calls; {total / reps / 1e3:.3f} ms a call "
              f"in all):", f"{'us a call':>10} {'share':>6} {'a call':>6}  name"]
     for name, (us, count) in sorted(totals.items(), key=lambda item: -item[1][0])[:top]:
-        lines.append(f"{us / reps:10.1f} {100 * us / busy:5.1f}% {count / reps:6.1f}  {name[:90]}")
+        lines.append(f"{us / reps:10.1f} {100 * us / total:5.1f}% {count / reps:6.1f}  {name[:90]}")
     return "\n".join(lines)
 
 

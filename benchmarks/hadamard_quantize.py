@@ -166,6 +166,11 @@ def kernel_table(args) -> None:
          args.markdown)
 
 
+def _of_copy(t: dict) -> str:
+    """The bandwidth of quantizations as a fraction of their inputs' copies' (`layer_table`)."""
+    return f"{t['bytes'] / t['us'] / (t['copy bytes'] / t['copy us']):.0%}"
+
+
 def layer_table(args) -> None:
     """Every quantization of one decoder layer's step: its time, against a copy of its input."""
     preset = args.layer if "," not in args.layer else dict(
@@ -189,23 +194,20 @@ def layer_table(args) -> None:
                 print(key, {k: round(v, 1) for k, v in times.items()}, flush=True)
         copy_us, times = measured[key]
         best = min(times, key=times.get)
+        call = {"us": times["default"], "copy us": copy_us, "fastest us": times[best],
+                "bytes": nbytes, "copy bytes": copy_bytes}
         for group in (f"all {operand.split(':')[0]}", layer):  # X, W or dY
-            sums = totals.setdefault(group, dict.fromkeys(
-                ("us", "copy us", "fastest us", "bytes", "copy bytes"), 0.0))
-            for name, value in (("us", times["default"]), ("copy us", copy_us),
-                                ("fastest us", times[best]), ("bytes", nbytes),
-                                ("copy bytes", copy_bytes)):
+            sums = totals.setdefault(group, dict.fromkeys(call, 0.0))
+            for name, value in call.items():
                 sums[name] += value
         rows.append((operand, "x".join(map(str, x.shape)), view, str(dim), str(block),
-                     f"{times['default']:.0f}", f"{copy_us:.0f}",
-                     f"{nbytes / times['default'] / (copy_bytes / copy_us):.0%}",
+                     f"{call['us']:.0f}", f"{copy_us:.0f}", _of_copy(call),
                      f"{best} ({times[best]:.0f})"))
         print(rows[-1], flush=True)
     for group in sorted(totals.keys() - {layer}) + [layer]:
         sums = totals[group]
         rows.append((group, "-", "-", "-", "-", f"{sums['us']:.0f}", f"{sums['copy us']:.0f}",
-                     f"{sums['bytes'] / sums['us'] / (sums['copy bytes'] / sums['copy us']):.0%}",
-                     f"{sums['fastest us']:.0f}"))
+                     _of_copy(sums), f"{sums['fastest us']:.0f}"))
     emit(markdown_table(
         f"The quantizations of one Llama-3-8B decoder layer's training step, hadamard "
         f"{args.layer!r}, {args.tokens} tokens, bf16 -> FP8 row scales: us a call (CUDA graph), "
