@@ -4,7 +4,12 @@ bf16, SDPA attention) at sequence 4096, batch 1: tokens/s and peak memory for bf
 halo backend's variants and torchao float8 training, side by side in one process.
 
     python benchmarks/decoder_step.py [--layers 2] [--seq 4096] [--batch 1] [--compile layers]
-                                      [--markdown out.md] [--profile "halo fp8 halo2,..."]
+                                      [--accumulate 1] [--markdown out.md]
+                                      [--profile "halo fp8 halo2,..."]
+
+--accumulate N runs N micro-batches (forward and backward, gradients accumulated) per optimizer
+step, as gradient accumulation does; a "step" in the table is then all N and the optimizer's
+update, and tokens/s counts the N micro-batches' tokens.
 
 With --compile layers (default), each decoder layer is compiled on its own (regional
 compilation: the layers share one compiled graph); the tiny embedding (vocab 256) and the final
@@ -51,13 +56,14 @@ def build_model(layers: int):
     return LlamaModel(config).to("cuda", torch.bfloat16)
 
 
-def training_step(model, opt, embeds):
+def training_step(model, opt, embeds, micro_batches=1):
     def step():
-        # A new step for CUDA graph contenders: their graphs' previous outputs may be reused.
-        torch.compiler.cudagraph_mark_step_begin()
-        out = model(inputs_embeds=embeds).last_hidden_state
-        loss = out.float().square().mean()
-        loss.backward()
+        for _ in range(micro_batches):
+            # A new step for CUDA graph contenders: their graphs' previous outputs may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
+            out = model(inputs_embeds=embeds).last_hidden_state
+            loss = out.float().square().mean() / micro_batches
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -81,6 +87,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches per optimizer step (gradient accumulation)")
     parser.add_argument("--compile", choices=("layers", "model"), default="layers",
                         help="compile each decoder layer, or the whole model")
     parser.add_argument("--no-packed-check", action="store_true",
@@ -128,14 +136,15 @@ def main() -> None:
             rows.append((name, "skipped", "-", "-", "-", "-", "-", "-", skipped))
             continue
         steps[name] = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5,
-                                                             fused=True), embeds)
+                                                             fused=True), embeds,
+                                    args.accumulate)
         loss = steps[name]().detach().item()
         peak = peak_gib(steps[name]) - before / 2**30
         notes[name] = (peak, loss)
         if name in args.profile.split(","):
             print(f"--- {name}: GPU kernels over 3 steps ---")
             print(kernel_breakdown(steps[name], 3, top=25), flush=True)
-    tokens = args.batch * args.seq
+    tokens = args.accumulate * args.batch * args.seq
     times = interleaved_median_ms(steps, args.rounds, args.reps)
     queued = interleaved_median_ms(steps, args.rounds, 4 * args.reps, queued=True)
     host = host_ms(steps, args.rounds, 4 * args.reps)
@@ -149,6 +158,8 @@ def main() -> None:
     emit(markdown_table(
         f"Training step (fwd+bwd+AdamW), {args.layers} Llama-3-8B-shaped decoder layers, seq "
         f"{args.seq}, batch {args.batch}, bf16, compiled by {args.compile}"
+        + (f", {args.accumulate} micro-batches per optimizer step" if args.accumulate > 1
+           else "")
         + (", packed-sequence check skipped" if args.no_packed_check else "")
         + (f", halo's Inductor settings left as torch has them: {args.as_is}" if args.as_is
            else ""),

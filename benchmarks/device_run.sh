@@ -20,6 +20,8 @@
 #           DECODER_ARGS: more decoder_step.py arguments, e.g. "--compile model";
 #           DECODER_PROFILE: the decoder contenders to profile)
 #   decoder-as-is  the decoder step of bf16 and halo2 with halo's Inductor settings off
+#   decoder-accum  the decoder step with 4 micro-batches per optimizer step (gradient
+#           accumulation), halo2 with and without option cache_weights
 #   cudagraphs  the decoder step with and without CUDA graphs (mode="reduce-overhead")
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
@@ -64,6 +66,9 @@ torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,tor
         --profile "${DECODER_PROFILE:-halo fp8 halo2,torchao float8 rowwise}" ;;
     decoder-as-is) bench decoder_step_as_is 200 decoder_step.py --reps 2 --rounds 4 ${DECODER_ARGS:-} \
         --as-is realize,static-launch --contenders "bf16 inductor,halo fp8 halo2" ;;
+    decoder-accum) bench decoder_step_accumulate 280 decoder_step.py --reps 1 --rounds 4 --accumulate 4 \
+        ${DECODER_ARGS:-} --contenders "bf16 inductor,halo fp8 halo2,halo fp8 halo2 cached-weights,torchao float8 rowwise" \
+        --profile "${DECODER_PROFILE:-halo fp8 halo2 cached-weights}" ;;
     cudagraphs) bench decoder_step_cudagraphs 300 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,bf16 inductor cudagraphs,\
 halo fp8 halo2 cudagraphs,torchao float8 rowwise cudagraphs" --profile "halo fp8 halo2 cudagraphs" ;;

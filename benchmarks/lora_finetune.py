@@ -18,7 +18,7 @@ import torch
 
 import halo_compile  # noqa: F401  (the backend is found by entry point; this gives report())
 from _timing import emit, markdown_table, median_ms, peak_gib
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 VARIANTS = {
     "bf16 inductor": None,
@@ -66,7 +66,7 @@ def main() -> None:
     for name in args.variants.split(";"):
         options = VARIANTS[name]
         torch._dynamo.reset()
-        FROZEN_WEIGHTS.forget()
+        WEIGHT_CACHE.forget()
         model = lora_llama(args)
         compiled = (torch.compile(model) if options is None
                     else torch.compile(model, backend="halo", options=options))
@@ -79,11 +79,11 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         step()  # compile, and quantize the frozen base weights
-        before = FROZEN_WEIGHTS.computations
+        before = WEIGHT_CACHE.computations
         ms = median_ms(step, args.reps)
-        requantized = FROZEN_WEIGHTS.computations - before
+        requantized = WEIGHT_CACHE.computations - before
         peak = peak_gib(step)
-        cache_gib = FROZEN_WEIGHTS.nbytes() / 2**30
+        cache_gib = WEIGHT_CACHE.nbytes() / 2**30
         rows.append((name, ms, tokens / ms * 1e3, peak, cache_gib, requantized))
         print(f"{name:24s} {ms:8.1f} ms/step  {tokens / ms * 1e3:9.0f} tokens/s  peak "
               f"{peak:6.2f} GiB  cache {cache_gib:5.2f} GiB  re-quantized {requantized}",

@@ -25,7 +25,7 @@ import transformers
 
 import halo_compile
 from _timing import kernel_breakdown
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 
 def llama_layers(tiny: bool, layers: int, device: str, dtype) -> torch.nn.Module:
@@ -76,14 +76,14 @@ def time_variant(model, ids, options, freezing: bool, iters: int, device: str,
         out = compiled(input_ids=ids).logits  # compile + warm up
         compiled(input_ids=ids)
         sync(device)
-        derived = FROZEN_WEIGHTS.computations
+        derived = WEIGHT_CACHE.computations
         start = time.perf_counter()
         for _ in range(iters):
             compiled(input_ids=ids)
         sync(device)
         seconds = (time.perf_counter() - start) / iters
         # Frozen weights are derived once per version: none may be re-derived while timed.
-        assert FROZEN_WEIGHTS.computations == derived, "frozen weights re-derived while timed"
+        assert WEIGHT_CACHE.computations == derived, "frozen weights re-derived while timed"
         if profile:
             print(kernel_breakdown(lambda: compiled(input_ids=ids), 3), flush=True)
     return ids.numel() / seconds, out.float()

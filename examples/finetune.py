@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import halo_compile
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 # Halo options of each variant; None is the high-precision baseline.
 VARIANTS: dict[str, Optional[dict]] = {
@@ -282,7 +282,7 @@ def train_variant(name: str, halo_options: Optional[dict], initial_model: torch.
 
     result = VariantResult(name)
     result.quantized_eval_loss = evaluate(model, eval_batches, args.device)
-    quantizations_before = FROZEN_WEIGHTS.computations
+    quantizations_before = WEIGHT_CACHE.computations
     start = time.perf_counter()
     for step, batch in enumerate(tqdm(train_batches, desc=f"{name:>16}", unit="step")):
         batch = batch.to(args.device)
@@ -295,10 +295,10 @@ def train_variant(name: str, halo_options: Optional[dict], initial_model: torch.
         result.train_losses.append(loss.item())  # .item() also waits for the GPU: honest timing
         if step == 0:
             result.first_step_seconds = time.perf_counter() - start
-            result.weight_quantizations_first_step = (FROZEN_WEIGHTS.computations
+            result.weight_quantizations_first_step = (WEIGHT_CACHE.computations
                                                       - quantizations_before)
     result.seconds = time.perf_counter() - start
-    result.weight_quantizations = FROZEN_WEIGHTS.computations - quantizations_before
+    result.weight_quantizations = WEIGHT_CACHE.computations - quantizations_before
     steady_tokens = (len(train_batches) - 1) * train_batches[0].input_ids.numel()
     steady_seconds = result.seconds - result.first_step_seconds
     result.tokens_per_second = steady_tokens / steady_seconds if steady_seconds > 0 else math.nan

@@ -94,6 +94,13 @@ class LayerConfig:
     fast_accum: bool = True
     min_features: int = 64
     adapters: str = "high_precision"  # a LoRA lora_A / lora_B linear: "quantize" to quantize it
+    # A trained weight rotated and quantized once per version (its version counter: once per
+    # optimizer step) and kept for the forward and grad-input GEMMs of every micro-batch in
+    # between, as frozen weights always are (kernels/weight_cache.py). With gradient
+    # accumulation that saves the weight quantizations of all micro-batches but the first, for
+    # 2 bytes of memory per weight element. Off by default: a weight written without autograd
+    # seeing it (through `.data`) must then be followed by `WEIGHT_CACHE.forget()`.
+    cache_weights: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "hadamard", parse_hadamard(self.hadamard))
@@ -108,9 +115,10 @@ class LayerConfig:
         ):
             raise ValueError(f"halo option 'hadamard_block' must be a power of two >= 16 or "
                              f"'full', got {block!r}")
-        if not isinstance(self.fast_accum, bool):
-            raise ValueError(f"halo option 'fast_accum' must be True or False, got "
-                             f"{self.fast_accum!r}")
+        for name in ("fast_accum", "cache_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"halo option {name!r} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(
                 f"halo option 'min_features' must be a positive int, got {self.min_features!r}"

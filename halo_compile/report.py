@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from halo_compile.distributed import unsharded_parameters
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class LayerReport:
     frozen: bool = False  # weight needs no grad: quantized once per version, no grad-weight matmul
     rotation: str = ""  # rotate="fused": what was folded into the weight, or why not
     folded_bytes: int = 0  # size of the folded weight the graph computes from the parameter
+    # option cache_weights: "cached" (quantized once per version), "not cached: <why>", or ""
+    weight_cache: str = ""
 
     def row(self) -> list[str]:
         shape = f"{self.in_features}->{self.out_features}"
@@ -61,7 +63,8 @@ class LayerReport:
         grad_weight = "frozen (cached weight)" if self.frozen else str(self.grad_weight)
         forward = self.rotation or str(self.forward)
         return [self.fqn, shape, f"{self.format}/{self.scale}", forward,
-                str(self.grad_input), grad_weight, ""]
+                str(self.grad_input), grad_weight,
+                "weight cached per version" if self.weight_cache == "cached" else self.weight_cache]
 
 
 @dataclass
@@ -117,9 +120,10 @@ class HaloReport:
             summary += (f"\nrotate='fused': {folded / 2**20:.2f} MiB of folded weights computed "
                         "in the graph from the trained parameters on every call (Inductor "
                         "freezing computes them once; docs/rotation.md)")
-        if any(layer.frozen for layer in self.layers):
-            summary += (f"\nfrozen weights: folded, rotated and quantized once per version; the "
-                        f"cache holds {FROZEN_WEIGHTS.nbytes() / 2**20:.2f} MiB (all models)")
+        if any(layer.frozen or layer.weight_cache == "cached" for layer in self.layers):
+            summary += (f"\nfrozen and cached weights: folded, rotated and quantized once per "
+                        f"version; the cache holds {WEIGHT_CACHE.nbytes() / 2**20:.2f} MiB (all "
+                        "models)")
         return "\n".join([summary, *lines, *(["", "structure:"] + self.structure
                                              if self.structure else [])])
 

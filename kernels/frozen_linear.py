@@ -2,7 +2,8 @@
 
 A frozen weight (a PEFT/LoRA base layer) is rotated and quantized once per version and cached
 (weight_cache.py), instead of at every call; its gradient is never computed, so the backward is
-the grad-input matmul alone, and the input is not saved for backward.
+the grad-input matmul alone, and the input is not saved for backward. (`halo::quantized_linear`
+with `cache_weight` runs its forward and grad-input matmuls through the same cached-weight ops.)
 
 `halo::frozen_weight_matmul(a, weight, transpose_weight, ...)` computes exactly what
 `halo::scaled_matmul(a, op(weight).to(a.dtype), ...)` does (op: transpose or not, so both the
@@ -28,14 +29,14 @@ from .scaled_matmul import (
     scale_for_gemm,
 )
 from .shared_operands import shared_view
-from .weight_cache import FROZEN_WEIGHTS
+from .weight_cache import WEIGHT_CACHE
 
 
 def _frozen_weight_matmul(gemm, a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
                           max_block, granularity, rounding_a, check_finite_inputs, where):
     ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
-    right = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, inner_block, transpose_weight,
-                                     a.dtype, check_finite_inputs, where, fold, fold_inputs)
+    right = WEIGHT_CACHE.quantized(weight, fmt, granularity, inner_block, transpose_weight,
+                                   a.dtype, check_finite_inputs, where, fold, fold_inputs)
     return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
                                         outer_block, a.dtype, check_finite_inputs, where)
 
@@ -82,8 +83,8 @@ def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, f
 
 def _frozen_weight_gemm(gemm, qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt,
                         granularity, block, out_dtype, check_finite_inputs, where):
-    qb, sb = FROZEN_WEIGHTS.quantized(weight, fmt, granularity, block, transpose_weight,
-                                      out_dtype, check_finite_inputs, where, fold, fold_inputs)
+    qb, sb = WEIGHT_CACHE.quantized(weight, fmt, granularity, block, transpose_weight,
+                                    out_dtype, check_finite_inputs, where, fold, fold_inputs)
     sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
     return gemm(qa, sa, qb, sb, fmt, out_dtype).to(out_dtype)
 

@@ -82,13 +82,13 @@ def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, roundin
 
 def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotation,
                                grad_input_rotation, grad_weight_rotation, max_block,
-                               grad_rounding, check_finite, name, fast_accum):
+                               grad_rounding, check_finite, name, fast_accum, cache_weight=False):
     # Only the forward: the registered autograd formula still runs above this (it is what emits
     # the backward's two halo::scaled_matmul calls, decomposed in turn).
     if not fused_device(x):
         return NotImplemented
     return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
-                          check_finite, name, fast_accum)
+                          check_finite, name, fast_accum, cache_weight)
 
 
 def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,

@@ -4,6 +4,12 @@ The forward is one `halo::scaled_matmul`; the registered autograd formula comput
 and grad-weight with two more, so AOTAutograd's backward graph holds quantized matmuls rather
 than a high-precision fallback. Each matmul has its own rotation placement (see
 scaled_matmul.py). Outputs are in the activation's dtype; the weight gradient in the weight's.
+
+With `cache_weight` (option `cache_weights`; `weight` must then be the parameter itself, whose
+identity and version counter the cache keys on) the forward and grad-input matmuls take the
+weight side from the weight cache, as a frozen weight's do (`halo::frozen_weight_matmul`): the
+weight is rotated and quantized once per version, i.e. once per optimizer step however many
+micro-batches accumulate gradients in between. Same values as without the cache.
 """
 
 from __future__ import annotations
@@ -12,13 +18,17 @@ from typing import Optional
 
 import torch
 
+from .frozen_linear import frozen_linear_forward
 from .quantize import HOST_SIDE_TAGS
 from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
 from .shared_operands import DY_TRANSPOSE, shared, shared_view
 
 
 def linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block, check_finite,
-                   name, fast_accum):
+                   name, fast_accum, cache_weight=False):
+    if cache_weight:
+        return frozen_linear_forward(x, weight, "", [], bias, False, fmt, granularity,
+                                     forward_rotation, max_block, check_finite, name, fast_accum)
     x2d = shared_view(x, "tokens x features", lambda t: t.reshape(-1, t.shape[-1]))
     y = torch.ops.halo.scaled_matmul(
         x2d, weight.to(x.dtype), fmt, forward_rotation, max_block, granularity,
@@ -45,31 +55,36 @@ def quantized_linear(
     check_finite: bool,
     name: str,
     fast_accum: bool,
+    cache_weight: bool = False,
 ) -> torch.Tensor:
     """y = x @ weightᵀ + bias, computed as `halo::scaled_matmul` with `forward_rotation`;
-    `fast_accum` applies to the forward GEMM only (the gradients accumulate in float32)."""
+    `fast_accum` applies to the forward GEMM only (the gradients accumulate in float32);
+    `cache_weight`: the weight side from the weight cache (see the module docstring)."""
     return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
-                          check_finite, name, fast_accum)
+                          check_finite, name, fast_accum, cache_weight)
 
 
 @quantized_linear.register_fake
 def _(x, weight, bias, fmt, granularity, forward_rotation, grad_input_rotation,
-      grad_weight_rotation, max_block, grad_rounding, check_finite, name, fast_accum):
+      grad_weight_rotation, max_block, grad_rounding, check_finite, name, fast_accum,
+      cache_weight=False):
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"{name}: x and weight do not match")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, fmt, granularity, _, gi_rot, gw_rot, max_block, rounding, check, name, _ = (
-        inputs)
+    (x, weight, bias, fmt, granularity, _, gi_rot, gw_rot, max_block, rounding, check, name, _,
+     cache_weight) = inputs  # (defaults filled in)
     ctx.save_for_backward(x, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.settings = (fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name)
+    ctx.settings = (fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name,
+                    cache_weight)
 
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
-    fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name = ctx.settings
+    fmt, granularity, gi_rot, gw_rot, max_block, rounding, check, name, cache_weight = (
+        ctx.settings)
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = grad_w = grad_b = None
     dyt = shared_view(dy, "features x tokens", lambda t: t.t())
@@ -78,7 +93,13 @@ def _backward(ctx, grad_out):
         # same block: the compiled path quantizes both in one kernel when told so
         # (inductor_decompositions.py).
         shared(dy, DY_TRANSPOSE, lambda _: True)
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and cache_weight:
+        # dX = dY W: contraction over out-features, W [out, in] the cached weight's transpose.
+        grad_x = torch.ops.halo.frozen_weight_matmul(
+            dy, weight, "", [], True, fmt, gi_rot, max_block, granularity, rounding, check,
+            f"{name} grad-input",
+        ).reshape(x.shape)
+    elif ctx.needs_input_grad[0]:
         # dX = dY W: contraction over out-features.
         grad_x = torch.ops.halo.scaled_matmul(
             dy, weight.to(dy.dtype).t(), fmt, gi_rot, max_block, granularity,
@@ -95,7 +116,7 @@ def _backward(ctx, grad_out):
         ).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = dy.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, *[None] * 10
+    return grad_x, grad_w, grad_b, *[None] * 11
 
 
 quantized_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,11 +1,13 @@
-"""A cache of tensors derived from frozen weights (rotated, quantized), kept per weight version.
+"""A cache of tensors derived from weights (rotated, quantized), kept per weight version.
 
-A frozen weight (a PEFT/LoRA base layer, an inference model) is the same tensor at every step, so
-its rotated and quantized form need not be recomputed at every call. `WeightCache.get` memoizes
-any derivation of a weight under a tag; `WeightCache.quantized` is the one the quantized matmuls
-use: `weight` (or its transpose) in the operand dtype, rotated by a block Hadamard along its last
-dimension, quantized per row or per tensor -- exactly what `halo::scaled_matmul` computes for its
-right operand, see `quantize_weight_reference`.
+A frozen weight (a PEFT/LoRA base layer, an inference model) is the same tensor at every step, and
+a trained one is the same tensor for every micro-batch of an optimizer step (gradient
+accumulation; option `cache_weights`), so their rotated and quantized forms need not be
+recomputed at every call. `WeightCache.get` memoizes any derivation of a weight under a tag;
+`WeightCache.quantized` is the one the quantized matmuls use: `weight` (or its transpose) in the
+operand dtype, rotated by a block Hadamard along its last dimension, quantized per row or per
+tensor -- what `halo::scaled_matmul` computes for its right operand (`quantize_weight`: on CUDA
+by the same Triton kernel, elsewhere `quantize_weight_reference`).
 
 A derivation may also read other frozen tensors ("fold inputs": under `rotate="fused"` a weight is
 first folded with the RMSNorm scale it reads and rotated, see passes/folding.py): `FOLDS` holds
@@ -17,7 +19,7 @@ goes) and the tag, and is valid while the version counters of the weight and of 
 no_grad, `load_state_dict`) and their storage are unchanged. Writes through `.data` (peft's
 `merge`, for one) bypass the version counter: the quantize pass calls `forget` on each frozen
 weight when it compiles a graph (merging changes the module, so Dynamo recompiles); after editing
-`.data` yourself, call `FROZEN_WEIGHTS.forget()`.
+`.data` yourself, call `WEIGHT_CACHE.forget()`.
 
 The cached tensors are shared between calls: consume them inside a kernel, never return them from
 a custom op (Inductor may reuse an op's output buffer for later results).
@@ -31,7 +33,9 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 
 import torch
 
-from .scaled_matmul import quantized_operand
+from .quantize import check_finite
+from .scaled_matmul import fused_block, quantized_operand
+from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 
 
 def quantize_weight_reference(weight: torch.Tensor, fmt: str, granularity: str, block: int,
@@ -44,7 +48,25 @@ def quantize_weight_reference(weight: torch.Tensor, fmt: str, granularity: str, 
     (rotated float tensor, None). Raises NonFiniteInputError on inf/NaN when `check`."""
     b = weight.t() if transpose else weight
     return quantized_operand(b.to(dtype or weight.dtype), fmt, granularity, block, "nearest",
-                             check, f"{where} (frozen weight)")
+                             check, f"{where} (cached weight)")
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str, granularity: str, block: int,
+                    transpose: bool = False, dtype: Optional[torch.dtype] = None,
+                    check: bool = True, where: str = "weight"):
+    """`quantize_weight_reference`'s result as the uncached CUDA path computes it: on CUDA, where
+    the fused kernel takes the operand, one launch of it (values within one quantum of the
+    reference's, and no host sync: the inf/NaN check is deferred, as every CUDA check is);
+    elsewhere the reference."""
+    b = (weight.t() if transpose else weight).to(dtype or weight.dtype)
+    if (b.is_cuda and block <= MAX_BLOCK
+            and fused_block(b, b, fmt, "none", 0, "nearest", "nearest") is not None):
+        q, scale = hadamard_quantize_triton(b, fmt, granularity, block)
+        if check:
+            check_finite(scale, f"{where} (cached weight)")
+        return q, scale
+    return quantize_weight_reference(weight, fmt, granularity, block, transpose, dtype, check,
+                                     where)
 
 
 class FoldRegistry:
@@ -117,12 +139,12 @@ class WeightCache:
                   transpose: bool = False, dtype: Optional[torch.dtype] = None,
                   check: bool = True, where: str = "weight", fold: str = "",
                   fold_inputs: tuple = ()):
-        """`quantize_weight_reference(FOLDS.apply(fold, weight, fold_inputs), ...)`, cached. The
+        """`quantize_weight(FOLDS.apply(fold, weight, fold_inputs), ...)`, cached. The
         layout is part of the tag, so a view of the weight never gets the weight's entry."""
         dtype = dtype or weight.dtype
         tag = ("quantized", fmt, granularity, block, transpose, dtype, fold,
                tuple(weight.shape), weight.stride(), weight.storage_offset())
-        return self.get(weight, tag, lambda w: quantize_weight_reference(
+        return self.get(weight, tag, lambda w: quantize_weight(
             FOLDS.apply(fold, w, fold_inputs), fmt, granularity, block, transpose, dtype, check,
             where), others=tuple(fold_inputs))
 
@@ -158,5 +180,6 @@ def _tensors(value) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
-FROZEN_WEIGHTS = WeightCache()
-"""The cache the frozen-weight matmuls use (kernels/frozen_linear.py)."""
+WEIGHT_CACHE = WeightCache()
+"""The cache the cached-weight matmuls use (kernels/frozen_linear.py): frozen weights, and
+trained ones under option `cache_weights`."""

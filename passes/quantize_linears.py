@@ -20,7 +20,7 @@ from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (reg
 from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
-from halo_compile.kernels.weight_cache import FOLDS, FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE
 from halo_compile.report import LayerReport, MatmulPlan
 
 from .analysis import LinearSite
@@ -59,12 +59,13 @@ class QuantizeLinears:
             tokens = _token_count(site)
             plans = _plan_matmuls(site, layer, tokens)
             old_node = site.node
-            frozen = self._rewrite(ctx, site, layer, ctx.config.nonfinite == "raise")
+            frozen, weight_cache = self._rewrite(ctx, site, layer,
+                                                 ctx.config.nonfinite == "raise")
             replaced[old_node] = site.node
             ctx.layer_reports.append(LayerReport(
                 site.fqn, site.in_features, site.out_features, True, layer.format,
                 "row, emulated" if layer.format in EMULATED_FORMATS else layer.scale,
-                *plans, frozen=frozen, **fusion,
+                *plans, frozen=frozen, weight_cache=weight_cache, **fusion,
             ))
 
     @staticmethod
@@ -89,16 +90,18 @@ class QuantizeLinears:
         return ""
 
     @staticmethod
-    def _rewrite(ctx, site: LinearSite, layer: LayerConfig, check_finite: bool) -> bool:
-        """Replace the linear by its halo op; True when it took the frozen-weight op."""
+    def _rewrite(ctx, site: LinearSite, layer: LayerConfig, check_finite: bool):
+        """Replace the linear by its halo op. Returns (whether it took the frozen-weight op,
+        the report's word on option cache_weights: "" when not asked for)."""
         graph, node = ctx.gm.graph, site.node
         frozen = None if layer.format in EMULATED_FORMATS else _frozen_weight(site, ctx)
+        weight_cache = ""
         with graph.inserting_before(node):
             if frozen is not None:
                 # Folded, rotated and quantized once per weight version, not per call. Drop what
                 # an earlier compilation cached: the weight may have been edited through `.data`
                 # (peft's merge does that), which its version counter does not see.
-                FROZEN_WEIGHTS.forget([site.weight])
+                WEIGHT_CACHE.forget([site.weight])
                 param_node, fold, fold_inputs, fold_nodes = frozen
                 new = graph.call_function(
                     torch.ops.halo.frozen_linear.default,
@@ -123,18 +126,34 @@ class QuantizeLinears:
                          layer.max_block, check_finite, site.fqn),
                     )
                 else:
+                    weight_cache = _weight_cache(site, layer, ctx)
                     new = graph.call_function(
                         torch.ops.halo.quantized_linear.default,
                         (site.x, weight, site.bias, layer.format, layer.scale,
                          layer.hadamard.forward, layer.hadamard.grad_input,
                          layer.hadamard.grad_weight, layer.max_block, layer.grad_rounding,
-                         check_finite, site.fqn, layer.fast_accum),
+                         check_finite, site.fqn, layer.fast_accum,
+                         # cache_weight: only when on (its default, as the dispatcher records)
+                         *([True] if weight_cache == "cached" else [])),
                     )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         site.node = new
-        return frozen is not None
+        return frozen is not None, weight_cache
+
+
+def _weight_cache(site: LinearSite, layer: LayerConfig, ctx) -> str:
+    """Whether a trained weight's quantized forms are cached per version (option
+    cache_weights): "cached", "" when not asked for, else "not cached: <why>". The cache keys on
+    the parameter itself, so the op must read it, not a tensor the graph computes from it."""
+    if not layer.cache_weights:
+        return ""
+    if site.weight_transposed:
+        return "not cached: stored transposed (Conv1D), the graph reads its transpose"
+    if ctx.tensors.parameter(site.weight_node) is not site.weight:
+        return "not cached: the graph computes the weight from the parameter"
+    return "cached"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,7 +71,7 @@ def test_layer_keys():
     """Every field of LayerConfig is a top-level option and a per-layer override key."""
     assert set(halo_compile.config.LAYER_KEYS) == {
         "format", "hadamard", "hadamard_block", "scale", "grad_rounding", "fast_accum",
-        "min_features", "adapters"}
+        "min_features", "adapters", "cache_weights"}
 
 
 def test_from_options_passes_a_config_through():
@@ -193,11 +193,14 @@ def test_bad_min_features(value):
         HaloConfig.from_options({"min_features": value})
 
 
+@pytest.mark.parametrize("option", ["fast_accum", "cache_weights"])
 @pytest.mark.parametrize("value", [1, 0, "yes", None])
-def test_bad_fast_accum(value):
-    with pytest.raises(ValueError, match="'fast_accum' must be True or False") as info:
-        HaloConfig.from_options({"fast_accum": value})
+def test_bad_boolean_layer_option(option, value):
+    with pytest.raises(ValueError, match=f"'{option}' must be True or False") as info:
+        HaloConfig.from_options({option: value})
     assert repr(value) in str(info.value)
+    with pytest.raises(ValueError, match=f"'{option}' must be True or False"):
+        HaloConfig.from_options({"layers": {"*.mlp.*": {option: value}}})
 
 
 def test_bad_hadamard_dict():

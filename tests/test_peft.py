@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import halo_compile
-from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -54,7 +54,7 @@ def train(model, data, options=OPTIONS, lr=1e-2):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        computations.append(FROZEN_WEIGHTS.computations)
+        computations.append(WEIGHT_CACHE.computations)
     return step_model, computations
 
 
@@ -66,12 +66,12 @@ def test_lora_trains_only_adapters_with_frozen_bases_quantized_once():
     model = tiny_lora_llama()
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
                      if not p.requires_grad}
-    FROZEN_WEIGHTS.forget()
+    WEIGHT_CACHE.forget()
     compiled, computations = train(model, batches(0, count=5))
 
     # Quantized during the first step; later steps only read the cache.
     assert computations[0] > 0 and computations[1:] == [computations[0]] * 4
-    assert FROZEN_WEIGHTS.nbytes() > 0
+    assert WEIGHT_CACHE.nbytes() > 0
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert "lora_" in name
@@ -92,11 +92,11 @@ def test_lora_trains_only_adapters_with_frozen_bases_quantized_once():
     lm_head = model.base_model.model.lm_head.weight
     with torch.no_grad():
         lm_head.mul_(1.01)
-    before = FROZEN_WEIGHTS.computations
+    before = WEIGHT_CACHE.computations
     for ids in batches(1, count=2):
         lm_loss(compiled, ids).backward()
     # lm_head: its forward copy and its grad-input copy.
-    assert FROZEN_WEIGHTS.computations - before == 2
+    assert WEIGHT_CACHE.computations - before == 2
 
 
 def test_rotations_alone_give_eager_gradients():

@@ -17,8 +17,8 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("Plain training loop", "Hugging Face Trainer", "PEFT / LoRA", "Per-layer flags",
-            "The report in code")
+SECTIONS = ("Plain training loop", "Gradient accumulation", "Hugging Face Trainer", "PEFT / LoRA",
+            "Per-layer flags", "The report in code")
 NEEDS = {"The report in code": ("Per-layer flags",)}  # reads the model that section compiles
 
 
@@ -61,6 +61,13 @@ def _saved_plain_keys(ns, out):
     assert set(torch.load(out / "model.pt")) == set(ns["model"].state_dict())
 
 
+def _weights_quantized_once_per_step(ns, out):
+    import halo_compile
+
+    quantized = len(halo_compile.report(ns["cmodel"]).quantized)
+    assert quantized == 15 and ns["WEIGHT_CACHE"].computations - ns["before"] == 2 * quantized
+
+
 def _trainer_saved_model(ns, out):
     import transformers
 
@@ -71,7 +78,7 @@ def _trainer_saved_model(ns, out):
 def _lora_quantized_once_and_merged(ns, out):
     import transformers
 
-    assert ns["FROZEN_WEIGHTS"].computations > 0
+    assert ns["WEIGHT_CACHE"].computations > 0
     assert type(ns["merged"]) is transformers.LlamaForCausalLM
 
 
@@ -90,6 +97,7 @@ def _report_read(ns, out):
 
 CHECKS = {
     "Plain training loop": _saved_plain_keys,
+    "Gradient accumulation": _weights_quantized_once_per_step,
     "Hugging Face Trainer": _trainer_saved_model,
     "PEFT / LoRA": _lora_quantized_once_and_merged,
     "Per-layer flags": _per_layer_flags_applied,

@@ -136,7 +136,7 @@ def test_frozen_fused_weights_are_folded_and_quantized_once_per_version():
     rotated and quantized weight is cached, recomputed only when the weight or a tensor folded
     into it (an RMSNorm's scale) changes, and gives the same logits as the folds computed in the
     graph at every call (the same model with trainable weights)."""
-    from halo_compile.kernels.weight_cache import FROZEN_WEIGHTS
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
     options = {"format": "fp8_e4m3", "hadamard": "none", "min_features": 16, **FUSED}
     frozen = causal_lm("llama", 5, tied=False).requires_grad_(False)
@@ -145,20 +145,20 @@ def test_frozen_fused_weights_are_folded_and_quantized_once_per_version():
     run_frozen = torch.compile(frozen, backend="halo", options=options)
     run_trained = torch.compile(trained, backend="halo", options=options)
     with torch.no_grad():
-        before = FROZEN_WEIGHTS.computations
+        before = WEIGHT_CACHE.computations
         logits = run_frozen(input_ids=ids).logits
         linears = [r for r in halo_compile.report(frozen).layers if r.quantized]
         assert linears and all(r.frozen for r in linears)
-        assert "frozen weights: folded, rotated and quantized once" in str(
+        assert "frozen and cached weights: folded, rotated and quantized once" in str(
             halo_compile.report(frozen))
-        assert FROZEN_WEIGHTS.computations - before == len(linears)  # one forward Q(W') each
+        assert WEIGHT_CACHE.computations - before == len(linears)  # one forward Q(W') each
         assert torch.equal(logits, run_trained(input_ids=ids).logits)
         assert torch.equal(run_frozen(input_ids=ids).logits, logits)
-        assert FROZEN_WEIGHTS.computations - before == len(linears)  # served from the cache
+        assert WEIGHT_CACHE.computations - before == len(linears)  # served from the cache
         for model in (frozen, trained):  # a folded-in norm scale changes: q/k/v re-derived
             model.model.layers[0].input_layernorm.weight.mul_(1.5)
         changed = run_frozen(input_ids=ids).logits
-        assert FROZEN_WEIGHTS.computations - before == len(linears) + 3
+        assert WEIGHT_CACHE.computations - before == len(linears) + 3
         assert not torch.equal(changed, logits)
         assert torch.equal(changed, run_trained(input_ids=ids).logits)
 

@@ -86,3 +86,44 @@ def test_fp8_and_int8_training_match_fp32():
             f"({gap:.1%})")
         # Quantized training is not secretly fp32: the trajectories differ.
         assert losses != baseline
+
+
+def test_cached_weights_under_gradient_accumulation():
+    """Option cache_weights with 3 micro-batches per optimizer step: every quantized weight is
+    quantized twice a step (forward, grad-input's transpose) instead of twice a micro-batch, the
+    losses and weights stay exactly those of the uncached run, and the report says so."""
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
+
+    model = tiny_llama(1)
+    batches = markov_stream(1, steps=6)
+    options = {"format": "fp8_e4m3", "hadamard": "halo2", "compiler": "aot_eager",
+               "min_features": 16}
+
+    def accumulate(model, options):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="halo", options=options)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        losses, computations = [], []
+        for step in range(2):
+            before = WEIGHT_CACHE.computations
+            for ids in batches[3 * step:3 * step + 3]:
+                logits = compiled(input_ids=ids).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+                (loss / 3).backward()
+                losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            computations.append(WEIGHT_CACHE.computations - before)
+        return losses, computations, compiled
+
+    plain_model, cached_model = copy.deepcopy(model), copy.deepcopy(model)
+    plain, plain_computations, _ = accumulate(plain_model, options)
+    cached, computations, compiled = accumulate(cached_model, {**options, "cache_weights": True})
+    report = halo_compile.report(compiled)
+    assert plain_computations == [0, 0]
+    assert computations == [2 * len(report.quantized)] * 2 and len(report.quantized) == 15
+    assert all(layer.weight_cache == "cached" for layer in report.layers)
+    assert "weight cached per version" in str(report)
+    assert cached == plain
+    for p, p_plain in zip(cached_model.parameters(), plain_model.parameters()):
+        assert torch.equal(p, p_plain)

@@ -16,7 +16,7 @@ from halo_compile.kernels.scaled_matmul import (
     reference_gemm,
     scaled_matmul_reference,
 )
-from halo_compile.kernels.weight_cache import FOLDS, FROZEN_WEIGHTS
+from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE
 
 ROTATIONS = ["none", "inner", "outer"]
 
@@ -79,7 +79,7 @@ def test_fused_path_equals_fused_scaled_matmul(seed, fmt, rotation, transpose):
                                      True, "m")
     want = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row", True, "m")
     assert out.dtype == torch.bfloat16 and _rel(out, want) < 2**-7
-    FROZEN_WEIGHTS.forget([weight])
+    WEIGHT_CACHE.forget([weight])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -125,19 +125,19 @@ def test_weight_stored_transposed():
 def test_weight_quantized_once_per_version():
     x, w, b, gy = _inputs(4)
     weight = _frozen(w)
-    FROZEN_WEIGHTS.forget()
-    before = FROZEN_WEIGHTS.computations
+    WEIGHT_CACHE.forget()
+    before = WEIGHT_CACHE.computations
     for _ in range(3):
         xl = x.float().requires_grad_()
         torch.ops.halo.frozen_linear(xl, weight, "", [], None, False, "fp8_e4m3", "row", "inner",
                                      "outer", 0, "nearest", True, "lin", False).backward(gy.float())
     # Two derived copies: Q(W H) for the forward, Q(Wᵀ) for grad-input.
-    assert FROZEN_WEIGHTS.computations - before == 2
+    assert WEIGHT_CACHE.computations - before == 2
     with torch.no_grad():
         weight.add_(0.01)
     torch.ops.halo.frozen_linear(x.float(), weight, "", [], None, False, "fp8_e4m3", "row", "inner",
                                  "outer", 0, "nearest", True, "lin", False)
-    assert FROZEN_WEIGHTS.computations - before == 3
+    assert WEIGHT_CACHE.computations - before == 3
 
 
 def test_a_weight_that_requires_grad_is_refused():
@@ -160,17 +160,17 @@ def test_folded_weight_is_cached_per_version_of_each_fold_input():
     weight, scale = _frozen(w), torch.rand(w.shape[1]) + 0.5
     fold = FOLDS.register(lambda weight, norm_scale: weight * norm_scale)
     args = (None, False, "fp8_e4m3", "row", "inner", "outer", 0, "nearest", True, "lin", False)
-    before = FROZEN_WEIGHTS.computations
+    before = WEIGHT_CACHE.computations
     y = torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
     want = torch.ops.halo.quantized_linear(x.float(), (weight * scale).float(), None,
                                            "fp8_e4m3", "row", "inner", "outer", "none", 0,
                                            "nearest", True, "lin", False)
     assert torch.equal(y, want)
     torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
-    assert FROZEN_WEIGHTS.computations - before == 1
+    assert WEIGHT_CACHE.computations - before == 1
     scale.mul_(2.0)  # the fold input changes: the cached weight is re-derived
     y = torch.ops.halo.frozen_linear(x.float(), weight, fold, [scale], *args)
-    assert FROZEN_WEIGHTS.computations - before == 2
+    assert WEIGHT_CACHE.computations - before == 2
     assert torch.equal(y, torch.ops.halo.quantized_linear(
         x.float(), (weight * scale).float(), None, "fp8_e4m3", "row", "inner", "outer", "none", 0,
         "nearest", True, "lin", False))

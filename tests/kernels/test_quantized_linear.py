@@ -58,12 +58,13 @@ def _reference(x, w, b, gy):
 
 
 def _run(x, w, b, gy, fmt, fwd="none", gi="none", gw="none", granularity="row", max_block=0,
-         rounding="nearest", check=True, x_dtype=torch.float32, w_dtype=torch.float32):
+         rounding="nearest", check=True, x_dtype=torch.float32, w_dtype=torch.float32,
+         cache_weight=False):
     xl = x.detach().to(x_dtype).requires_grad_()
     wl = w.detach().to(w_dtype).requires_grad_()
     bl = None if b is None else b.detach().to(w_dtype).requires_grad_()
     y = torch.ops.halo.quantized_linear(xl, wl, bl, fmt, granularity, fwd, gi, gw, max_block,
-                                        rounding, check, "lin", False)
+                                        rounding, check, "lin", False, cache_weight)
     y.backward(gy.to(y.dtype))
     return y.detach(), xl.grad, wl.grad, None if bl is None else bl.grad
 
@@ -335,3 +336,47 @@ def test_cuda_forward_backward(fmt, x_dtype):
         assert _rel(cuda.cpu(), cpu) < same, name
         bound = (BOUNDS[(fmt, "row")] if i < 3 else 0) + extra + 1e-6
         assert _rel(cuda.cpu(), ref[i]) < bound, name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("preset", [("inner", "outer", "none"), ("inner", "inner", "inner"),
+                                    ("none", "none", "outer")], ids=str)
+@pytest.mark.parametrize("fmt,granularity", [("fp8_e4m3", "row"), ("int8", "tensor")])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cached_weight_gives_the_same_values(seed, preset, fmt, granularity, x_dtype):
+    """cache_weight takes the forward's and grad-input's weight side from the weight cache:
+    output and all gradients equal the uncached op's exactly (outlier activations; a float32
+    weight under a bf16 activation is cast first either way)."""
+    x, w, b, gy = _inputs(seed, d_in=256, outliers=True)
+    plain = _run(x, w, b, gy, fmt, *preset, granularity, 256, x_dtype=x_dtype)
+    cached = _run(x, w, b, gy, fmt, *preset, granularity, 256, x_dtype=x_dtype,
+                  cache_weight=True)
+    for name, p, c in zip(("y", "dx", "dw", "db"), plain, cached):
+        assert torch.equal(p, c), name
+
+
+def test_cached_weight_is_quantized_once_per_version():
+    """Micro-batches accumulating gradients into one weight quantize it twice (forward, and
+    grad-input's transpose) however many there are; a write to the weight (an optimizer step)
+    makes the next micro-batch quantize it again."""
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
+
+    x, w, b, gy = _inputs(seed=9, d_in=256)
+    weight = w.float().requires_grad_()
+    before = WEIGHT_CACHE.computations
+
+    def micro_batch():
+        xl = x.float().requires_grad_()
+        y = torch.ops.halo.quantized_linear(xl, weight, None, "fp8_e4m3", "row", "inner",
+                                            "outer", "none", 256, "nearest", True, "lin",
+                                            False, True)
+        y.backward(gy.float())
+        return xl.grad
+
+    grads = [micro_batch() for _ in range(3)]
+    assert WEIGHT_CACHE.computations - before == 2
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    with torch.no_grad():
+        weight.mul_(0.5)
+    assert torch.equal(micro_batch(), grads[0] * 0.5)  # a power of two: the same quantization
+    assert WEIGHT_CACHE.computations - before == 4

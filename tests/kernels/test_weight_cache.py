@@ -137,3 +137,27 @@ def test_get_memoizes_any_derivation():
     assert torch.equal(cache.get(w, "fold", fold), w * 2.0)
     assert cache.get(w, "fold", fold) is cache.get(w, "fold", fold)
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("transpose,block", [(False, 256), (True, 0), (True, 64)])
+def test_cuda_weights_are_quantized_by_the_kernel(fmt, transpose, block):
+    """On CUDA the cache's derivation is the fused kernel's (what the uncached compiled path
+    computes), within one quantum of the reference's; an fp32 weight is cast to the operand
+    dtype first."""
+    from halo_compile.kernels.triton_hadamard_quantize import hadamard_quantize_triton
+    from halo_compile.kernels.weight_cache import quantize_weight
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1024, 768, generator=g)
+    w[:, torch.randperm(768, generator=g)[:8]] *= 100.0
+    w = w.cuda()
+    q, scale = quantize_weight(w, fmt, "row", block, transpose, torch.bfloat16)
+    b = (w.t() if transpose else w).to(torch.bfloat16)
+    kq, kscale = hadamard_quantize_triton(b, fmt, "row", block)
+    assert torch.equal(q.view(torch.uint8), kq.view(torch.uint8)) and torch.equal(scale, kscale)
+    rq, rscale = quantize_weight_reference(w, fmt, "row", block, transpose, torch.bfloat16)
+    torch.testing.assert_close(scale, rscale, rtol=1e-6, atol=0)
+    steps = (dequantize(q, scale) - dequantize(rq, rscale)).abs() / scale
+    assert steps.max().item() <= 1.0 + 1e-3 and (steps > 0.5).float().mean().item() < 1e-3

@@ -232,6 +232,38 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
             self.assertLess(rel_err(p.grad, p_ref.grad), 1e-6)
 
 
+    def test_aot_graphs_with_cached_weights(self):
+        """Option cache_weights: the forward's op takes cache_weight=True, and grad-input reads
+        the weight through the cached-weight op (the parameter itself, not a transposed copy);
+        grad-weight is as without it. Same values as without the cache."""
+        FW = torch.ops.halo.frozen_weight_matmul.default
+        compiled, state = compile_with_passes(self.model, {"format": "fp8_e4m3",
+                                                           "hadamard": "halo2",
+                                                           "cache_weights": True})
+        out = compiled(self.x)
+        out.square().sum().backward()
+        fw, bw = state["fw"], state["bw"]
+        self.assertEqual([n.args[13] for n in call_nodes(fw, QL)], [True, True])
+        self.assertEqual([(n.args[1].name, n.args[4], n.args[-1]) for n in call_nodes(bw, FW)],
+                         [("primals_4", True, "fc2 grad-input"),
+                          ("primals_1", True, "fc1 grad-input")])
+        self.assertEqual([n.args[-1] for n in call_nodes(bw, SM)],
+                         ["fc2 grad-weight", "fc1 grad-weight"])
+        self.assertEqual([r.weight_cache for r in state["ctx"].layer_reports],
+                         ["cached", "cached"])
+
+        torch._dynamo.reset()
+        model = MLP()
+        model.load_state_dict(self.model.state_dict())
+        x = self.x.detach().clone().requires_grad_()
+        plain, _ = compile_with_passes(model, {"format": "fp8_e4m3", "hadamard": "halo2"})
+        ref = plain(x)
+        ref.square().sum().backward()
+        self.assertTrue(torch.equal(out, ref) and torch.equal(self.x.grad, x.grad))
+        for p, p_ref in zip(self.model.parameters(), model.parameters()):
+            self.assertTrue(torch.equal(p.grad, p_ref.grad))
+
+
 # --------------------------------------------------------------------------------------------
 # The forms of a linear: F.linear, addmm with a [in, out] weight (GPT-2 Conv1D), x @ W.t(),
 # x @ W.T, matmul(x, W.transpose(0, 1)), x @ W_kn, mm(x, W_kn); chained linears
