@@ -1,7 +1,8 @@
 """The `halo` torch.compile backend: halo's FX passes on the Dynamo graph, then AOTAutograd and
 Inductor (or aot_eager) as the default backend would run them, with one post-grad pass of ours
-in Inductor (passes/batch_nonfinite_checks.py) and two Inductor settings for halo's Triton
-kernels (`_realize_user_kernel_inputs`, `_static_launch`; docs/design.md)."""
+in Inductor (passes/batch_nonfinite_checks.py), two Inductor settings for halo's Triton
+kernels (`_realize_user_kernel_inputs`, `_static_launch`; docs/design.md) and a lowering that
+keeps Inductor from reusing the weight cache's tensors (`_never_reuse_cached_weights`)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     from torch._inductor.compile_fx import compile_fx
 
     _realize_user_kernel_inputs()
+    _never_reuse_cached_weights()
     # One inf/NaN report per compiled graph instead of a Python op call per quantized matmul.
     post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass,
                                      copy_scales=config.cudagraphs)
@@ -120,6 +122,30 @@ def _realize_user_kernel_inputs() -> None:
     needs_realized = getattr(lowering, "needs_realized_inputs", None)
     if needs_realized is not None:
         needs_realized.add(torch.ops.higher_order.triton_kernel_wrapper_mutation)
+
+
+def _never_reuse_cached_weights() -> None:
+    """Keep Inductor from reusing the buffers of `halo::cached_quantized_weight`'s outputs: they
+    are the weight cache's own tensors, returned on every call, and Inductor writes later
+    results into a dead buffer of the right size (or a pointwise result into its dead input) --
+    which would overwrite the cache. The op's lowering is its fallback call with its outputs
+    added to the graph's never_reuse_buffers (what Inductor itself does for while_loop outputs
+    that may be graph inputs). Registered once."""
+    from torch._inductor import lowering
+    from torch._inductor.virtualized import V
+
+    op = torch.ops.halo.cached_quantized_weight.default
+    if op in lowering.lowerings:
+        return
+    fallback = lowering.fallback_handler(op, add_to_fallback_set=False)
+
+    def lower(*args, **kwargs):
+        outputs = fallback(*args, **kwargs)
+        for output in outputs:
+            V.graph.never_reuse_buffers.add(output.get_name())
+        return outputs
+
+    lowering.register_lowering(op, type_promotion_kind=None)(lower)
 
 
 def _static_launch(inductor_config) -> dict:

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from .quantize import HOST_SIDE_TAGS
+from .quantize import FORMATS, HOST_SIDE_TAGS
 from .scaled_matmul import (
     cuda_gemm,
     fused_block,
@@ -71,64 +71,44 @@ def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, f
                                block, granularity, check_finite_inputs, where, fast_accum=False,
                                **kernels):
     """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
-    Triton kernel, then `halo::frozen_weight_gemm` with the cached weight. `block` comes from
-    `fused_block`; `kernels` as fused_product takes them."""
+    Triton kernel, the weight side from the cache (`halo::cached_quantized_weight`), then the
+    GEMM. `block` comes from `fused_block`; `kernels` as fused_product takes them."""
     def right_gemm(qa, sa, sa_factor, b_block):
-        return torch.ops.halo.frozen_weight_gemm(qa, sa, sa_factor, weight, fold, fold_inputs,
-                                                 transpose_weight, fmt, granularity, b_block,
-                                                 a.dtype, check_finite_inputs, where, fast_accum)
+        qb, sb = torch.ops.halo.cached_quantized_weight(
+            weight, fold, fold_inputs, transpose_weight, fmt, granularity, b_block, a.dtype,
+            check_finite_inputs, where)
+        sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
+        return gemm_with(cuda_gemm, fast_accum)(qa, sa, qb, sb, fmt, a.dtype)
 
     return fused_product(a, right_gemm, fmt, rotation, block, granularity, **kernels)
 
 
-def _frozen_weight_gemm(gemm, qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt,
-                        granularity, block, out_dtype, check_finite_inputs, where):
-    qb, sb = WEIGHT_CACHE.quantized(weight, fmt, granularity, block, transpose_weight,
-                                    out_dtype, check_finite_inputs, where, fold, fold_inputs)
-    sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
-    return gemm(qa, sa, qb, sb, fmt, out_dtype).to(out_dtype)
+def cached_quantized_weight(weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
+                            dtype, check, where):
+    """`WEIGHT_CACHE.quantized(...)`: op(weight) (folded, cast to `dtype`) rotated along K by
+    `block` and quantized, once per version. The cached tensors themselves are returned, on
+    every call: Inductor must never reuse their buffers for other results, which the backend
+    tells it (halo_compile/backend.py, `_never_reuse_cached_weights`)."""
+    return WEIGHT_CACHE.quantized(weight, fmt, granularity, block, transpose_weight, dtype, check,
+                                  where, fold, fold_inputs)
 
 
-@torch.library.custom_op("halo::frozen_weight_gemm", mutates_args=(),
-                         tags=HOST_SIDE_TAGS)
-def frozen_weight_gemm(
-    qa: torch.Tensor,
-    sa: torch.Tensor,
-    sa_factor: float,
-    weight: torch.Tensor,
-    fold: str,
-    fold_inputs: List[torch.Tensor],
-    transpose_weight: bool,
-    fmt: str,
-    granularity: str,
-    block: int,
-    out_dtype: torch.dtype,
-    check_finite_inputs: bool,
-    where: str,
-    fast_accum: bool = False,
-) -> torch.Tensor:
-    """The quantized activation (qa, scales sa * sa_factor) times op(weight) rotated along K by
-    `block` and quantized, from the cache: the GEMM half of the fused frozen path. The cache is
-    read inside the op, never returned from it (Inductor may reuse an op's output buffer)."""
-    del fast_accum  # the reference accumulates in float32
-    return _frozen_weight_gemm(reference_gemm, qa, sa, sa_factor, weight, fold, fold_inputs,
-                               transpose_weight, fmt, granularity, block, out_dtype,
-                               check_finite_inputs, where)
+# Registered through torch.library.Library rather than custom_op (whose Python wrapper costs
+# ~90 us a call, scaled_matmul.py): a compiled graph calls it for every cached-weight matmul.
+# Only ever called below autograd (inside the cached-weight ops, or in their traced
+# decomposition), on a weight that needs no gradient through it.
+_LIB = torch.library.Library("halo", "FRAGMENT")
+_LIB.define("cached_quantized_weight(Tensor weight, str fold, Tensor[] fold_inputs, "
+            "bool transpose_weight, str fmt, str granularity, int block, ScalarType dtype, "
+            "bool check, str where) -> (Tensor, Tensor)", tags=HOST_SIDE_TAGS)
+_LIB.impl("cached_quantized_weight", cached_quantized_weight, "CompositeExplicitAutograd")
 
 
-@frozen_weight_gemm.register_kernel("cuda")
-def _(qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
-      out_dtype, check_finite_inputs, where, fast_accum=False):
-    return _frozen_weight_gemm(gemm_with(cuda_gemm, fast_accum), qa, sa, sa_factor, weight, fold,
-                               fold_inputs, transpose_weight, fmt, granularity, block, out_dtype,
-                               check_finite_inputs, where)
-
-
-@frozen_weight_gemm.register_fake
-def _(qa, sa, sa_factor, weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
-      out_dtype, check_finite_inputs, where, fast_accum=False):
-    n = weight.shape[1] if transpose_weight else weight.shape[0]
-    return qa.new_empty((qa.shape[0], n), dtype=out_dtype)
+@torch.library.register_fake("halo::cached_quantized_weight", lib=_LIB)
+def _(weight, fold, fold_inputs, transpose_weight, fmt, granularity, block, dtype, check, where):
+    n, k = (weight.shape[1], weight.shape[0]) if transpose_weight else weight.shape
+    return (weight.new_empty((n, k), dtype=FORMATS[fmt].dtype),
+            weight.new_empty((n if granularity == "row" else 1, 1), dtype=torch.float32))
 
 
 @frozen_weight_matmul.register_kernel("cuda")

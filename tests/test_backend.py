@@ -483,7 +483,7 @@ def test_ops_with_host_side_work_stay_out_of_cuda_graphs():
     replay would skip that, so Inductor must partition them out (cudagraph-unsafe)."""
     unsafe = torch.Tag.cudagraph_unsafe
     for name in ("report_nonfinite", "checked_scale", "scaled_matmul", "quantized_linear",
-                 "frozen_weight_matmul", "frozen_weight_gemm", "frozen_linear",
+                 "frozen_weight_matmul", "cached_quantized_weight", "frozen_linear",
                  "emulated_quantized_linear"):
         assert unsafe in getattr(torch.ops.halo, name).default.tags, name
     # The kernels themselves are pure: captured like any other kernel.
@@ -576,3 +576,26 @@ def test_gpu_silu_gate_product_is_stored_once_for_every_kernel_reading_it(monkey
     realized = _silu_gate_stores(monkeypatch, realize=True)
     as_is = _silu_gate_stores(monkeypatch, realize=False)
     assert realized[0] == 1 < as_is[0] and realized[1] < as_is[1], (realized, as_is)
+
+
+def test_inductor_never_writes_into_the_weight_caches_tensors():
+    """`halo::cached_quantized_weight` returns the cache's own tensors. Inductor computes a
+    pointwise result of the same size into a dead input's buffer (`q + 1` into q's): that
+    would overwrite the cache, unless the backend's lowering marks the op's outputs as never
+    reused -- as it does."""
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
+
+    weight = torch.nn.Parameter(torch.randn(64, 32), requires_grad=False)
+    args = ("", [], False, "int8", "row", 0, torch.float32, False, "w")
+
+    def f(w):
+        q, scale = torch.ops.halo.cached_quantized_weight(w, *args)
+        return q + 1, scale * 2
+
+    q, scale = torch.ops.halo.cached_quantized_weight(weight, *args)
+    q_before, scale_before = q.clone(), scale.clone()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out, doubled = torch.compile(f, backend="halo")(weight)
+    assert torch.equal(out, q_before + 1) and torch.equal(doubled, scale_before * 2)
+    assert torch.equal(q, q_before) and torch.equal(scale, scale_before)
+    assert WEIGHT_CACHE.quantized(weight, "int8", "row", 0, dtype=torch.float32)[0] is q

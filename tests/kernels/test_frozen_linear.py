@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from halo_compile.kernels.frozen_linear import fused_frozen_weight_matmul
-from halo_compile.kernels.quantize import NonFiniteInputError, quantize
+from halo_compile.kernels.quantize import NonFiniteInputError
 from halo_compile.kernels.scaled_matmul import (
     fused_block,
     fused_scaled_matmul,
@@ -198,10 +198,9 @@ def test_opcheck(fmt):
     matmul_args = (x[0].float(), _frozen(w), "", [], False, fmt, "inner", 0, "row", "nearest",
                    True, "m")
     opcheck(torch.ops.halo.frozen_weight_matmul.default, matmul_args)
-    # The GEMM half of the fused path, on an activation already quantized. INT8 only: opcheck's
-    # schema check compares the inputs before and after with ops that have no float8 CPU kernel.
+    # The cached weight side of the fused path. INT8 only: opcheck's schema check compares the
+    # outputs with ops that have no float8 CPU kernel.
     if fmt == "int8":
-        qa, sa = quantize(x[0].float(), fmt, "row")
-        gemm_args = (qa, sa, 1.0, _frozen(w), "", [], False, fmt, "row", 16, torch.float32,
-                     True, "g")
-        opcheck(torch.ops.halo.frozen_weight_gemm.default, gemm_args)
+        weight_args = (_frozen(w), "", [], True, fmt, "row", 16, torch.float32, True, "g")
+        opcheck(torch.ops.halo.cached_quantized_weight.default, weight_args,
+                test_utils=("test_schema", "test_faketensor"))
