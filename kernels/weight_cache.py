@@ -15,9 +15,12 @@ such fold functions under a key, and an entry then depends on every tensor it re
 
 An entry is keyed by the tensor object given (held by weak reference: it goes when the weight
 goes) and the tag, and is valid while the version counters of the weight and of each fold input
-(`_version`, bumped by every in-place write that autograd sees: optimizer steps, `copy_` under
-no_grad, `load_state_dict`) and their storage are unchanged. Writes through `.data` (peft's
-`merge`, for one) bypass the version counter: the quantize pass calls `forget` on each frozen
+(`_version`, bumped by every in-place write that autograd sees: a for-loop or foreach optimizer
+step, `copy_` under no_grad, `load_state_dict`) and their storage are unchanged. Two kinds of
+write bypass the version counter. The fused optimizers (`AdamW(fused=True)`, ...) do: for
+trained weights (option `cache_weights`) a hook on every torch.optim optimizer's step
+(`watch_optimizer_steps`) drops the entries of the parameters the step may have updated. Writes
+through `.data` (peft's `merge`, for one) do: the quantize pass calls `forget` on each frozen
 weight when it compiles a graph (merging changes the module, so Dynamo recompiles); after editing
 `.data` yourself, call `WEIGHT_CACHE.forget()`.
 
@@ -183,3 +186,24 @@ def _tensors(value) -> Iterable[torch.Tensor]:
 WEIGHT_CACHE = WeightCache()
 """The cache the cached-weight matmuls use (kernels/frozen_linear.py): frozen weights, and
 trained ones under option `cache_weights`."""
+
+
+def _forget_stepped_parameters(optimizer, args, kwargs) -> None:
+    """After an optimizer step: drop the entries of the parameters it may have written (those
+    with a gradient; a frozen weight in the optimizer's groups keeps its entry)."""
+    WEIGHT_CACHE.forget(p for group in optimizer.param_groups for p in group["params"]
+                        if p.grad is not None)
+
+
+_STEP_HOOK = []
+
+
+def watch_optimizer_steps() -> None:
+    """Have every torch.optim optimizer's step invalidate the cached forms of the weights it
+    updates: the fused optimizers write weights without bumping their version counters (torch
+    2.11-2.13), so the version check alone would serve stale weights after their steps.
+    Registered once, by the quantize pass, when it caches a trained weight."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_forget_stepped_parameters))

@@ -20,7 +20,7 @@ from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (reg
 from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
-from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE
+from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE, watch_optimizer_steps
 from halo_compile.report import LayerReport, MatmulPlan
 
 from .analysis import LinearSite
@@ -153,6 +153,7 @@ def _weight_cache(site: LinearSite, layer: LayerConfig, ctx) -> str:
         return "not cached: stored transposed (Conv1D), the graph reads its transpose"
     if ctx.tensors.parameter(site.weight_node) is not site.weight:
         return "not cached: the graph computes the weight from the parameter"
+    watch_optimizer_steps()  # fused optimizers' writes leave the version counter as it was
     return "cached"
 
 

@@ -88,10 +88,12 @@ def test_fp8_and_int8_training_match_fp32():
         assert losses != baseline
 
 
-def test_cached_weights_under_gradient_accumulation():
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop AdamW", "fused AdamW"])
+def test_cached_weights_under_gradient_accumulation(fused):
     """Option cache_weights with 3 micro-batches per optimizer step: every quantized weight is
     quantized twice a step (forward, grad-input's transpose) instead of twice a micro-batch, the
-    losses and weights stay exactly those of the uncached run, and the report says so."""
+    losses and weights stay exactly those of the uncached run, and the report says so. Also
+    with a fused optimizer, whose update leaves the weights' version counters as they were."""
     from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
     model = tiny_llama(1)
@@ -102,7 +104,7 @@ def test_cached_weights_under_gradient_accumulation():
     def accumulate(model, options):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="halo", options=options)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused)
         losses, computations = [], []
         for step in range(2):
             before = WEIGHT_CACHE.computations

@@ -161,3 +161,26 @@ def test_cuda_weights_are_quantized_by_the_kernel(fmt, transpose, block):
     torch.testing.assert_close(scale, rscale, rtol=1e-6, atol=0)
     steps = (dequantize(q, scale) - dequantize(rq, rscale)).abs() / scale
     assert steps.max().item() <= 1.0 + 1e-3 and (steps > 0.5).float().mean().item() < 1e-3
+
+
+@pytest.mark.parametrize("optimizer_options", [{"foreach": False}, {"foreach": True},
+                                               {"fused": True}], ids=str)
+def test_optimizer_steps_make_entries_stale(optimizer_options):
+    """Whatever the optimizer's implementation -- the fused ones write the weight without
+    bumping its version counter -- its step makes the next call recompute the weights it
+    updated, and only those."""
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE, watch_optimizer_steps
+
+    watch_optimizer_steps()
+    trained, frozen = torch.nn.Parameter(torch.randn(32, 16)), _weight(1)
+    optimizer = torch.optim.AdamW([trained, frozen], lr=0.1, **optimizer_options)
+    trained.grad = torch.randn_like(trained)
+    before = WEIGHT_CACHE.computations
+    q, _ = WEIGHT_CACHE.quantized(trained, "int8", "row", 16)
+    WEIGHT_CACHE.quantized(frozen, "int8", "row", 16)
+    optimizer.step()
+    q_new, _ = WEIGHT_CACHE.quantized(trained, "int8", "row", 16)
+    WEIGHT_CACHE.quantized(frozen, "int8", "row", 16)
+    assert WEIGHT_CACHE.computations - before == 3  # trained twice, frozen once
+    assert not torch.equal(q, q_new)
+    assert torch.equal(q_new, quantize_weight_reference(trained, "int8", "row", 16)[0])
