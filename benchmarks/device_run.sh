@@ -67,7 +67,7 @@ torchao float8 tensorwise,bf16 inductor cudagraphs,halo fp8 halo2 cudagraphs,tor
     decoder-as-is) bench decoder_step_as_is 200 decoder_step.py --reps 2 --rounds 4 ${DECODER_ARGS:-} \
         --as-is realize,static-launch --contenders "bf16 inductor,halo fp8 halo2" ;;
     decoder-accum) bench decoder_step_accumulate 280 decoder_step.py --reps 1 --rounds 4 --accumulate 4 \
-        ${DECODER_ARGS:-} --contenders "bf16 inductor,halo fp8 halo2,halo fp8 halo2 cached-weights,torchao float8 rowwise" \
+        ${DECODER_ARGS:-} --contenders "${DECODER_CONTENDERS:-bf16 inductor,halo fp8 halo2,halo fp8 halo2 cached-weights,torchao float8 rowwise}" \
         --profile "${DECODER_PROFILE:-halo fp8 halo2 cached-weights}" ;;
     cudagraphs) bench decoder_step_cudagraphs 300 decoder_step.py --reps 2 --rounds 4 \
         --contenders "bf16 inductor,halo fp8 halo2,torchao float8 rowwise,bf16 inductor cudagraphs,\

@@ -74,9 +74,11 @@ def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, f
     Triton kernel, the weight side from the cache (`halo::cached_quantized_weight`), then the
     GEMM. `block` comes from `fused_block`; `kernels` as fused_product takes them."""
     def right_gemm(qa, sa, sa_factor, b_block):
+        # Not checked when computed: scale_for_gemm checks sb (inf/NaN exactly where the weight
+        # is) with the activation's scales, at no extra cost per miss.
         qb, sb = torch.ops.halo.cached_quantized_weight(
             weight, fold, fold_inputs, transpose_weight, fmt, granularity, b_block, a.dtype,
-            check_finite_inputs, where)
+            False, where)
         sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
         return gemm_with(cuda_gemm, fast_accum)(qa, sa, qb, sb, fmt, a.dtype)
 

@@ -135,3 +135,18 @@ def test_cached_weights_under_gradient_accumulation_on_gpu():
     assert plain_computations == [0, 0]
     assert len(report.quantized) == 15 and computations == [30, 30], str(report)
     torch.testing.assert_close(cached, plain, rtol=1e-3, atol=0)
+
+
+def test_a_nonfinite_cached_weight_is_reported():
+    """A cached weight is not checked when it is quantized: the GEMM's scale check covers it."""
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    compiled = torch.compile(model, backend="halo", options={"cache_weights": True})
+    ids = torch.randint(0, 64, (4, 128), device="cuda")
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    halo_compile.raise_pending_nonfinite()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[3, 5] = float("inf")  # bumps its version
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(halo_compile.NonFiniteInputError, match=r"layers\.0\.self_attn\.o_proj"):
+        halo_compile.raise_pending_nonfinite()
