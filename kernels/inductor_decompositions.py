@@ -14,8 +14,10 @@ replaced by the fused path's pieces:
   code and launches it with its own launcher;
 * `halo::checked_scale`, the deferred inf/NaN check (an op call, only when checks are on);
 * `aten._scaled_mm` (an extern cuBLASLt call) / `halo::int8_scaled_mm` (a triton_op: the INT8
-  GEMM with the scales in its epilogue, emitted by Inductor); for a frozen weight, the op
-  `halo::frozen_weight_gemm`, which reads the cached weight and runs the GEMM;
+  GEMM with the scales in its epilogue, emitted by Inductor);
+* for a cached weight (frozen, or trained under `cache_weights`), instead of the weight's
+  quantization: `halo::cached_quantized_weight`, which returns the weight cache's tensors
+  (frozen_linear.py; the backend keeps Inductor from reusing their buffers);
 * the scale, padding and outer-rotation arithmetic, as aten ops that Inductor fuses.
 
 The ops stay whole (an opaque call, their body as before) where the fused kernel does not apply:
