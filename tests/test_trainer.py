@@ -132,3 +132,29 @@ def test_compile_in_place_keeps_the_module():
     assert halo_compile.report(model)["lm_head"].quantized
     with pytest.raises(ValueError, match="hadamard"):
         compile_in_place(model, hadamard="halo9")
+
+
+def test_trainer_with_cached_weights_and_fused_adamw(tmp_path):
+    """Option cache_weights in a Trainer with gradient accumulation (2 micro-batches a step) and
+    its fused AdamW, whose update leaves the weights' version counters as they were: each weight
+    is quantized twice per optimizer step, and the run is exactly the uncached one."""
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
+
+    def train(options, out):
+        torch._dynamo.reset()
+        model = tiny_llama(3)
+        trainer = transformers.Trainer(
+            model=model, args=training_args(out, optim="adamw_torch_fused"),
+            train_dataset=TokenDataset(64, 4), callbacks=[HaloCallback(options)])
+        before = WEIGHT_CACHE.computations
+        trainer.train()
+        assert getattr(trainer.optimizer, "optimizer", trainer.optimizer).defaults["fused"]
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        return model, losses, WEIGHT_CACHE.computations - before
+
+    plain, plain_losses, plain_computations = train(OPTIONS, tmp_path / "plain")
+    cached, losses, computations = train({**OPTIONS, "cache_weights": True}, tmp_path / "cached")
+    assert plain_computations == 0 and computations == 4 * 2 * 15  # 4 steps, W and Wᵀ, 15 linears
+    assert losses == plain_losses
+    for p, p_plain in zip(cached.parameters(), plain.parameters()):
+        assert torch.equal(p, p_plain)
