@@ -150,7 +150,7 @@ def _weight_cache(site: LinearSite, layer: LayerConfig, ctx) -> str:
     if not layer.cache_weights:
         return ""
     if site.weight_transposed:
-        return "not cached: stored transposed (Conv1D), the graph reads its transpose"
+        return "not cached: stored [in, out] (as GPT-2's Conv1D); the graph reads its transpose"
     if ctx.tensors.parameter(site.weight_node) is not site.weight:
         return "not cached: the graph computes the weight from the parameter"
     watch_optimizer_steps()  # fused optimizers' writes leave the version counter as it was

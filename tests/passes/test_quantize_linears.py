@@ -231,7 +231,6 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
         for p, p_ref in zip(self.model.parameters(), ref_params):
             self.assertLess(rel_err(p.grad, p_ref.grad), 1e-6)
 
-
     def test_aot_graphs_with_cached_weights(self):
         """Option cache_weights: the forward's op takes cache_weight=True, and grad-input reads
         the weight through the cached-weight op (the parameter itself, not a transposed copy);
@@ -389,6 +388,28 @@ class TestLinearForms(expecttest.TestCase):
             ref_grads["x"] = x.grad
             for name, grad in grads.items():
                 self.assertLess(rel_err(grad, ref_grads[name]), 1e-6, name)
+
+    def test_forms_with_cached_weights(self):
+        """Option cache_weights: the [out, in] parameters are cached; a weight stored [in, out]
+        reaches the op as a transpose the graph computes, so it is not, and the report says why.
+        Same values either way."""
+        torch.manual_seed(6)
+        model = Forms()
+        compiled, state = compile_with_passes(model, {"format": "fp8_e4m3", "cache_weights": True},
+                                              aot=False)
+        compiled(torch.randn(2, 8, 64))
+        reports = {r.fqn: r.weight_cache for r in state["ctx"].layer_reports}
+        transposed = ("not cached: stored [in, out] (as GPT-2's Conv1D); the graph reads its "
+                      "transpose")
+        self.assertEqual(reports, {"a": "cached", "b": "cached", "d": "cached", "c": transposed,
+                                   "e": transposed, "conv": transposed})
+        torch._dynamo.reset()
+        _, _, out, grads = self._compiled_vs({"format": "fp8_e4m3", "cache_weights": True}, 6)
+        torch._dynamo.reset()
+        _, _, plain_out, plain_grads = self._compiled_vs({"format": "fp8_e4m3"}, 6)
+        self.assertTrue(torch.equal(out, plain_out))
+        for name, grad in grads.items():
+            self.assertTrue(torch.equal(grad, plain_grads[name]), name)
 
     def test_forms_unquantized_match_float32(self):
         for seed in (4, 5):
