@@ -24,8 +24,9 @@ through `.data` (peft's `merge`, for one) do: the quantize pass calls `forget` o
 weight when it compiles a graph (merging changes the module, so Dynamo recompiles); after editing
 `.data` yourself, call `WEIGHT_CACHE.forget()`.
 
-The cached tensors are shared between calls: consume them inside a kernel, never return them from
-a custom op (Inductor may reuse an op's output buffer for later results).
+The cached tensors are shared between calls and must never be written. An op returns them only
+where Inductor is kept from reusing its output buffers for later results
+(`halo::cached_quantized_weight`, through the backend's lowering).
 """
 
 from __future__ import annotations
