@@ -63,14 +63,15 @@ def quantize_weight(weight: torch.Tensor, fmt: str, granularity: str, block: int
     reference's, and no host sync: the inf/NaN check is deferred, as every CUDA check is);
     elsewhere the reference."""
     b = (weight.t() if transpose else weight).to(dtype or weight.dtype)
-    if (b.is_cuda and block <= MAX_BLOCK
-            and fused_block(b, b, fmt, "none", 0, "nearest", "nearest") is not None):
-        q, scale = hadamard_quantize_triton(b, fmt, granularity, block)
-        if check:
-            check_finite(scale, f"{where} (cached weight)")
-        return q, scale
-    return quantize_weight_reference(weight, fmt, granularity, block, transpose, dtype, check,
-                                     where)
+    where = f"{where} (cached weight)"
+    # (fused_block: the kernel takes this format and dtype; rotation "none", `block` given)
+    kernel = fused_block(b, b, fmt, "none", 0, "nearest", "nearest") is not None
+    if not (b.is_cuda and kernel and block <= MAX_BLOCK):
+        return quantized_operand(b, fmt, granularity, block, "nearest", check, where)
+    q, scale = hadamard_quantize_triton(b, fmt, granularity, block)
+    if check:
+        check_finite(scale, where)
+    return q, scale
 
 
 class FoldRegistry:
