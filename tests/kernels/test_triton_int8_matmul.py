@@ -93,8 +93,11 @@ def test_cuda_kernel_equals_int_mm(shape, out_dtype):
     int64 matmul has no CUDA kernel)."""
     (qa, sa, qb, sb), _, _ = _operands(*shape, "row", 6, device="cuda")
     out = torch.ops.halo.int8_scaled_mm(qa, sa, qb, sb, out_dtype)
-    pad = lambda t: torch.nn.functional.pad(t, (0, -t.shape[1] % 8, 0, -t.shape[0] % 8))
-    qa_p = pad(qa) if qa.shape[0] > 16 else torch.nn.functional.pad(qa, (0, -qa.shape[1] % 8,
-                                                                          0, 32 - qa.shape[0]))
+
+    def pad(t, rows=None):  # to the multiples of 8 (rows: at least 32) that _int_mm takes
+        rows = -t.shape[0] % 8 if rows is None else rows
+        return torch.nn.functional.pad(t, (0, -t.shape[1] % 8, 0, rows))
+
+    qa_p = pad(qa) if qa.shape[0] > 16 else pad(qa, 32 - qa.shape[0])
     acc = torch._int_mm(qa_p, pad(qb).t())[: qa.shape[0], : qb.shape[0]]
     assert torch.equal(out, (acc.float() * sa * sb.t()).to(out_dtype))
