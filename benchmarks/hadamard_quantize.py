@@ -35,11 +35,8 @@ from halo_compile.kernels.triton_hadamard_quantize import (
 
 SHAPES = [(8192, 4096), (8192, 14336)]
 # name -> (operand builder from a [tokens, features] bf16 tensor, dim, fmt, granularity, block);
-# dim "dual": dim 0's and the transposed view's (rotated along the tokens) at once; "dual,
-# transpose unrotated": the view not rotated (HALO-2's grad-weight), its absmax from dim 0's
-# first launch (hadamard_quantize_dual_triton, rotate_transpose; not yet what the compiled step
-# runs: to be measured against dim 0 and the unrotated transposed view apart)
-DUALS = {"dual": True, "dual, transpose unrotated": False}
+# dim "dual": dim 0's and the transposed view's (rotated along the tokens) at once
+# (hadamard_quantize_dual_triton)
 VARIANTS = {
     "rows, fp8 row, block 256": (lambda t: t, 1, "fp8_e4m3", "row", 256),
     "rows, fp8 row, no rotation": (lambda t: t, 1, "fp8_e4m3", "row", 0),
@@ -50,8 +47,6 @@ VARIANTS = {
     "dim 0 (outer grad-input), fp8 row, block 256": (lambda t: t, 0, "fp8_e4m3", "row", 256),
     "dual: dim 0 + transposed view of dY, fp8 row, block 256": (lambda t: t, "dual", "fp8_e4m3",
                                                                 "row", 256),
-    "dual: dim 0 (block 256) + transposed view not rotated, fp8 row": (
-        lambda t: t, "dual, transpose unrotated", "fp8_e4m3", "row", 256),
 }
 SWEEP = {
     "rows": [dict(block_m=bm, nt=nt, num_warps=w) for bm, nt, w in
@@ -96,7 +91,7 @@ def _block(size: int) -> int:
 def layer_quantizations(hadamard, tokens: int, linears=LLAMA3_8B_LINEARS) -> list:
     """The quantize calls of one decoder layer's step: [(operand, shape, view, dim, block)],
     view "rows" (the [lines, K] tensor itself) or "transposed" (a view of a tensor of
-    the transposed shape), dim 0, 1 or one of DUALS; with the rotations of `hadamard` (a
+    the transposed shape), dim 0, 1 or "dual"; with the rotations of `hadamard` (a
     halo_compile.config.Hadamard) on forward X Wᵀ, grad-input dY W and grad-weight dYᵀ X."""
     calls = {}  # (operand, shape, view, dim, block) -> None: an ordered set
 
@@ -129,18 +124,18 @@ def timed(nbytes: int, fn) -> "tuple[float, float]":
 
 def quantize_call(x, dim, fmt, granularity, block, config):
     """(the bytes it reads once and writes once, the call) of a variant: x's quantization along
-    `dim` (0, 1 or one of DUALS) with the launch overrides `config`."""
-    dual = dim in DUALS
+    `dim` (0, 1 or "dual") with the launch overrides `config`."""
+    dual = dim == "dual"
     scales = sum(x.shape) if dual else x.shape[0] if granularity == "row" else 1
     nbytes = x.numel() * (x.element_size() + (2 if dual else 1)) + scales * 4
     if dual:
-        return nbytes, lambda: hadamard_quantize_dual_triton(x, fmt, block, DUALS[dim], **config)
+        return nbytes, lambda: hadamard_quantize_dual_triton(x, fmt, block, **config)
     return nbytes, lambda: hadamard_quantize_triton(x, fmt, granularity, block, dim, **config)
 
 
 def configs_of(x, dim, block, sweep: bool) -> list:
     """The default launch, and with `sweep` those of x's layout."""
-    layout = ("dim0" if dim == 0 or dim in DUALS else "rows" if x.stride(1) == 1
+    layout = ("dim0" if dim in (0, "dual") else "rows" if x.stride(1) == 1
               else "strided" if block else "transpose")
     return [{}] + (SWEEP[layout] if sweep else [])
 

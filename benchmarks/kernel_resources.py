@@ -159,9 +159,7 @@ def main() -> None:
                 ("transposed view, no rotation", t.t(), 0, 1),
                 ("dim 0 (outer dY), block 256", t, 256, 0),
                 ("dual (dY and dYᵀ, rotated along the tokens), block 256", t, 256, 0,
-                 dict(dual=True)),
-                ("dual, dYᵀ not rotated (HALO-2), block 256", t, 256, 0,
-                 dict(dual=True, rotate_transpose=False))]
+                 dict(dual=True))]
     header = ("variant", "launch", "(BLOCK_M, NT, warps)", "shared KiB", "programs/SM",
               "warps/SM", "registers", "SASS per loop iteration", "convert_layout", "mma",
               "cp.async", "global loads", "global stores")

@@ -15,10 +15,7 @@ of x, or one), with no rotated copy in between. The layouts the three matmuls of
 * both at once, dual (`halo::hadamard_quantize_dual`): dY [tokens, features] for grad-input
   (dim=0) and dYᵀ for grad-weight, rotated along the same tokens, from the same tiles: dim 0's
   two launches also keep each feature's absmax and store the transpose, so dY is read and
-  rotated twice for both instead of twice for each. With dYᵀ not rotated (HALO-2's
-  grad-weight; rotate_transpose=False), dim 0's first launch keeps each feature's absmax of the
-  tiles as loaded, and the transpose kernel quantizes dYᵀ without an absmax launch of its own:
-  three reads of dY instead of four (not yet used by the backward: docs/design.md).
+  rotated twice for both instead of twice for each.
 
 Design
 ------
@@ -85,14 +82,11 @@ Design
   reduced by torch between the launches), and the second quantizes the tile twice, per token
   into q and per feature into the transpose qt ([features, tokens], contiguous: Triton stages
   the tile through shared memory for a store coalesced along the tokens). At BLOCK_M 32 that
-  is 444 µs for dY [8192, 14336] on an H200, against 533 for the two quantizations apart. A
-  dual whose transpose is not rotated (HALO-2's grad-weight) quantizing both in the second
-  launch measured 2.2x slower than apart (the loaded tile's own absmax and quantization beside
-  the rotated one's: 255 registers, twice the SASS per iteration; docs/BENCHMARKS.md, tenth
-  session), so only the absmax rides along (LINE_ABSMAX, first launch: a reduction of the tile
-  already in registers, over a [BLOCK_M, 256] reshape of it: 1623 SASS per iteration against
-  3516 reduced over its two token axes, sm_90), and `_transpose_quantize_kernel`'s quantize
-  launch does the rest.
+  is 444 µs for dY [8192, 14336] on an H200, against 533 for the two quantizations apart. A dual
+  whose transpose is not rotated (HALO-2's grad-weight) measured 2.2x slower than apart (the
+  loaded tile's own absmax and quantization beside the rotated one's: 255 registers, twice
+  the SASS per iteration; docs/BENCHMARKS.md, tenth session), so with grad-weight "none" dYᵀ
+  is quantized on its own.
 * Quantization, exactly as torch computes the reference on the same device: the scale is
   max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
   divides by a Python scalar that way there); q = RN(y / scale), computed as
@@ -273,11 +267,6 @@ def _quantized(y, divisor, inv, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
 
 
 @triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _line_absmax(t):
     """The absmax of each line of a [lines, 16, 16] batch of tiles, NaN made inf."""
     a = tl.abs(t)
@@ -323,8 +312,6 @@ def _hadamard_quantize_kernel(
     # per line
     SCALE_VEC: tl.constexpr,  # _WITH_SCALE: scales from amax_ptr per line / K index, else one
     DUAL: tl.constexpr,  # SCALE_PER_K: also quantize with one scale per line, stored transposed
-    LINE_ABSMAX: tl.constexpr,  # SCALE_PER_K, _AMAX_ONLY: also each line's absmax of the tiles as
-    # loaded (for an unrotated transpose, quantized by _transpose_quantize_kernel)
     SPLITS: tl.constexpr,  # n_split rounded up to a power of two
     X_FP32: tl.constexpr,  # the input is float32 (else bf16/fp16, exact as a dot operand)
     IEEE: tl.constexpr,  # float32 operands through an "ieee" dot instead of a 3 x bf16 split
@@ -480,12 +467,6 @@ def _hadamard_quantize_kernel(
             else:
                 x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
                             eviction_policy="evict_first")
-            if LINE_ABSMAX and p == 0:  # each line's absmax over this program's 256 K indices
-                # of the tile as loaded (before the rotation, the tile's last use)
-                a_line = tl.reduce(tl.reshape(tl.abs(x), (BLOCK_M, 256)), 1,
-                                   _max_nan).to(tl.float32)
-                a_line = tl.where(a_line == a_line, a_line, float("inf"))
-                tl.store(amax_t_ptr + pid_a * M + o + b, a_line, mask=(o + b) < M)
             # ---- rotate: y = G X H_16 / sqrt(HB), float32 ----
             # First G X (a left product: the loaded tile is the B operand), then (G X) H_16 (a
             # right product: the accumulator of the first dot becomes the A operand of the
@@ -672,7 +653,7 @@ GPU_CONFIGS = {
     # against 571 at 64 and 665 at 16).
     ("dual", True): (32, 1, 4, 2),
     ("dual", False): (32, 1, 4, 2),  # no matmul asks for it; as rotated
-}  # (A dual with the transpose unrotated runs dim 0's launches: "outer".)
+}
 # A transposed view without rotation (_transpose_quantize_kernel): (BLOCK_M, BLOCK_K, num_warps,
 # programs per SM the absmax launch aims for, K tiles per program of the quantize launch).
 # On an H200, for a decoder layer's transposes (4096 tokens; benchmarks/hadamard_quantize.py
@@ -729,18 +710,12 @@ def _second_launch_scale(amax, granularity, spec):
 def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
-                            num_stages=None, dual=False, block_k=None, tiles=None,
-                            rotate_transpose=True):
+                            num_stages=None, dual=False, block_k=None, tiles=None):
     """`launchable(kernel_fn)`: what launches a kernel function here (its @triton.jit
-    compilation, wrapped for a triton_op, or interpreted). `dual`: also x's transpose,
-    quantized per line, rotated along the same K (`rotate_transpose`) or not."""
+    compilation, wrapped for a triton_op, or interpreted)."""
     _check_args(x, fmt, granularity, block, dim, precision)
     if dual and (dim != 0 or granularity != "row"):
         raise ValueError("hadamard_quantize: the dual output needs dim 0 and row scales")
-    # The transpose's absmax comes from dim 0's first launch; unrotated, it is then quantized by
-    # the transpose kernel from the tiles as loaded.
-    line_absmax = dual and not rotate_transpose
-    dual = dual and rotate_transpose
     torch._check(x.numel() >= 1, lambda: "hadamard_quantize: empty input")
     spec = FORMATS[fmt]
     q = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
@@ -778,7 +753,6 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
             xv, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
             qv.stride(0), qv.stride(1), per_split, grid[1], HB=block, INT8=fmt == "int8",
             MODE=mode, SCALE_PER_K=per_k, SCALE_VEC=scale_vec, DUAL=dual,
-            LINE_ABSMAX=line_absmax and mode == _AMAX_ONLY,
             SPLITS=triton.next_power_of_2(grid[1]),
             X_FP32=x.dtype == torch.float32, IEEE=precision == "ieee",
             UPCAST_DOT=interpret, SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value,
@@ -801,13 +775,12 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
     # split: nothing to zero, no atomics), then quantize, with the scales computed from their
     # maxima exactly as the reference computes them.
     amax = torch.empty((grid[1], rows), dtype=torch.float32, device=x.device)
-    if dual or line_absmax:  # the transpose, quantized per line of the views: its partials
-        # per K tile, reduced once (not in every program that needs a line's scale)
+    if dual:  # the transpose, quantized per line of the views: its partials per K tile
         qt = torch.empty((M, K), dtype=spec.dtype, device=x.device)
-        scale_t = torch.empty((M, 1), dtype=torch.float32, device=x.device) if dual else q
+        scale_t = torch.empty((M, 1), dtype=torch.float32, device=x.device)
         amax_t = torch.empty((grid[0], M), dtype=torch.float32, device=x.device)
         launch(_AMAX_ONLY, amax, amax, False, qt, scale_t, amax_t)
-        amax_t = amax_t.amax(0, keepdim=line_absmax)
+        amax_t = amax_t.amax(0)  # once, not in every program that needs a line's scale
     else:
         launch(_AMAX_ONLY, amax, amax, False)
     scale = _second_launch_scale(amax, granularity, spec)
@@ -815,26 +788,22 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
         launch(_WITH_SCALE, scale, amax, True, qt, scale_t, amax_t)
         return q, scale, qt, scale_t
     launch(_WITH_SCALE, scale, amax, granularity == "row")
-    if line_absmax:  # xv (x's transpose) quantized as it is, from its lines' absmax [1, M]
-        return (q, scale, *_quantize_transposed(
-            launchable(_transpose_quantize_kernel), xv, qt, fmt, "row", interpret, soft_fp8,
-            recip_scale, exact_div, None, None, None, None, None, None, amax=amax_t))
     return q, scale
 
 
 def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, recip_scale,
-                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages,
-                         amax=None):
+                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages):
     """The unrotated quantization of a strided view xv [M, K] (a transpose: stride (1, M'))
     into q [M, K]: an absmax launch (each program's absmax of each of its lines over its range
     of K, a row of partials per split), then a quantize launch (more, shorter programs: the
-    scales computed from the partials, as the reference computes them). Returns (q, scale).
-    `amax`: the lines' partial absmaxes [splits, M], computed already (no absmax launch)."""
+    scales computed from the partials, as the reference computes them). Returns (q, scale)."""
     M, K = xv.shape
     config = INTERPRETER_TRANSPOSE_CONFIG if interpret else TRANSPOSE_CONFIG
     bm, bk = block_m or config[0], block_k or config[1]
     tiles = tiles or config[4]
-    line_blocks, k_tiles = triton.cdiv(M, bm), triton.cdiv(K, bk)
+    want = config[3] * _sm_count(xv.device) if config[3] and split is None else 0
+    amax_grid, amax_per_split = launch_grid(M, K, bm, 1, False, split, want, k_tile=bk)
+    line_blocks, n_split, k_tiles = amax_grid[0], amax_grid[1], triton.cdiv(K, bk)
     spec = FORMATS[fmt]
     extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
     kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
@@ -842,7 +811,6 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
         kwargs["num_stages"] = num_stages
 
     def launch(mode, grid, per_split, scale, amax, scale_vec):
-        n_split = amax.shape[0]
         kernel[grid](
             xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
             INT8=fmt == "int8", MODE=mode, SCALE_VEC=scale_vec,
@@ -852,11 +820,8 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
             BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, **kwargs,
         )
 
-    if amax is None:
-        want = config[3] * _sm_count(xv.device) if config[3] and split is None else 0
-        amax_grid, amax_per_split = launch_grid(M, K, bm, 1, False, split, want, k_tile=bk)
-        amax = torch.empty((amax_grid[1], M), dtype=torch.float32, device=xv.device)
-        launch(_AMAX_ONLY, amax_grid, amax_per_split, amax, amax, False)
+    amax = torch.empty((n_split, M), dtype=torch.float32, device=xv.device)
+    launch(_AMAX_ONLY, amax_grid, amax_per_split, amax, amax, False)
     scale = _second_launch_scale(amax, granularity, spec)
     launch(_WITH_SCALE, (line_blocks, triton.cdiv(k_tiles, tiles)), tiles * bk, scale, amax,
            granularity == "row")
@@ -895,21 +860,18 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
                                    num_stages, block_k=block_k, tiles=tiles)
 
 
-def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, rotate_transpose=True, **launch):
+def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):
     """x [tokens, features] (grad-output dY) rotated along the tokens and quantized for both
-    backward matmuls: (q, scale) as `hadamard_quantize_triton(x, fmt, "row", block, dim=0)`
-    gives them (grad-input's dY, "outer": a scale per token), and (qt, scale_t) as
-    `hadamard_quantize_triton(x.t(), fmt, "row", block if rotate_transpose else 0)` gives them
-    (grad-weight's dYᵀ [features, tokens], contiguous, a scale per feature).
-    rotate_transpose: each tile is loaded and rotated once per launch for both. Else (HALO-2's
-    grad-weight, not rotated) dim 0's absmax launch also takes each feature's absmax of the
-    tiles as loaded, so dYᵀ's quantization needs no absmax launch of its own.
-    `launch`: the launch overrides of `hadamard_quantize_triton` (block_m, num_warps, split,
-    ...), for dim 0's launches."""
+    backward matmuls from one read per launch: (q, scale) as
+    `hadamard_quantize_triton(x, fmt, "row", block, dim=0)` gives them (grad-input's dY,
+    "outer": a scale per token), and (qt, scale_t) as
+    `hadamard_quantize_triton(x.t(), fmt, "row", block)` gives them (grad-weight's dYᵀ
+    [features, tokens], contiguous, "inner": a scale per feature). Each tile is loaded and
+    rotated once per launch for both. `launch`: the launch overrides of
+    `hadamard_quantize_triton` (block_m, num_warps, split, ...)."""
     interpret = x.device.type != "cuda"
     return _hadamard_quantize_impl(interpreted if interpret else _JITTED.get, x, fmt, "row",
-                                   block, 0, interpret=interpret, dual=True,
-                                   rotate_transpose=rotate_transpose, **launch)
+                                   block, 0, interpret=interpret, dual=True, **launch)
 
 
 def _wrapped(kernel_fn):
@@ -924,12 +886,11 @@ def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, d
     return quantize(rotated, fmt, granularity)
 
 
-def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0, rotate_transpose=True):
+def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0):
     """The plain-torch composition the dual output implements."""
     _check_args(x, fmt, "row", block, 0)
     rotated = block_hadamard(x, block, dim=0) if block else x.float()
-    transposed = (rotated if rotate_transpose else x.float()).t().contiguous()
-    return (*quantize(rotated, fmt, "row"), *quantize(transposed, fmt, "row"))
+    return (*quantize(rotated, fmt, "row"), *quantize(rotated.t().contiguous(), fmt, "row"))
 
 
 @triton_op("halo::hadamard_quantize", mutates_args=())
@@ -944,13 +905,11 @@ def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
 
 
 @triton_op("halo::hadamard_quantize_dual", mutates_args=())
-def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int, rotate_transpose: bool = True
+def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dY rotated along the tokens, quantized for grad-input (a scale per token) and,
-    transposed (rotated along the same tokens, or not), for grad-weight (a scale per feature):
-    see `hadamard_quantize_dual_triton`. CUDA: the fused Triton kernels; other devices: the
-    plain-torch reference."""
+    transposed, for grad-weight (a scale per feature): see `hadamard_quantize_dual_triton`.
+    CUDA: the fused Triton kernel; other devices: the plain-torch reference."""
     if x.device.type != "cuda":
-        return hadamard_quantize_dual_reference(x, fmt, block, rotate_transpose)
-    return _hadamard_quantize_impl(_wrapped, x, fmt, "row", block, 0, dual=True,
-                                   rotate_transpose=rotate_transpose)
+        return hadamard_quantize_dual_reference(x, fmt, block)
+    return _hadamard_quantize_impl(_wrapped, x, fmt, "row", block, 0, dual=True)
