@@ -94,7 +94,8 @@ def test_cuda_kernel_equals_int_mm(shape, out_dtype):
     (qa, sa, qb, sb), _, _ = _operands(*shape, "row", 6, device="cuda")
     out = torch.ops.halo.int8_scaled_mm(qa, sa, qb, sb, out_dtype)
 
-    def pad(t, rows=None):  # to the multiples of 8 (rows: at least 32) that _int_mm takes
+    def pad(t, rows=None):  # to what _int_mm takes: columns and rows multiples of 8, or `rows`
+        # more rows (A needs more than 16)
         rows = -t.shape[0] % 8 if rows is None else rows
         return torch.nn.functional.pad(t, (0, -t.shape[1] % 8, 0, rows))
 
