@@ -34,6 +34,7 @@ import argparse
 import torch
 
 import halo_compile.backend as halo_backend
+import halo_compile.passes.post_grad as post_grad
 from _contenders import NAMES, compile_fn, parse_names
 from _timing import (
     emit,
@@ -78,8 +79,11 @@ def leave_inductor_as_is(names: str) -> None:
             halo_backend._realize_user_kernel_inputs = lambda: None
         elif name == "static-launch":
             halo_backend._static_launch = lambda inductor_config: {}
+        elif name == "merge-unrotations":
+            post_grad.merge_unrotations = lambda graph: 0
         else:
-            raise SystemExit(f"--as-is: unknown setting {name!r}; known: realize, static-launch")
+            raise SystemExit(f"--as-is: unknown setting {name!r}; known: realize, "
+                             "static-launch, merge-unrotations")
 
 
 def main() -> None:
@@ -98,7 +102,9 @@ def main() -> None:
                         help="comma-separated halo settings of Inductor to leave as torch has "
                              "them, to measure what they save: realize (an input several halo "
                              "kernel launches share computed once), static-launch (halo's "
-                             "kernels through Inductor's static CUDA launcher)")
+                             "kernels through Inductor's static CUDA launcher), "
+                             "merge-unrotations (q/k/v's and gate/up's un-rotated gradients "
+                             "summed before one un-rotation)")
     parser.add_argument("--reps", type=int, default=2, help="steps per contender and round")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of timing, each taking every contender in turn")

@@ -1,6 +1,6 @@
 """The `halo` torch.compile backend: halo's FX passes on the Dynamo graph, then AOTAutograd and
-Inductor (or aot_eager) as the default backend would run them, with one post-grad pass of ours
-in Inductor (passes/batch_nonfinite_checks.py), two Inductor settings for halo's Triton
+Inductor (or aot_eager) as the default backend would run them, with post-grad passes of ours
+in Inductor (passes/post_grad.py), two Inductor settings for halo's Triton
 kernels (`_realize_user_kernel_inputs`, `_static_launch`; docs/design.md) and a lowering that
 keeps Inductor from reusing the weight cache's tensors (`_never_reuse_cached_weights`)."""
 
@@ -15,7 +15,7 @@ import torch
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
-from halo_compile.passes.batch_nonfinite_checks import BatchNonfiniteChecks
+from halo_compile.passes.post_grad import HaloPostGradPasses
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
 from halo_compile.report import GraphRecord, record_graph
@@ -87,9 +87,10 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
 
     _realize_user_kernel_inputs()
     _never_reuse_cached_weights()
-    # One inf/NaN report per compiled graph instead of a Python op call per quantized matmul.
-    post_grad = BatchNonfiniteChecks(then=inductor_config.post_grad_custom_post_pass,
-                                     copy_scales=config.cudagraphs)
+    # Un-rotated gradients summed before one un-rotation; one inf/NaN report per compiled
+    # graph instead of a Python op call per quantized matmul.
+    post_grad = HaloPostGradPasses(then=inductor_config.post_grad_custom_post_pass,
+                                   copy_scales=config.cudagraphs)
     patches = {"post_grad_custom_post_pass": post_grad, **_static_launch(inductor_config)}
     if mode not in (None, "default"):
         from torch._inductor import list_mode_options

@@ -257,11 +257,17 @@ def fused_product(a, right_gemm, fmt, rotation, block, granularity,
     # "outer": H's normalisation folded into A's scales, applied in the GEMM epilogue.
     out = right_gemm(qa, sa, 1.0 / math.sqrt(block) if outer else 1.0, 0 if outer else block)
     if outer:
-        # Undo the rotation on the output rows: ±1 block (exact in bf16) times each block of
-        # rows, a batched GEMM in the output's dtype with float32 accumulation.
-        out = torch.matmul(signs(block, out.dtype, out.device),
-                           out.reshape(-1, block, out.shape[1])).reshape(out.shape)
+        out = unrotate_rows(out, block, signs)
     return out.to(out_dtype).contiguous()
+
+
+def unrotate_rows(out, block, signs=hadamard_signs):
+    """Undo an "outer" rotation on the rows of a GEMM's output, its 1/sqrt(block) already in the
+    scales: the ±1 block (exact in bf16) times each block of rows, one batched GEMM in the
+    output's dtype with float32 accumulation. It is linear, so a sum of such outputs is
+    un-rotated once (passes/merge_unrotations.py)."""
+    return torch.matmul(signs(block, out.dtype, out.device),
+                        out.reshape(-1, block, out.shape[1])).reshape(out.shape)
 
 
 def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,

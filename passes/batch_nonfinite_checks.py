@@ -1,4 +1,5 @@
-"""Inductor post-grad pass: one inf/NaN report per compiled graph instead of one per matmul.
+"""Inductor post-grad pass (post_grad.py): one inf/NaN report per compiled graph, not one per
+matmul.
 
 On CUDA every quantized matmul hands its operands' scales to `halo::checked_scale`
 (kernels/scaled_matmul.py), which returns the GEMM's scale once it has queued the deferred
@@ -21,12 +22,8 @@ instead of at each matmul, which is no later than before for the deferred CUDA v
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from halo_compile.kernels import scaled_matmul  # noqa: F401  (registers the ops)
 from halo_compile.kernels.quantize import operand_name
@@ -66,26 +63,3 @@ def batch_nonfinite_checks(graph: fx.Graph, copy_scales: bool = False) -> int:
                                               copy_scales))
         report.meta["val"] = None
     return len(checks)
-
-
-class BatchNonfiniteChecks(CustomGraphPass):
-    """`batch_nonfinite_checks` as Inductor's `post_grad_custom_post_pass`, after an existing
-    one (`then`, run afterwards) if the user had set one."""
-
-    def __init__(self, then=None, copy_scales: bool = False):
-        self.then = then
-        self.copy_scales = copy_scales
-
-    def __call__(self, graph: fx.Graph) -> None:
-        batch_nonfinite_checks(graph, self.copy_scales)
-        if self.then is not None:
-            self.then(graph)
-
-    def uuid(self) -> bytes:
-        # Inductor's FX graph cache keys on it: this file's source, and the chained pass's.
-        key = hashlib.sha256(Path(__file__).read_bytes())
-        key.update(repr(self.copy_scales).encode())
-        if self.then is not None:
-            key.update(repr(self.then.uuid() if hasattr(self.then, "uuid") else self.then)
-                       .encode())
-        return key.digest()
