@@ -174,7 +174,9 @@ def test_gpu_compiled_backward_quantizes_dy_once_for_both_gradients(monkeypatch)
     x, w = _operands(4096, 512, 768, torch.bfloat16, 7, device="cuda")
     x.requires_grad_(True)
     rotations = {"forward": "inner", "grad_input": "outer", "grad_weight": "inner"}
-    y, grad_w, _ = _compiled_linear_code(x, w, {"format": "fp8_e4m3", "hadamard": rotations})
+    with torch._inductor.config.patch(force_disable_caches=True):  # traced, not from a cache
+        y, grad_w, _ = _compiled_linear_code(x, w, {"format": "fp8_e4m3",
+                                                    "hadamard": rotations})
     assert any(duals)  # traced: the dual op's body ran
     xe, we = x.detach().clone().requires_grad_(), w.clone().requires_grad_()
     want = torch.ops.halo.quantized_linear(xe, we, None, "fp8_e4m3", "row", "inner", "outer",
