@@ -128,7 +128,8 @@ def _constant(node: fx.Node) -> bool:
 def _erase_unused(graph: fx.Graph, node, erased: set[fx.Node]) -> None:
     """Erase `node` and, transitively, what only it used (the old products and views; the
     expanded S stays while another product reads it)."""
-    if not isinstance(node, fx.Node) or node.users or node.op != "call_function":
+    if (not isinstance(node, fx.Node) or node.users or node.op != "call_function"
+            or node.is_impure()):
         return
     sources = node.all_input_nodes
     graph.erase_node(node)
