@@ -15,9 +15,9 @@ import torch
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
-from halo_compile.passes.post_grad import HaloPostGradPasses
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
+from halo_compile.passes.post_grad import HaloPostGradPasses
 from halo_compile.report import GraphRecord, record_graph
 
 # Configured modules and their options. Looked up through their parameters at compile time, and
