@@ -23,13 +23,28 @@ the rotated outputs then rounds once, in the output's dtype, instead of after ea
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+class _Unrotation(NamedTuple):
+    """A GEMM output `out` un-rotated: `left` (S expanded to [T / b, b, b]) times `out` viewed
+    as `rows_shape`, the product viewed as `out_shape` (shapes as the graph's own arguments:
+    sizes may be symbolic)."""
+    signs: tuple  # S and how it is expanded
+    rows_shape: list
+    out_shape: list
+    left: fx.Node
+    out: fx.Node
+
+    def merges_with(self, other: "_Unrotation") -> bool:
+        return (self.signs, self.rows_shape, self.out_shape) == (
+            other.signs, other.rows_shape, other.out_shape)
 
 
 def merge_unrotations(graph: fx.Graph) -> int:
@@ -41,28 +56,24 @@ def merge_unrotations(graph: fx.Graph) -> int:
         if node in erased or node.kwargs or len(node.args) != 2:
             continue
         left, right = (_unrotation(arg) for arg in node.args)
-        if left is None or right is None or left[:3] != right[:3]:
+        if left is None or right is None or not left.merges_with(right):
             continue
-        _, rows_shape, out_shape, signs, first = left
-        second = right[4]
-        if first.meta["val"].dtype != second.meta["val"].dtype:
+        if left.out.meta["val"].dtype != right.out.meta["val"].dtype:
             continue
         with graph.inserting_before(node):
-            total = _call(graph, aten.add.Tensor, first, second)
-            rows = _call(graph, _VIEWS[0], total, rows_shape)
-            product = _call(graph, aten.bmm.default, signs, rows)
-            merged = _call(graph, _VIEWS[0], product, out_shape)
+            total = _call(graph, aten.add.Tensor, left.out, right.out)
+            rows = _call(graph, _VIEWS[0], total, left.rows_shape)
+            product = _call(graph, aten.bmm.default, left.left, rows)
+            merged = _call(graph, _VIEWS[0], product, left.out_shape)
         node.replace_all_uses_with(merged)
         _erase_unused(graph, node, erased)
         removed += 1
     return removed
 
 
-def _unrotation(node) -> Optional[tuple]:
-    """When `node` is a GEMM's output un-rotated and viewed, each step used only on the way to
-    `node`: (which S, expanded how; the shape the output's rows are viewed as; the shape of
-    `node`; the product's left operand; the output). Else None. The first three say which
-    un-rotations merge (shapes as the graph's own arguments: sizes may be symbolic)."""
+def _unrotation(node) -> Optional[_Unrotation]:
+    """`node` as an un-rotated GEMM output (viewed), each step used only on the way to `node`;
+    else None."""
     if not _call_of(node, *_VIEWS) or len(node.users) != 1:
         return None
     out_shape = node.args[1]
@@ -83,7 +94,8 @@ def _unrotation(node) -> Optional[tuple]:
     shape = rows.meta["val"].shape if isinstance(rows, fx.Node) else ()
     if rows_view is None or len(shape) != 2:
         return None
-    return ((expanded.args[0], *expanded.args[1:]), rows_view.args[1], out_shape, left, rows)
+    return _Unrotation((expanded.args[0], *expanded.args[1:]), rows_view.args[1], out_shape,
+                       left, rows)
 
 
 def _strip(node, targets, single_use=True):
