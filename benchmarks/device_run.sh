@@ -11,8 +11,7 @@
 #   rotation  the GPU tests of rotate="fused"    ktests  the GPU tests of kernels/
 #   code    Inductor's output for one linear   kernel  Hadamard+quantize GB/s
 #   layercode  Inductor's output for one decoder layer (halo2, bf16)
-#   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so,
-#           SWEEP_LAUNCHES: the launches labelled so, in this stage and in `layer`)
+#   sweep   kernel, with launch configurations (--sweep; SWEEP_ONLY: the variants named so)
 #   layer   every quantization of one Llama-3-8B layer's step, launches swept (LAYER_PRESETS:
 #           the hadamard settings, default "halo2 inner,outer,inner")
 #   int8    INT8 GEMM vs _int_mm           gemm    FP8 _scaled_mm choices (fast accum, scales)
@@ -57,11 +56,9 @@ stage() {
     layercode) for h in halo2 bf16; do bench "output_code_layer_$h" 150 output_code.py --decoder-layer \
         --tokens 4096 --hadamard "$h" --out "$LOGS"; done ;;
     kernel) bench hadamard_quantize 100 hadamard_quantize.py ;;
-    sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep --only "${SWEEP_ONLY:-}" \
-        --launches "${SWEEP_LAUNCHES:-}" ;;
+    sweep) bench hadamard_quantize 200 hadamard_quantize.py --sweep --only "${SWEEP_ONLY:-}" ;;
     layer) for preset in ${LAYER_PRESETS:-halo2 inner,outer,inner}; do
-        bench "layer_quantizations_${preset//,/_}" 150 hadamard_quantize.py --layer "$preset" --sweep \
-        --launches "${SWEEP_LAUNCHES:-}"; done ;;
+        bench "layer_quantizations_${preset//,/_}" 150 hadamard_quantize.py --layer "$preset" --sweep; done ;;
     int8) bench int8_matmul 90 int8_matmul.py ;;
     gemm) bench scaled_mm 60 scaled_mm.py ;;
     linear) bench linear 280 linear.py --reps 4 --rounds 5 --shapes 4096x14336 --contenders "${LINEAR_CONTENDERS:-bf16 inductor,\

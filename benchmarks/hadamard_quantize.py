@@ -1,7 +1,6 @@
 """Bandwidth of the fused Hadamard + quantize Triton kernel against a copy (x.clone()).
 
     python benchmarks/hadamard_quantize.py [--markdown out.md] [--sweep] [--only TEXT]
-        [--launches TEXT]
     python benchmarks/hadamard_quantize.py --layer halo2 [--tokens 4096] [--sweep]
 
 GB/s counts the bytes read once and written once (input, 8-bit values, float32 scales); the copy
@@ -10,7 +9,7 @@ reads and writes the input; "us" is one call's time. Timed as CUDA graphs
 layouts the three matmuls of a linear need (rows, a transposed view for grad-weight, rotation
 along dim 0 for the "outer" grad-input, and the last two at once: the dual). --sweep also times
 launch configurations (BLOCK_M, NT, num_warps, split) of each variant: the strided ones at both
-shapes, rows at the larger; --only picks variants by name, --launches swept launches by label.
+shapes, rows at the larger; --only picks variants by name.
 --layer times instead every quantization that one Llama-3-8B decoder layer's training step makes
 (its seven linears' three matmuls, at --tokens tokens, with the rotations of a `hadamard` preset
 or "forward,grad_input,grad_weight"), with the operands that linears share quantized once, as
@@ -49,9 +48,6 @@ VARIANTS = {
     "dual: dim 0 + transposed view of dY, fp8 row, block 256": (lambda t: t, "dual", "fp8_e4m3",
                                                                 "row", 256),
 }
-# Two-launch quantizations with a scale per line run both launches over ranges of lines whose
-# input fits this many bytes (0: all lines at once; default: a third of the L2).
-GROUPS = [dict(group_bytes=b << 20) for b in (0, 8, 24, 32)]
 SWEEP = {
     "rows": [dict(block_m=bm, nt=nt, num_warps=w) for bm, nt, w in
              [(1, 4, 4), (2, 2, 4), (1, 1, 1), (4, 1, 4)]],
@@ -60,19 +56,19 @@ SWEEP = {
     # Lines per program against programs per launch (a [T, 4096] operand's transposed view has
     # 4096 lines: 64 programs at BLOCK_M 64 unless K is split), at both shapes.
     "strided": [dict(block_m=bm, split=sp)
-                for bm, sp in itertools.product((16, 32, 64), (1, 2, 4, 8))] + GROUPS,
+                for bm, sp in itertools.product((16, 32, 64), (1, 2, 4, 8))],
     # A transposed view not rotated (a kernel of its own): tiles of BLOCK_M lines x BLOCK_K K
     # indices, `tiles` of them per program of the quantize launch, the absmax launch's K split.
     "transpose": [dict(block_m=bm, block_k=bk, num_warps=w, tiles=t) for bm, bk, w, t in
                   [(64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 4, 8), (64, 64, 8, 4),
                    (128, 64, 4, 4), (128, 64, 8, 4), (32, 64, 4, 4), (64, 128, 4, 4),
                    (64, 128, 8, 4), (64, 32, 4, 4), (128, 128, 8, 2), (32, 128, 4, 4)]]
-    + [dict(split=sp) for sp in (1, 8, 16)] + GROUPS,
+    + [dict(split=sp) for sp in (1, 8, 16)],
     # dim 0: a program owns 256 tokens and loops over BLOCK_M features at a time, in one of
     # `split` ranges of the features (the default aims at ~4 programs per SM).
     # (BLOCK_M 16 measured half as fast on an H200, for dim 0 and the dual.)
     "dim0": [dict(block_m=bm, num_warps=w) for bm, w in itertools.product((32, 64), (4, 8))]
-    + [dict(split=sp) for sp in (8, 32)] + [dict(num_stages=st) for st in (2, 4)] + GROUPS,
+    + [dict(split=sp) for sp in (8, 32)] + [dict(num_stages=st) for st in (2, 4)],
 }
 
 
@@ -137,14 +133,11 @@ def quantize_call(x, dim, fmt, granularity, block, config):
     return nbytes, lambda: hadamard_quantize_triton(x, fmt, granularity, block, dim, **config)
 
 
-def configs_of(x, dim, block, sweep: bool, launches: str = "") -> list:
-    """The default launch, and with `sweep` those of x's layout whose label contains
-    `launches` (the dual has no ranges of lines)."""
+def configs_of(x, dim, block, sweep: bool) -> list:
+    """The default launch, and with `sweep` those of x's layout."""
     layout = ("dim0" if dim in (0, "dual") else "rows" if x.stride(1) == 1
               else "strided" if block else "transpose")
-    swept = [c for c in SWEEP[layout] if launches in _label(c)
-             and not (dim == "dual" and "group_bytes" in c)]
-    return [{}] + (swept if sweep else [])
+    return [{}] + (SWEEP[layout] if sweep else [])
 
 
 def _label(config: dict) -> str:
@@ -162,9 +155,8 @@ def kernel_table(args) -> None:
             if args.only not in name:
                 continue
             x = build(t)
-            # (rows swept at the larger shape only)
             sweep = args.sweep and (x.stride(1) != 1 or dim != 1 or (m, k) == SHAPES[-1])
-            for config in configs_of(x, dim, block, sweep, args.launches):
+            for config in configs_of(x, dim, block, sweep):  # rows swept at the larger shape only
                 bw, us = timed(*quantize_call(x, dim, fmt, gran, block, config))
                 rows.append((f"{m}x{k}", name, _label(config), f"{bw:.0f}", f"{bw / copy:.0%}",
                              f"{us:.0f}"))
@@ -194,10 +186,9 @@ def layer_table(args) -> None:
         copy_bytes = 4 * t.numel()  # a bf16 copy reads and writes 2 bytes a value
         key = (shape, view, dim, block)
         if key not in measured:
-            configs = configs_of(x, dim, block, args.sweep, args.launches)
             times = {_label(config): timed(*quantize_call(x, dim, "fp8_e4m3", "row", block,
                                                           config))[1]
-                     for config in configs}
+                     for config in configs_of(x, dim, block, args.sweep)}
             measured[key] = (timed(1, lambda: t.clone())[1], times)
             if args.sweep:
                 print(key, {k: round(v, 1) for k, v in times.items()}, flush=True)
@@ -231,9 +222,6 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--only", default="",
                         help="only the variants whose name contains this text (e.g. 'dim 0')")
-    parser.add_argument("--launches", default="",
-                        help="--sweep only the launches whose label contains this text "
-                        "(e.g. 'group_bytes')")
     parser.add_argument("--layer", help="a hadamard preset (halo2) or 'forward,grad_input,"
                         "grad_weight' (inner,outer,inner): a decoder layer's quantizations")
     parser.add_argument("--tokens", type=int, default=4096)

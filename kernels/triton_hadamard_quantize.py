@@ -461,7 +461,7 @@ def _hadamard_quantize_kernel(
                     mask = None
                 else:
                     mask = b_ok & (o + tile_off < K)
-            if p == 0:  # read again by the second pass or launch: keep it in L2
+            if p == 0 and MODE == 0:  # read again in the second pass: keep it in L2
                 x = tl.load(x_at, mask=mask, other=None if EVEN else 0.0,
                             eviction_policy="evict_last")
             else:
@@ -577,12 +577,8 @@ def _transpose_quantize_kernel(
             mask = None
         else:
             mask = ((k0 + ks) < end)[:, None] & line_ok[None, :]
-        if MODE == 1:  # read again by the quantize launch: keep it in L2
-            x = tl.load(x_tile + k_at * stride_xk, mask=mask, other=None if EVEN else 0.0,
-                        eviction_policy="evict_last").to(tl.float32)
-        else:
-            x = tl.load(x_tile + k_at * stride_xk, mask=mask, other=None if EVEN else 0.0,
-                        eviction_policy="evict_first").to(tl.float32)
+        x = tl.load(x_tile + k_at * stride_xk, mask=mask, other=None if EVEN else 0.0,
+                    eviction_policy="evict_first").to(tl.float32)
         if MODE == 1:
             amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
         else:
@@ -664,10 +660,6 @@ GPU_CONFIGS = {
 # --layer halo2 --sweep): BLOCK_K 128 25 / 85 µs at 4096 x 4096 / 14336 x 4096, against 29 / 93
 # at BLOCK_K 64; BLOCK_M 32 wins by 1-2 µs on 1024-line views only.
 TRANSPOSE_CONFIG = (64, 128, 4, 4, 4)
-# A two-launch quantization with a scale per line (or per K index) runs both launches over one
-# range of lines at a time whose input takes at most this fraction of the GPU's L2 cache
-# (`l2_groups`), so that the quantize launch finds its input in L2.
-L2_GROUP_FRACTION = 1 / 3
 # The interpreter takes bigger batches (fewer numpy calls) and uses both BLOCK_M > 1 and NT > 1
 # so that the tests cover both kinds of masking.
 INTERPRETER_CONFIG = (32, 2, None)
@@ -715,34 +707,10 @@ def _second_launch_scale(amax, granularity, spec):
     return (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
 
 
-def l2_groups(n, unit, bytes_per_index, budget):
-    """[(start, stop)] ranges covering n indices, each of whose input (bytes_per_index a
-    index) fits `budget` bytes, of about equal sizes that are multiples of `unit` (but the
-    last); one range when budget is 0. A two-launch quantization runs its absmax launch and
-    its quantize launch one range at a time, so that the quantize launch reads its input
-    again from L2 rather than from memory."""
-    if not budget or n * bytes_per_index <= budget:
-        return [(0, n)]
-    size = max(unit, budget // bytes_per_index // unit * unit)
-    size = triton.cdiv(triton.cdiv(n, triton.cdiv(n, size)), unit) * unit  # balanced
-    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
-
-
-def _group_budget(device, group_bytes):
-    """The input bytes a range of a two-launch quantization reads (`l2_groups`): given, or
-    by default on a GPU L2_GROUP_FRACTION of its L2 cache; no ranges in the interpreter."""
-    if group_bytes is not None:
-        return group_bytes
-    if device.type != "cuda":
-        return 0
-    return int(torch.cuda.get_device_properties(device).L2_cache_size * L2_GROUP_FRACTION)
-
-
 def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
-                            num_stages=None, dual=False, block_k=None, tiles=None,
-                            group_bytes=None):
+                            num_stages=None, dual=False, block_k=None, tiles=None):
     """`launchable(kernel_fn)`: what launches a kernel function here (its @triton.jit
     compilation, wrapped for a triton_op, or interpreted)."""
     _check_args(x, fmt, granularity, block, dim, precision)
@@ -753,18 +721,17 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
     q = torch.empty(x.shape, dtype=spec.dtype, device=x.device)
     # The kernel rotates along its K axis: dim 1 as given, dim 0 through the transposed views.
     xv, qv = (x.t(), q.t()) if dim == 0 else (x, q)
+    M, K = xv.shape
     per_k = dim == 0  # scales per row of x = per K index of the views
     strided = xv.stride(1) != 1
     if soft_fp8 is None:
         soft_fp8 = interpret
     if recip_scale is None:
         recip_scale = not interpret
-    budget = _group_budget(x.device, group_bytes)
     if strided and not block and not per_k:
         return _quantize_transposed(launchable(_transpose_quantize_kernel), xv, q, fmt,
                                     granularity, interpret, soft_fp8, recip_scale, exact_div,
-                                    block_m, block_k, num_warps, split, tiles, num_stages,
-                                    budget)
+                                    block_m, block_k, num_warps, split, tiles, num_stages)
     kernel = launchable(_hadamard_quantize_kernel)
     if interpret:
         config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
@@ -775,15 +742,13 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
     bm = block_m or config[0]
     nt = 1 if per_k else (nt or config[1])
     want = programs_per_sm * _sm_count(x.device) if programs_per_sm and split is None else 0
+    grid, per_split = launch_grid(M, K, bm, nt, per_k, split, want)
+    extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
     kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
     if not interpret and num_stages:  # else Triton's default software pipelining
         kwargs["num_stages"] = num_stages
 
-    def launch(xv, qv, grid, per_split, mode, scale, amax, scale_vec, qt=q, scale_t=q,
-               amax_t=q):
-        M, K = xv.shape
-        extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)),
-                     (M - 1) * abs(qv.stride(0)) + (K - 1) * abs(qv.stride(1))) + 1
+    def launch(mode, scale, amax, scale_vec, qt=q, scale_t=q, amax_t=q):
         kernel[grid](
             xv, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
             qv.stride(0), qv.stride(1), per_split, grid[1], HB=block, INT8=fmt == "int8",
@@ -800,104 +765,73 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
             EVEN=M % bm == 0 and K % (nt * 256) == 0, **kwargs,
         )
 
-    def grid_of(view):
-        return launch_grid(*view.shape, bm, nt, per_k, split, want)
-
     rows = x.shape[0]
-    grid, per_split = grid_of(xv)
     if granularity == "row" and not per_k and grid[1] == 1:
         # One launch: each program owns whole lines, absmax then quantize (re-read from L2).
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-        launch(xv, qv, grid, per_split, _ROW, scale, scale, False)
+        launch(_ROW, scale, scale, False)
         return q, scale
     # Two launches: each program's absmax of each of its scales' groups (a row of partials per
     # split: nothing to zero, no atomics), then quantize, with the scales computed from their
     # maxima exactly as the reference computes them.
+    amax = torch.empty((grid[1], rows), dtype=torch.float32, device=x.device)
     if dual:  # the transpose, quantized per line of the views: its partials per K tile
-        amax = torch.empty((grid[1], rows), dtype=torch.float32, device=x.device)
-        qt = torch.empty(xv.shape, dtype=spec.dtype, device=x.device)
-        scale_t = torch.empty((xv.shape[0], 1), dtype=torch.float32, device=x.device)
-        amax_t = torch.empty((grid[0], xv.shape[0]), dtype=torch.float32, device=x.device)
-        launch(xv, qv, grid, per_split, _AMAX_ONLY, amax, amax, False, qt, scale_t, amax_t)
+        qt = torch.empty((M, K), dtype=spec.dtype, device=x.device)
+        scale_t = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+        amax_t = torch.empty((grid[0], M), dtype=torch.float32, device=x.device)
+        launch(_AMAX_ONLY, amax, amax, False, qt, scale_t, amax_t)
         amax_t = amax_t.amax(0)  # once, not in every program that needs a line's scale
-        scale = _second_launch_scale(amax, granularity, spec)
-        launch(xv, qv, grid, per_split, _WITH_SCALE, scale, amax, True, qt, scale_t, amax_t)
+    else:
+        launch(_AMAX_ONLY, amax, amax, False)
+    scale = _second_launch_scale(amax, granularity, spec)
+    if dual:
+        launch(_WITH_SCALE, scale, amax, True, qt, scale_t, amax_t)
         return q, scale, qt, scale_t
-    if granularity == "tensor":  # one scale: every partial first
-        amax = torch.empty((grid[1], rows), dtype=torch.float32, device=x.device)
-        launch(xv, qv, grid, per_split, _AMAX_ONLY, amax, amax, False)
-        scale = _second_launch_scale(amax, granularity, spec)
-        launch(xv, qv, grid, per_split, _WITH_SCALE, scale, amax, False)
-        return q, scale
-    # A scale per line (or per K index): both launches one range of them at a time.
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    lines, length = (xv.shape[1], xv.shape[0]) if per_k else xv.shape
-    for lo, hi in l2_groups(lines, 256 if per_k else bm, length * x.element_size(), budget):
-        xg, qg = (xv[:, lo:hi], qv[:, lo:hi]) if per_k else (xv[lo:hi], qv[lo:hi])
-        grid, per_split = grid_of(xg)
-        amax = torch.empty((grid[1], hi - lo), dtype=torch.float32, device=x.device)
-        launch(xg, qg, grid, per_split, _AMAX_ONLY, amax, amax, False)
-        launch(xg, qg, grid, per_split, _WITH_SCALE, scale[lo:hi], amax, True)
+    launch(_WITH_SCALE, scale, amax, granularity == "row")
     return q, scale
 
 
 def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, recip_scale,
-                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages,
-                         budget):
+                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages):
     """The unrotated quantization of a strided view xv [M, K] (a transpose: stride (1, M'))
     into q [M, K]: an absmax launch (each program's absmax of each of its lines over its range
     of K, a row of partials per split), then a quantize launch (more, shorter programs: the
-    scales computed from the partials, as the reference computes them); with row scales both
-    one range of lines at a time (`l2_groups`). Returns (q, scale)."""
+    scales computed from the partials, as the reference computes them). Returns (q, scale)."""
+    M, K = xv.shape
     config = INTERPRETER_TRANSPOSE_CONFIG if interpret else TRANSPOSE_CONFIG
     bm, bk = block_m or config[0], block_k or config[1]
     tiles = tiles or config[4]
     want = config[3] * _sm_count(xv.device) if config[3] and split is None else 0
+    amax_grid, amax_per_split = launch_grid(M, K, bm, 1, False, split, want, k_tile=bk)
+    line_blocks, n_split, k_tiles = amax_grid[0], amax_grid[1], triton.cdiv(K, bk)
     spec = FORMATS[fmt]
+    extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
     kwargs = {} if interpret else {"num_warps": num_warps or config[2]}
     if not interpret and num_stages:
         kwargs["num_stages"] = num_stages
 
-    def quantize_lines(xv, q, scale):
-        """Both launches over the lines of xv; `scale`: [lines, 1] to fill (row scales), or
-        None (one scale, computed between the launches). Returns the scale."""
-        M, K = xv.shape
-        amax_grid, amax_per_split = launch_grid(M, K, bm, 1, False, split, want, k_tile=bk)
-        line_blocks, n_split, k_tiles = amax_grid[0], amax_grid[1], triton.cdiv(K, bk)
-        extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
+    def launch(mode, grid, per_split, scale, amax, scale_vec):
+        kernel[grid](
+            xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
+            INT8=fmt == "int8", MODE=mode, SCALE_VEC=scale_vec,
+            SPLITS=triton.next_power_of_2(n_split),
+            SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
+            RECIP_SCALE=recip_scale, EXACT_DIV=exact_div, INT64=extent >= 2**31,
+            BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, **kwargs,
+        )
 
-        def launch(mode, grid, per_split, scale, amax, scale_vec):
-            kernel[grid](
-                xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
-                INT8=fmt == "int8", MODE=mode, SCALE_VEC=scale_vec,
-                SPLITS=triton.next_power_of_2(n_split),
-                SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
-                RECIP_SCALE=recip_scale, EXACT_DIV=exact_div, INT64=extent >= 2**31,
-                BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, **kwargs,
-            )
-
-        per_line = scale is not None
-        amax = torch.empty((n_split, M), dtype=torch.float32, device=xv.device)
-        launch(_AMAX_ONLY, amax_grid, amax_per_split, amax, amax, False)
-        if not per_line:
-            scale = _second_launch_scale(amax, granularity, spec)
-        launch(_WITH_SCALE, (line_blocks, triton.cdiv(k_tiles, tiles)), tiles * bk, scale,
-               amax, per_line)
-        return scale
-
-    M, K = xv.shape
-    if granularity == "tensor":
-        return q, quantize_lines(xv, q, None)
-    scale = torch.empty((M, 1), dtype=torch.float32, device=xv.device)
-    for lo, hi in l2_groups(M, bm, K * xv.element_size(), budget):
-        quantize_lines(xv[lo:hi], q[lo:hi], scale[lo:hi])
+    amax = torch.empty((n_split, M), dtype=torch.float32, device=xv.device)
+    launch(_AMAX_ONLY, amax_grid, amax_per_split, amax, amax, False)
+    scale = _second_launch_scale(amax, granularity, spec)
+    launch(_WITH_SCALE, (line_blocks, triton.cdiv(k_tiles, tiles)), tiles * bk, scale, amax,
+           granularity == "row")
     return q, scale
 
 
 def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1, *,
                              precision="split", soft_fp8=None, block_m=None, num_warps=None,
                              nt=None, split=None, exact_div=True, recip_scale=None,
-                             num_stages=None, block_k=None, tiles=None, group_bytes=None):
+                             num_stages=None, block_k=None, tiles=None):
     """Run the Triton kernel directly: on CUDA tensors compiled, on CPU tensors through the
     Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, contiguous; scale float32
     [M, 1] or [1, 1]): the rows of block_hadamard(x, block, dim) quantized per row (or tensor).
@@ -915,9 +849,6 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
         keeps in shared memory). A transposed view without rotation has a kernel of its own
         (TRANSPOSE_CONFIG): block_m lines by block_k K indices a tile, split the absmax
         launch's K ranges, tiles the K tiles of a quantize program.
-    group_bytes: a quantization in two launches with a scale per line (or per K index) runs
-        them over ranges of lines whose input is at most this big (`l2_groups`; 0: all at
-        once; default: L2_GROUP_FRACTION of the GPU's L2, none in the interpreter).
     exact_div: False multiplies by the reciprocal of the scale instead of dividing (a benchmark
         knob: not bit-exact, and no faster on an H100).
     recip_scale: compute the scale as amax * float32(1 / max) (default: on CUDA, as torch does
@@ -926,8 +857,7 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     return _hadamard_quantize_impl(interpreted if interpret else _JITTED.get, x, fmt,
                                    granularity, block, dim, precision, soft_fp8, interpret,
                                    block_m, num_warps, nt, split, exact_div, recip_scale,
-                                   num_stages, block_k=block_k, tiles=tiles,
-                                   group_bytes=group_bytes)
+                                   num_stages, block_k=block_k, tiles=tiles)
 
 
 def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):

@@ -20,7 +20,6 @@ from halo_compile.kernels.triton_hadamard_quantize import (
     hadamard_quantize_dual_triton,
     hadamard_quantize_reference,
     hadamard_quantize_triton,
-    l2_groups,
     launch_grid,
 )
 
@@ -169,45 +168,6 @@ def test_launch_grid_covers_the_work_in_one_wave(lines, k, layout, sms):
 def test_launch_grid_takes_a_given_split():
     assert launch_grid(4096, 8192, 64, 1, True, split=3, want=264) == ((32, 3), 1408)
     assert launch_grid(64, 1024, 16, 1, False, split=99) == ((4, 4), 256)  # at most one per tile
-
-
-@pytest.mark.parametrize("n,unit,per_index,budget", [
-    (1000, 64, 100, 30000), (14336, 64, 16384, 16 << 20), (8192, 256, 28672, 16 << 20),
-    (100, 8, 10, 5), (300, 256, 2, 1 << 20), (4097, 64, 8192, 0)])
-def test_l2_groups_cover_the_lines_in_ranges_that_fit(n, unit, per_index, budget):
-    groups = l2_groups(n, unit, per_index, budget)
-    assert groups[0][0] == 0 and groups[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))  # contiguous, no overlap
-    assert all(lo % unit == 0 and lo < hi for lo, hi in groups)
-    if budget and n * per_index > budget:
-        # within the budget unless one unit alone exceeds it; about equal sizes
-        assert all((hi - lo) * per_index <= max(budget, unit * per_index) for lo, hi in groups)
-        sizes = [hi - lo for lo, hi in groups]
-        assert max(sizes[:-1]) == min(sizes[:-1]) and sizes[-1] <= sizes[0]
-        assert len(groups) > 1
-    else:
-        assert groups == [(0, n)]
-
-
-# (lines, K, block, dim): the two-launch variants with a scale per line or per K index.
-GROUPED_CASES = [(130, 768, 0, 1), (40, 512, 64, 1), (33, 100, 0, 1), (40, 768, 256, 0),
-                 (24, 1000, 0, 0)]
-
-
-@pytest.mark.parametrize("lines,k,block,dim", GROUPED_CASES)
-def test_interpreter_l2_groups_give_the_same_values(lines, k, block, dim):
-    """Both launches one range of lines at a time (group_bytes): bit for bit what one launch
-    over all lines gives, and the reference's values; a tensor scale is never grouped."""
-    for i, (fmt, gran) in enumerate([(f, g) for f in FMTS for g in GRANULARITIES]):
-        base = _input(k, lines, torch.bfloat16, lines + k + i, outliers=True)
-        x = base.t() if dim == 1 else base  # dim 1: a transposed view; dim 0: tokens first
-        whole = hadamard_quantize_triton(x, fmt, gran, block, dim, split=2, group_bytes=0)
-        grouped = hadamard_quantize_triton(x, fmt, gran, block, dim, split=2,
-                                           group_bytes=3 * 256 * 2 if dim == 0 else 300)
-        assert torch.equal(whole[1], grouped[1])
-        assert torch.equal(whole[0].view(torch.uint8), grouped[0].view(torch.uint8))
-        mismatches = _compare(*grouped, *hadamard_quantize_reference(x, fmt, gran, block, dim))
-        assert mismatches <= (0 if block == 0 else max(2, x.numel() // 1000))
 
 
 def test_interpreter_split_row_launch():
@@ -441,22 +401,6 @@ def test_gpu_grad_layouts_match_reference(variant, fmt, gran):
         assert q.is_contiguous() and q.shape == x.shape
         mismatches = _compare(q, s, *hadamard_quantize_reference(x, fmt, gran, block, dim))
         assert mismatches <= (0 if block == 0 else q.numel() // 10000)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["transposed", "transposed rotated", "dim0"])
-def test_gpu_l2_groups_give_the_same_values(variant):
-    """The default ranges (L2_GROUP_FRACTION of the L2), small ones and none: bit for bit the
-    same, at real and odd sizes."""
-    block = 0 if variant == "transposed" else 256
-    for tokens, width in ((8192, 14336), (4352, 1000)):
-        dy = _input(tokens, width, torch.bfloat16, tokens + width, outliers=True, device="cuda")
-        x, dim = (dy, 0) if variant == "dim0" else (dy.t(), 1)
-        runs = [hadamard_quantize_triton(x, "fp8_e4m3", "row", block, dim, group_bytes=b)
-                for b in (None, 0, 1 << 20)]
-        for q, s in runs[1:]:
-            assert torch.equal(runs[0][1], s)
-            assert torch.equal(runs[0][0].view(torch.uint8), q.view(torch.uint8))
 
 
 @pytest.mark.gpu
