@@ -43,8 +43,9 @@ class _Unrotation(NamedTuple):
     out: fx.Node
 
     def merges_with(self, other: "_Unrotation") -> bool:
-        return (self.signs, self.rows_shape, self.out_shape) == (
-            other.signs, other.rows_shape, other.out_shape)
+        """The same block, shapes and dtype: the sum of the outputs can be un-rotated once."""
+        return (self.signs, self.rows_shape, self.out_shape, self.out.meta["val"].dtype) == (
+            other.signs, other.rows_shape, other.out_shape, other.out.meta["val"].dtype)
 
 
 def merge_unrotations(graph: fx.Graph) -> int:
@@ -55,16 +56,14 @@ def merge_unrotations(graph: fx.Graph) -> int:
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.add.Tensor]:
         if node in erased or node.kwargs or len(node.args) != 2:
             continue
-        left, right = (_unrotation(arg) for arg in node.args)
-        if left is None or right is None or not left.merges_with(right):
-            continue
-        if left.out.meta["val"].dtype != right.out.meta["val"].dtype:
+        first, second = (_unrotation(arg) for arg in node.args)
+        if first is None or second is None or not first.merges_with(second):
             continue
         with graph.inserting_before(node):
-            total = _call(graph, aten.add.Tensor, left.out, right.out)
-            rows = _call(graph, _VIEWS[0], total, left.rows_shape)
-            product = _call(graph, aten.bmm.default, left.left, rows)
-            merged = _call(graph, _VIEWS[0], product, left.out_shape)
+            total = _call(graph, aten.add.Tensor, first.out, second.out)
+            rows = _call(graph, _VIEWS[0], total, first.rows_shape)
+            product = _call(graph, aten.bmm.default, first.left, rows)
+            merged = _call(graph, _VIEWS[0], product, first.out_shape)
         node.replace_all_uses_with(merged)
         _erase_unused(graph, node, erased)
         removed += 1
