@@ -44,6 +44,28 @@ def lora_llama(args) -> torch.nn.Module:
     return peft.get_peft_model(model, lora).train()
 
 
+def measure(options, ids, args) -> tuple:
+    """One variant's (median ms a step, peak GiB, cached weights GiB, base weights quantized
+    while timed); its model is freed on return."""
+    torch._dynamo.reset()
+    WEIGHT_CACHE.forget()
+    model = lora_llama(args)
+    compiled = (torch.compile(model) if options is None
+                else torch.compile(model, backend="halo", options=options))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # compile, and quantize the frozen base weights
+    before = WEIGHT_CACHE.computations
+    ms = median_ms(step, args.reps)
+    requantized = WEIGHT_CACHE.computations - before
+    return ms, peak_gib(step), WEIGHT_CACHE.nbytes() / 2**30, requantized
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -64,31 +86,11 @@ def main() -> None:
     tokens = ids.numel()
     rows = []
     for name in args.variants.split(";"):
-        options = VARIANTS[name]
-        torch._dynamo.reset()
-        WEIGHT_CACHE.forget()
-        model = lora_llama(args)
-        compiled = (torch.compile(model) if options is None
-                    else torch.compile(model, backend="halo", options=options))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=1e-4)
-
-        def step():
-            compiled(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()  # compile, and quantize the frozen base weights
-        before = WEIGHT_CACHE.computations
-        ms = median_ms(step, args.reps)
-        requantized = WEIGHT_CACHE.computations - before
-        peak = peak_gib(step)
-        cache_gib = WEIGHT_CACHE.nbytes() / 2**30
+        ms, peak, cache_gib, requantized = measure(VARIANTS[name], ids, args)
         rows.append((name, ms, tokens / ms * 1e3, peak, cache_gib, requantized))
         print(f"{name:24s} {ms:8.1f} ms/step  {tokens / ms * 1e3:9.0f} tokens/s  peak "
               f"{peak:6.2f} GiB  cache {cache_gib:5.2f} GiB  re-quantized {requantized}",
               flush=True)
-        del model, compiled, optimizer
 
     bf16_ms = next((ms for name, ms, *_ in rows if name == "bf16 inductor"), None)
     title = (f"LoRA (r={args.rank}, all projections) fine-tuning step, {args.layers} Llama-3-8B "
