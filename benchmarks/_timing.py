@@ -3,8 +3,12 @@ so this module is importable as `_timing`)."""
 
 from __future__ import annotations
 
+import collections
 import datetime
+import json
+import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -194,10 +198,38 @@ def device_activities(events, reps: int, top: int) -> str:
     return "\n".join(lines)
 
 
+def launches_by_grid(trace_events, reps: int, match: str = "quantize_kernel") -> str:
+    """The GPU kernels whose name contains `match` (halo's quantize kernels), grouped by name,
+    grid and block: launches and microseconds a call, from a profiler's Chrome-trace events.
+    Tells apart launches that one name lumps together (an absmax launch from its quantize
+    launch, one operand's shape from another's)."""
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    for event in trace_events:
+        if event.get("cat") == "kernel" and match in event.get("name", ""):
+            args = event.get("args", {})
+            key = (event["name"], tuple(args.get("grid", ())), tuple(args.get("block", ())))
+            groups[key][0] += 1
+            groups[key][1] += event.get("dur", 0.0)
+    lines = [f"kernels named *{match}* by grid ({reps} calls):",
+             " us a call  launches a call  grid  block  name"]
+    for (name, grid, block), (count, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{us / reps:10.1f}  {count / reps:15.1f}  {grid}  {block}  {name}")
+    return "\n".join(lines)
+
+
+def _trace_events(prof) -> list:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
+
+
 def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     """torch.profiler tables of `reps` calls of `step()`: the GPU's timeline (`gpu_timeline`), the
-    device activities by GPU time (`device_activities`), then the host-side ops by their own CPU
-    time (where a step's time goes when the GPU waits)."""
+    device activities by GPU time (`device_activities`), halo's quantize launches by grid
+    (`launches_by_grid`), then the host-side ops by their own CPU time (where a step's time goes
+    when the GPU waits)."""
     from torch.profiler import ProfilerActivity, profile
 
     _warm(step)
@@ -208,6 +240,7 @@ def kernel_breakdown(step, reps: int, top: int = 15) -> str:
     return "\n".join([
         gpu_timeline(prof.events(), reps),
         device_activities(prof.events(), reps, top),
+        launches_by_grid(_trace_events(prof), reps),
         f"host (self CPU time, {reps} calls):",
         prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top,
                                   max_name_column_width=70),
