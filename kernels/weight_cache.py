@@ -67,7 +67,10 @@ def quantize_weight(weight: torch.Tensor, fmt: str, granularity: str, block: int
     # (fused_block: the kernel takes this format and dtype; rotation "none", `block` given)
     kernel = fused_block(b, b, fmt, "none", 0, "nearest", "nearest") is not None
     if not (b.is_cuda and kernel and block <= MAX_BLOCK):
-        return quantized_operand(b, fmt, granularity, block, "nearest", check, where)
+        q, scale = quantized_operand(b, fmt, granularity, block, "nearest", check, where)
+        # Row-major, as the kernel writes it and `halo::cached_quantized_weight`'s fake says:
+        # an unrotated transpose would keep the transposed view's strides.
+        return q.contiguous(), scale
     q, scale = hadamard_quantize_triton(b, fmt, granularity, block)
     if check:
         check_finite(scale, where)

@@ -200,7 +200,9 @@ def test_opcheck(fmt):
     opcheck(torch.ops.halo.frozen_weight_matmul.default, matmul_args)
     # The cached weight side of the fused path. INT8 only: opcheck's schema check compares the
     # outputs with ops that have no float8 CPU kernel.
-    if fmt == "int8":
-        weight_args = (_frozen(w), "", [], True, fmt, "row", 16, torch.float32, True, "g")
+    # Rotated (block 16) and not (0: a transposed view quantized as it is, which must still
+    # come out row-major, as the fake says).
+    for block in (16, 0) if fmt == "int8" else ():
+        weight_args = (_frozen(w), "", [], True, fmt, "row", block, torch.float32, True, "g")
         opcheck(torch.ops.halo.cached_quantized_weight.default, weight_args,
                 test_utils=("test_schema", "test_faketensor"))
