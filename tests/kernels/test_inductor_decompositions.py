@@ -344,3 +344,40 @@ def test_grad_input_and_grad_weight_quantize_dy_in_one_call(monkeypatch, grad_we
     assert _rel(x.grad, x_ref.grad) < 1e-6
     for mine, theirs in zip(model.parameters(), reference.parameters()):
         assert _rel(mine.grad, theirs.grad) < 1e-6
+
+
+def test_cached_weights_through_inductor_as_on_cuda(monkeypatch):
+    """Option cache_weights, traced on the CPU as on CUDA (the device test patched) and compiled
+    by Inductor, which asserts the strides the cached weight op's fake promises: two optimizer
+    steps of two micro-batches give the gradients of the uncached path, and each weight is
+    quantized twice a step (W for the forward, Wᵀ for grad-input), served from the cache in the
+    second micro-batch."""
+    import halo_compile.kernels.inductor_decompositions as decompositions
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
+
+    monkeypatch.setattr(decompositions, "fused_device", lambda t: True)
+    torch.manual_seed(0)
+    inputs = [torch.randn(32, 64) for _ in range(4)]
+    options = {"format": "fp8_e4m3", "hadamard": "halo2", "min_features": 16}
+    grads, counts = {}, []
+    for cache in (False, True):
+        torch._dynamo.reset()
+        WEIGHT_CACHE.forget()
+        torch.manual_seed(1)
+        model = _QKV()
+        compiled = torch.compile(model, backend="halo", options={**options,
+                                                                 "cache_weights": cache})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(2):
+            before = WEIGHT_CACHE.computations
+            for x in inputs[2 * step:2 * step + 2]:
+                x = x.clone().requires_grad_()
+                compiled(x).sum().backward()
+            counts.append(WEIGHT_CACHE.computations - before)
+            if step == 0:
+                grads[cache] = [p.grad.clone() for p in model.parameters()] + [x.grad]
+            optimizer.step()
+            optimizer.zero_grad()
+    assert counts == [0, 0, 6, 6]
+    for mine, theirs in zip(grads[True], grads[False]):
+        assert _rel(mine, theirs) < 1e-6
