@@ -4,12 +4,20 @@
 In order: merge_unrotations.py (a sum of un-rotated gradients un-rotated once), then
 batch_nonfinite_checks.py (one inf/NaN report per graph), then the pass the user had set, if
 any.
+
+Its `uuid` is also how Inductor's on-disk caches (the FX graph cache, and AOTAutograd's, which
+keys on the same details) tell halo's code apart: they key on the Dynamo graph, in which halo's
+ops are opaque calls, not on what the decompositions traced from them (the Triton kernels and
+their launches). So the uuid hashes all of halo-compile's source: a graph compiled by another
+version of it is compiled again, not loaded. (Before, a wheel with one-launch transposes left
+its graphs in the cache, and the next wheel's run on that machine loaded them: a benchmark
+measured the old kernels; docs/BENCHMARKS.md, eighteenth session.)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import sys
 from pathlib import Path
 
 import torch.fx as fx
@@ -34,12 +42,33 @@ class HaloPostGradPasses(CustomGraphPass):
             self.then(graph)
 
     def uuid(self) -> bytes:
-        # Inductor's FX graph cache keys on it: the passes' source, and the chained pass's.
-        key = hashlib.sha256()
-        for function in (merge_unrotations, batch_nonfinite_checks, HaloPostGradPasses):
-            key.update(Path(sys.modules[function.__module__].__file__).read_bytes())
+        # Inductor's caches key on it: halo's source (see above), and the chained pass's.
+        key = hashlib.sha256(source_digest())
         key.update(repr(self.copy_scales).encode())
         if self.then is not None:
             key.update(repr(self.then.uuid() if hasattr(self.then, "uuid") else self.then)
                        .encode())
         return key.digest()
+
+
+def source_files() -> dict:
+    """halo-compile's Python files by module name ("halo_compile.kernels.hadamard", ...): those
+    of the packages halo_compile, halo_compile.kernels and halo_compile.passes (installed from
+    separate folders)."""
+    import halo_compile
+    import halo_compile.kernels
+    import halo_compile.passes
+
+    return {f"{package.__name__}.{path.stem}": path
+            for package in (halo_compile, halo_compile.kernels, halo_compile.passes)
+            for path in Path(package.__file__).parent.glob("*.py")}
+
+
+@functools.cache
+def source_digest() -> bytes:
+    """A hash of `source_files()`, names and contents (read once a process: the code imported
+    does not change under it)."""
+    key = hashlib.sha256(source_digest())
+    for name, path in sorted(source_files().items()):
+        key.update(name.encode() + b"\0" + path.read_bytes())
+    return key.digest()
