@@ -68,7 +68,7 @@ def source_files() -> dict:
 def source_digest() -> bytes:
     """A hash of `source_files()`, names and contents (read once a process: the code imported
     does not change under it)."""
-    key = hashlib.sha256(source_digest())
+    key = hashlib.sha256()
     for name, path in sorted(source_files().items()):
         key.update(name.encode() + b"\0" + path.read_bytes())
     return key.digest()
