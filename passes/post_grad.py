@@ -55,7 +55,7 @@ def source_files() -> dict:
     """halo-compile's Python files by module name ("halo_compile.kernels.hadamard", ...): those
     of the packages halo_compile, halo_compile.kernels and halo_compile.passes (installed from
     separate folders)."""
-    import halo_compile
+    import halo_compile  # (here, not at the top: halo_compile imports this module)
     import halo_compile.kernels
     import halo_compile.passes
 
