@@ -69,7 +69,7 @@ def frozen_weight_matmul(
 
 def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
                                block, granularity, check_finite_inputs, where, fast_accum=False,
-                               **kernels):
+                               rounding_a="nearest", **kernels):
     """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
     Triton kernel, the weight side from the cache (`halo::cached_quantized_weight`), then the
     GEMM. `block` comes from `fused_block`; `kernels` as fused_product takes them."""
@@ -82,7 +82,8 @@ def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, f
         sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
         return gemm_with(cuda_gemm, fast_accum)(qa, sa, qb, sb, fmt, a.dtype)
 
-    return fused_product(a, right_gemm, fmt, rotation, block, granularity, **kernels)
+    return fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a,
+                         **kernels)
 
 
 def cached_quantized_weight(weight, fold, fold_inputs, transpose_weight, fmt, granularity, block,
@@ -116,11 +117,11 @@ def _(weight, fold, fold_inputs, transpose_weight, fmt, granularity, block, dtyp
 @frozen_weight_matmul.register_kernel("cuda")
 def _(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation, max_block, granularity,
       rounding_a, check_finite_inputs, where, fast_accum=False):
-    block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
+    block = fused_block(a, weight, fmt, rotation, max_block)
     if block is not None:
         return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
                                           rotation, block, granularity, check_finite_inputs,
-                                          where, fast_accum)
+                                          where, fast_accum, rounding_a)
     return _frozen_weight_matmul(gemm_with(cuda_gemm, fast_accum), a, weight, fold, fold_inputs,
                                  transpose_weight, fmt, rotation, max_block, granularity,
                                  rounding_a, check_finite_inputs, where)

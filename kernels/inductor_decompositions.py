@@ -21,7 +21,7 @@ replaced by the fused path's pieces:
 * the scale, padding and outer-rotation arithmetic, as aten ops that Inductor fuses.
 
 The ops stay whole (an opaque call, their body as before) where the fused kernel does not apply:
-stochastic rounding, Hadamard blocks above 256, format "none", float64; off CUDA, where the
+Hadamard blocks above 256, format "none", float64; off CUDA, where the
 reference is what runs; for tensor subclasses; and under torch.export. (aot_eager functionalizes
 too, so it runs the same pieces, eagerly.)
 """
@@ -46,20 +46,24 @@ from .triton_hadamard_quantize import (  # noqa: F401  (registers the ops)
 )
 
 
-def _hadamard_quantize_op(x, fmt, granularity, block, dim):
+def _hadamard_quantize_op(x, fmt, granularity, block, dim, rounding="nearest"):
     # Once per operand object: linears reading one activation share it (shared_operands.py).
+    # (The rounding is passed only where it is not the default: graphs print as before.)
+    extra = () if rounding == "nearest" else (rounding,)
     if dim == 0 and block and granularity == "row" and cached(x, DY_TRANSPOSE):
         # grad-input's dY ("outer": rotated along the tokens), whose transpose grad-weight
         # rotates along the same tokens next (quantized_linear.py). One kernel quantizes both,
         # and leaves dYᵀ's where grad-weight's view of dY looks for it.
         q, scale, qt, scale_t = shared(
-            x, ("hadamard_quantize_dual", fmt, block),
-            lambda t: torch.ops.halo.hadamard_quantize_dual(t, fmt, block))
+            x, ("hadamard_quantize_dual", fmt, block, rounding),
+            lambda t: torch.ops.halo.hadamard_quantize_dual(t, fmt, block, *extra))
         dyt = shared_view(x, "features x tokens", lambda t: t.t())
-        shared(dyt, ("hadamard_quantize", fmt, granularity, block, 1), lambda _: (qt, scale_t))
+        shared(dyt, ("hadamard_quantize", fmt, granularity, block, 1, rounding),
+               lambda _: (qt, scale_t))
         return q, scale
-    return shared(x, ("hadamard_quantize", fmt, granularity, block, dim),
-                  lambda t: torch.ops.halo.hadamard_quantize(t, fmt, granularity, block, dim))
+    return shared(x, ("hadamard_quantize", fmt, granularity, block, dim, rounding),
+                  lambda t: torch.ops.halo.hadamard_quantize(t, fmt, granularity, block, dim,
+                                                             *extra))
 
 
 TRACEABLE_KERNELS = {"quantize_operand": _hadamard_quantize_op, "signs": sylvester_signs}
@@ -75,11 +79,12 @@ def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, roundin
                             rounding_b, check_finite_inputs, where, fast_accum=False):
     if not fused_device(a):
         return NotImplemented
-    block = fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
+    block = fused_block(a, b, fmt, rotation, max_block)
     if block is None:
         return NotImplemented
     return fused_scaled_matmul(gemm_with(cuda_gemm, fast_accum), a, b, fmt, rotation, block,
-                               granularity, check_finite_inputs, where, **TRACEABLE_KERNELS)
+                               granularity, check_finite_inputs, where, rounding_a, rounding_b,
+                               **TRACEABLE_KERNELS)
 
 
 def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotation,
@@ -98,12 +103,12 @@ def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weigh
                                    where, fast_accum=False):
     if not fused_device(a):
         return NotImplemented
-    block = fused_block(a, weight, fmt, rotation, max_block, rounding_a, "nearest")
+    block = fused_block(a, weight, fmt, rotation, max_block)
     if block is None:
         return NotImplemented
     return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
                                       rotation, block, granularity, check_finite_inputs, where,
-                                      fast_accum, **TRACEABLE_KERNELS)
+                                      fast_accum, rounding_a, **TRACEABLE_KERNELS)
 
 
 def decompose_frozen_linear(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,

@@ -22,8 +22,9 @@ On CUDA each operand is rotated and quantized by one launch of the fused Triton 
 grad-weight operands dYᵀ and Xᵀ are transposed views: the kernel writes their quantized
 transposes directly), and writes the 8-bit values and float32 scales. The "outer" rotation's
 undoing on the output is one batched bf16 product with the ±1 Hadamard block, its 1/sqrt(block)
-folded into A's scales. Stochastic rounding, blocks above 256 ("full" Hadamards of long
-dimensions) and fmt "none" take the unfused path (torch rotation and quantization).
+folded into A's scales (rounding to nearest or stochastically, in the kernel). Blocks above
+256 ("full" Hadamards of long dimensions), float64 and fmt "none" take the unfused path (torch
+rotation and quantization).
 """
 
 from __future__ import annotations
@@ -182,9 +183,9 @@ def scaled_matmul(
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b):
+def fused_block(a, b, fmt, rotation, max_block):
     """The Hadamard block the fused CUDA path would use, or None where it does not apply."""
-    if fmt == "none" or rounding_a != "nearest" or rounding_b != "nearest":
+    if fmt == "none":
         return None
     if a.dtype not in _FUSED_DTYPES or b.dtype not in _FUSED_DTYPES:
         return None
@@ -243,7 +244,7 @@ def scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where):
     return sa * sa_factor if sa_factor != 1.0 else sa
 
 
-def fused_product(a, right_gemm, fmt, rotation, block, granularity,
+def fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a="nearest",
                   quantize_operand=hadamard_quantize_triton, signs=hadamard_signs):
     """The fused path: A rotated and quantized by one Triton kernel launch, then
     `right_gemm(qa, sa, sa_factor, b_block)`, which brings the right operand (rotated along K by
@@ -253,7 +254,7 @@ def fused_product(a, right_gemm, fmt, rotation, block, granularity,
     (inductor_decompositions.py), which also passes the traceable `sylvester_signs`."""
     out_dtype = a.dtype
     outer = rotation == "outer" and block
-    qa, sa = quantize_operand(a, fmt, granularity, block, 0 if outer else 1)
+    qa, sa = quantize_operand(a, fmt, granularity, block, 0 if outer else 1, rounding_a)
     # "outer": H's normalisation folded into A's scales, applied in the GEMM epilogue.
     out = right_gemm(qa, sa, 1.0 / math.sqrt(block) if outer else 1.0, 0 if outer else block)
     if outer:
@@ -271,26 +272,26 @@ def unrotate_rows(out, block, signs=hadamard_signs):
 
 
 def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,
-                        where, quantize_operand=hadamard_quantize_triton,
-                        signs=hadamard_signs):
+                        where, rounding_a="nearest", rounding_b="nearest",
+                        quantize_operand=hadamard_quantize_triton, signs=hadamard_signs):
     """`fused_product` with B rotated and quantized by the same kernel."""
     def right_gemm(qa, sa, sa_factor, b_block):
-        qb, sb = quantize_operand(b, fmt, granularity, b_block, 1)
+        qb, sb = quantize_operand(b, fmt, granularity, b_block, 1, rounding_b)
         sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
         return gemm(qa, sa, qb, sb, fmt, a.dtype)
 
-    return fused_product(a, right_gemm, fmt, rotation, block, granularity, quantize_operand,
-                         signs)
+    return fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a,
+                         quantize_operand, signs)
 
 
 @scaled_matmul.register_kernel("cuda")
 def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
       where, fast_accum=False):
     gemm = gemm_with(cuda_gemm, fast_accum)
-    block = fused_block(a, b, fmt, rotation, max_block, rounding_a, rounding_b)
+    block = fused_block(a, b, fmt, rotation, max_block)
     if block is not None:
         return fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity,
-                                   check_finite_inputs, where)
+                                   check_finite_inputs, where, rounding_a, rounding_b)
     return _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a,
                           rounding_b, check_finite_inputs, where)
 

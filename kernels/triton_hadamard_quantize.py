@@ -96,6 +96,11 @@ Design
   round-to-nearest-even and saturates (cvt.rn.satfinite), so it needs no clamp to +-448 (the
   integer FP8 conversion and INT8 do clamp). NaN and inf make the row's absmax inf, so the scale
   is non-finite exactly when the reference's is (the values are then meaningless).
+* Stochastic rounding (STOCHASTIC; grad_rounding="stochastic"): in the store, the exact
+  quotient gets 20 random bits below E4M3's 3 kept mantissa bits and is truncated (INT8:
+  floor(v + u)), as quantize.py's reference rounds; the bits are `tl.randint` (Philox) of each
+  element's index in the output, keyed by seeds drawn from torch's generator per launch (DUAL's
+  transpose by a second seed). Scales are unchanged; only the values' rounding differs.
 * The FP8 output is stored through its own float8 pointer (the integer-built E4M3 bits are
   bitcast to float8e4nv), so Inductor's wrapper passes the tensor as it is, with no dtype view
   per launch.
@@ -142,7 +147,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .hadamard import block_hadamard
-from .quantize import FORMATS, _MIN_AMAX, quantize
+from .quantize import FORMATS, ROUNDINGS, _MIN_AMAX, quantize
 from .triton_interpreter import interpreted
 
 MAX_BLOCK = 256
@@ -236,9 +241,34 @@ def _pm1_dot(u, pm1, U_ON_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
+def _random_bits(seed_ptr, which: tl.constexpr, offsets):
+    """32 random bits per element of `offsets` (unique element indices), from Philox (as
+    Inductor's random ops draw them) keyed by the launch's seed `which` (0: q, 1: DUAL's qt)."""
+    return tl.randint(tl.load(seed_ptr + which), offsets.to(tl.uint32))
+
+
+@triton.jit
+def _stochastically_rounded(val, bits, INT8: tl.constexpr):
+    """`val` rounded up or down to a neighbour in the format's grid, up with probability equal
+    to its distance from the lower one (unbiased), as quantize.py's reference rounds: INT8 as
+    floor(val + u), u uniform in [0, 1) from the top 24 bits; FP8 E4M3 by adding 20 random
+    bits below its 3 kept mantissa bits of the float32 and truncating (in sign-magnitude
+    encoding that rounds the magnitude; E4M3's subnormals are then rounded to nearest by the
+    conversion, as in the reference)."""
+    if INT8:
+        val = tl.floor(val + (bits >> 8).to(tl.float32) * (1.0 / 16777216.0))
+    else:
+        noisy = val.to(tl.int32, bitcast=True) + (bits & 0xFFFFF).to(tl.int32)
+        val = (noisy & -1048576).to(tl.float32, bitcast=True)
+    return val
+
+
+@triton.jit
 def _quantized(y, divisor, inv, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
-               SOFT_FP8: tl.constexpr, MAX_VALUE: tl.constexpr):
-    """y / divisor (inv = RN(1 / divisor)) rounded to INT8 or FP8 E4M3."""
+               SOFT_FP8: tl.constexpr, MAX_VALUE: tl.constexpr, bits,
+               STOCHASTIC: tl.constexpr):
+    """y / divisor (inv = RN(1 / divisor)) rounded to INT8 or FP8 E4M3: to nearest, or with
+    STOCHASTIC up or down at random (`bits`: 32 random bits per element)."""
     if EXACT_DIV:
         # y / divisor correctly rounded (Markstein: with inv = RN(1 / divisor), one FMA
         # correction of RN(y * inv) gives RN(y / divisor); only for |y| in the subnormal range
@@ -248,6 +278,8 @@ def _quantized(y, divisor, inv, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
         val = tl.where(res == 0.0, val, tl.fma(res, inv, val))  # keeps -0.0
     else:
         val = y * inv
+    if STOCHASTIC:  # then the conversions below are exact (normal FP8 values, integers)
+        val = _stochastically_rounded(val, bits, INT8)
     if INT8 or SOFT_FP8:  # (the hardware FP8 conversion saturates by itself)
         val = tl.minimum(tl.maximum(val, -MAX_VALUE), MAX_VALUE)
     if INT8:
@@ -280,7 +312,7 @@ def _store_transposed(t, qt_at, mask, lines, amax_t_ptr, scale_t_ptr, store_scal
                       EVEN: tl.constexpr, RECIP_SCALE: tl.constexpr, MAX_VALUE: tl.constexpr,
                       INV_MAX_VALUE: tl.constexpr, INV_SQRT: tl.constexpr,
                       POW2_NORM: tl.constexpr, EXACT_DIV: tl.constexpr, INT8: tl.constexpr,
-                      SOFT_FP8: tl.constexpr):
+                      SOFT_FP8: tl.constexpr, bits, STOCHASTIC: tl.constexpr):
     """DUAL: `t` [lines, 16, 16] quantized with one scale per line (from the lines' absmaxes at
     amax_t_ptr; stored too when `store_scales`) at `qt_at`, the transpose's addresses."""
     if EVEN:
@@ -292,7 +324,7 @@ def _store_transposed(t, qt_at, mask, lines, amax_t_ptr, scale_t_ptr, store_scal
         tl.store(scale_t_ptr + lines, scale, mask=lines < M)
     divisor, inv = _divisor_of(scale, INV_SQRT, POW2_NORM)
     q = _quantized(t, divisor[:, None, None], inv[:, None, None], EXACT_DIV, INT8, SOFT_FP8,
-                   MAX_VALUE)
+                   MAX_VALUE, bits, STOCHASTIC)
     tl.store(qt_at, q, mask=mask)
 
 
@@ -302,6 +334,7 @@ def _hadamard_quantize_kernel(
     # DUAL: the transpose's values [M, K] contiguous and scales [M] (one per line), and its
     # absmaxes: partials [K tiles, M] (_AMAX_ONLY), their max [M] (_WITH_SCALE)
     qt_ptr, scale_t_ptr, amax_t_ptr,
+    seed_ptr,  # STOCHASTIC: the launch's random seeds [2] (q's, DUAL's qt's), int64
     M, K, stride_xm, stride_xk, stride_qm, stride_qk,
     per_split,  # K indices per program (per line block), or lines with SCALE_PER_K
     n_split,  # programs along grid axis 1 (partial absmaxes per scale)
@@ -331,6 +364,7 @@ def _hadamard_quantize_kernel(
     EXACT_DIV: tl.constexpr,  # IEEE division by the scale (else multiply by its reciprocal)
     INT64: tl.constexpr,  # element offsets need 64 bits
     EVEN: tl.constexpr,  # BLOCK_M divides M and NT * 256 divides K: no masks
+    STOCHASTIC: tl.constexpr,  # stochastic rounding (else to nearest)
 ):
     # The input is addressed through strides as M lines of K values: x[m, k] at
     # x_ptr + m * stride_xm + k * stride_xk, so a transposed view (stride_xm == 1) is read in
@@ -373,6 +407,7 @@ def _hadamard_quantize_kernel(
     x_tiles = x_ptr + line_of_b * stride_xm + k_of_b * stride_xk
     q_tiles = q_ptr + line_of_b * stride_qm + k_of_b * stride_qk
     qt_tiles = qt_ptr + line_of_b * K + k_of_b  # (DUAL)
+    elements = line_of_b * K + k_of_b  # (STOCHASTIC: each element's own random numbers)
 
     # +-1 Hadamard H_16 (acts on `low`) and G = I (x) H_R (acts on `mid`), R = HB / 16.
     hu = i16[:, None]
@@ -493,13 +528,23 @@ def _hadamard_quantize_kernel(
                         a_line = a_line * INV_SQRT
                     tl.store(amax_t_ptr + pid_a * M + o + b, a_line, mask=(o + b) < M)
             else:
-                q = _quantized(y, scale3, inv3, EXACT_DIV, INT8, SOFT_FP8, MAX_VALUE)
+                bits = None
+                if STOCHASTIC:
+                    if SCALE_PER_K:
+                        at = elements + o_at * K
+                    else:
+                        at = elements + o_at
+                    bits = _random_bits(seed_ptr, 0, at)
+                q = _quantized(y, scale3, inv3, EXACT_DIV, INT8, SOFT_FP8, MAX_VALUE, bits,
+                               STOCHASTIC)
                 tl.store(q_at, q, mask=mask)
                 if DUAL:  # the same tile, scaled per line, stored transposed
+                    if STOCHASTIC:
+                        bits = _random_bits(seed_ptr, 1, at)
                     _store_transposed(y, qt_tiles + o_at * K, mask, o + b, amax_t_ptr,
                                       scale_t_ptr, pid_a == 0, M, EVEN, RECIP_SCALE, MAX_VALUE,
                                       INV_MAX_VALUE, INV_SQRT, POW2_NORM, EXACT_DIV, INT8,
-                                      SOFT_FP8)
+                                      SOFT_FP8, bits, STOCHASTIC)
         if p == 0:
             amax_tiles = tl.where(amax_tiles == amax_tiles, amax_tiles, float("inf"))  # NaN
             if SCALE_PER_K:  # other programs cover other lines: partials, one row per split
@@ -521,6 +566,7 @@ def _hadamard_quantize_kernel(
 def _transpose_quantize_kernel(
     x_ptr, q_ptr, scale_ptr,
     amax_ptr,  # partial absmaxes [splits, M], float32
+    seed_ptr,  # STOCHASTIC: the launch's random seed, int64
     M, K, stride_xm, stride_xk,
     per_split,  # K indices per program
     n_split,  # programs along K of the absmax launch (rows of partials at amax_ptr)
@@ -537,6 +583,7 @@ def _transpose_quantize_kernel(
     BLOCK_M: tl.constexpr,  # lines per program
     BLOCK_K: tl.constexpr,  # K indices per loop iteration
     EVEN: tl.constexpr,  # BLOCK_M divides M, BLOCK_K divides per_split and K: no masks
+    STOCHASTIC: tl.constexpr,  # stochastic rounding (else to nearest)
 ):
     # The unrotated quantization of a strided view: x[m, k] at x_ptr + m * stride_xm +
     # k * stride_xk (stride_xm 1: a [K, M] tensor seen as its transpose), q [M, K] contiguous.
@@ -553,10 +600,11 @@ def _transpose_quantize_kernel(
     if INT64:
         x_tile = (x_ptr + ks.to(tl.int64)[:, None] * stride_xk
                   + lines.to(tl.int64)[None, :] * stride_xm)
-        q_tile = q_ptr + lines.to(tl.int64)[None, :] * K + ks[:, None]
+        q_index = lines.to(tl.int64)[None, :] * K + ks[:, None]
     else:
         x_tile = x_ptr + ks[:, None] * stride_xk + lines[None, :] * stride_xm
-        q_tile = q_ptr + lines[None, :] * K + ks[:, None]
+        q_index = lines[None, :] * K + ks[:, None]
+    q_tile = q_ptr + q_index
     if MODE == 1:
         amax = tl.full([BLOCK_K, BLOCK_M], 0.0, dtype=tl.float32)  # elementwise, reduced after
     else:
@@ -582,8 +630,11 @@ def _transpose_quantize_kernel(
         if MODE == 1:
             amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
         else:
+            bits = None
+            if STOCHASTIC:  # q's element indices
+                bits = _random_bits(seed_ptr, 0, q_index + k_at)
             q = _quantized(x, divisor[None, :], inv[None, :], EXACT_DIV, INT8, SOFT_FP8,
-                           MAX_VALUE)
+                           MAX_VALUE, bits, STOCHASTIC)
             tl.store(q_tile + k_at, q, mask=mask)
     if MODE == 1:
         amax = tl.where(amax == amax, amax, float("inf"))  # NaN
@@ -598,7 +649,7 @@ _JITTED = {fn: triton.jit(fn) for fn in (_hadamard_quantize_kernel, _transpose_q
 # Python side
 
 
-def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
+def _check_args(x, fmt, granularity, block, dim=1, precision="split", rounding="nearest"):
     if x.dim() != 2:
         raise ValueError(f"hadamard_quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -612,6 +663,9 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split"):
     if precision not in PRECISIONS:
         raise ValueError(f"hadamard_quantize: unknown precision {precision!r}; allowed: "
                          f"{PRECISIONS}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"hadamard_quantize: unknown rounding {rounding!r}; allowed: "
+                         f"{ROUNDINGS}")
     if block:
         if block < 16 or block > MAX_BLOCK or block & (block - 1):
             raise ValueError(f"hadamard_quantize: block must be 0 or a power of two in 16..256, "
@@ -707,13 +761,23 @@ def _second_launch_scale(amax, granularity, spec):
     return (amax.amax().clamp_min(_MIN_AMAX) / spec.max_value).reshape(1, 1)
 
 
+def _launch_seeds(x, rounding):
+    """The seeds of a launch's random numbers ([2], int64: q's, DUAL's qt's), drawn from torch's
+    generator (so torch.manual_seed makes a quantization repeatable, and a compiled graph draws
+    them as Inductor draws its own); with rounding to nearest none are read: a placeholder."""
+    if rounding == "stochastic":
+        return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=x.device)
+    return x
+
+
 def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, precision="split",
                             soft_fp8=None, interpret=False, block_m=None, num_warps=None,
                             nt=None, split=None, exact_div=True, recip_scale=None,
-                            num_stages=None, dual=False, block_k=None, tiles=None):
+                            num_stages=None, dual=False, block_k=None, tiles=None,
+                            rounding="nearest"):
     """`launchable(kernel_fn)`: what launches a kernel function here (its @triton.jit
     compilation, wrapped for a triton_op, or interpreted)."""
-    _check_args(x, fmt, granularity, block, dim, precision)
+    _check_args(x, fmt, granularity, block, dim, precision, rounding)
     if dual and (dim != 0 or granularity != "row"):
         raise ValueError("hadamard_quantize: the dual output needs dim 0 and row scales")
     torch._check(x.numel() >= 1, lambda: "hadamard_quantize: empty input")
@@ -728,10 +792,12 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
         soft_fp8 = interpret
     if recip_scale is None:
         recip_scale = not interpret
+    seeds = _launch_seeds(x, rounding)
     if strided and not block and not per_k:
         return _quantize_transposed(launchable(_transpose_quantize_kernel), xv, q, fmt,
                                     granularity, interpret, soft_fp8, recip_scale, exact_div,
-                                    block_m, block_k, num_warps, split, tiles, num_stages)
+                                    block_m, block_k, num_warps, split, tiles, num_stages, seeds,
+                                    rounding == "stochastic")
     kernel = launchable(_hadamard_quantize_kernel)
     if interpret:
         config = INTERPRETER_STRIDED_CONFIG if strided or per_k else INTERPRETER_CONFIG
@@ -750,7 +816,7 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
 
     def launch(mode, scale, amax, scale_vec, qt=q, scale_t=q, amax_t=q):
         kernel[grid](
-            xv, qv, scale, amax, qt, scale_t, amax_t, M, K, xv.stride(0), xv.stride(1),
+            xv, qv, scale, amax, qt, scale_t, amax_t, seeds, M, K, xv.stride(0), xv.stride(1),
             qv.stride(0), qv.stride(1), per_split, grid[1], HB=block, INT8=fmt == "int8",
             MODE=mode, SCALE_PER_K=per_k, SCALE_VEC=scale_vec, DUAL=dual,
             SPLITS=triton.next_power_of_2(grid[1]),
@@ -762,7 +828,8 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
             FIRST_PASS=1 if mode == _WITH_SCALE else 0,
             LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
             EXACT_DIV=exact_div, INT64=extent >= 2**31,
-            EVEN=M % bm == 0 and K % (nt * 256) == 0, **kwargs,
+            EVEN=M % bm == 0 and K % (nt * 256) == 0, STOCHASTIC=rounding == "stochastic",
+            **kwargs,
         )
 
     rows = x.shape[0]
@@ -792,7 +859,8 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
 
 
 def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, recip_scale,
-                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages):
+                         exact_div, block_m, block_k, num_warps, split, tiles, num_stages, seeds,
+                         stochastic):
     """The unrotated quantization of a strided view xv [M, K] (a transpose: stride (1, M'))
     into q [M, K]: an absmax launch (each program's absmax of each of its lines over its range
     of K, a row of partials per split), then a quantize launch (more, shorter programs: the
@@ -812,12 +880,13 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
 
     def launch(mode, grid, per_split, scale, amax, scale_vec):
         kernel[grid](
-            xv, q, scale, amax, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
+            xv, q, scale, amax, seeds, M, K, xv.stride(0), xv.stride(1), per_split, n_split,
             INT8=fmt == "int8", MODE=mode, SCALE_VEC=scale_vec,
             SPLITS=triton.next_power_of_2(n_split),
             SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=recip_scale, EXACT_DIV=exact_div, INT64=extent >= 2**31,
-            BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, **kwargs,
+            BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, STOCHASTIC=stochastic,
+            **kwargs,
         )
 
     amax = torch.empty((n_split, M), dtype=torch.float32, device=xv.device)
@@ -828,10 +897,10 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
     return q, scale
 
 
-def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1, *,
-                             precision="split", soft_fp8=None, block_m=None, num_warps=None,
-                             nt=None, split=None, exact_div=True, recip_scale=None,
-                             num_stages=None, block_k=None, tiles=None):
+def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1,
+                             rounding="nearest", *, precision="split", soft_fp8=None,
+                             block_m=None, num_warps=None, nt=None, split=None, exact_div=True,
+                             recip_scale=None, num_stages=None, block_k=None, tiles=None):
     """Run the Triton kernel directly: on CUDA tensors compiled, on CPU tensors through the
     Triton interpreter. Returns (q [M, K] float8_e4m3fn / int8, contiguous; scale float32
     [M, 1] or [1, 1]): the rows of block_hadamard(x, block, dim) quantized per row (or tensor).
@@ -839,6 +908,8 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     dim=1 rotates along the rows ("inner"); any strides are read in place, so `t.t()` gives the
         quantized transpose of `t` with no transposing pass (grad-weight's dYᵀ and Xᵀ).
     dim=0 rotates along the columns ("outer": H along tokens), still one scale per row.
+    rounding: "nearest", or "stochastic" (each value rounded up or down at random, unbiased, as
+        quantize.py's reference does, with Philox numbers seeded from torch's generator).
     precision: "split" (float32 values as 3 bf16 dot operands) or "ieee" (float32 dots).
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
@@ -857,10 +928,10 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
     return _hadamard_quantize_impl(interpreted if interpret else _JITTED.get, x, fmt,
                                    granularity, block, dim, precision, soft_fp8, interpret,
                                    block_m, num_warps, nt, split, exact_div, recip_scale,
-                                   num_stages, block_k=block_k, tiles=tiles)
+                                   num_stages, block_k=block_k, tiles=tiles, rounding=rounding)
 
 
-def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):
+def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, rounding="nearest", **launch):
     """x [tokens, features] (grad-output dY) rotated along the tokens and quantized for both
     backward matmuls from one read per launch: (q, scale) as
     `hadamard_quantize_triton(x, fmt, "row", block, dim=0)` gives them (grad-input's dY,
@@ -871,7 +942,8 @@ def hadamard_quantize_dual_triton(x, fmt="fp8_e4m3", block=0, **launch):
     `hadamard_quantize_triton` (block_m, num_warps, split, ...)."""
     interpret = x.device.type != "cuda"
     return _hadamard_quantize_impl(interpreted if interpret else _JITTED.get, x, fmt, "row",
-                                   block, 0, interpret=interpret, dual=True, **launch)
+                                   block, 0, interpret=interpret, dual=True, rounding=rounding,
+                                   **launch)
 
 
 def _wrapped(kernel_fn):
@@ -879,37 +951,42 @@ def _wrapped(kernel_fn):
     return wrap_triton(_JITTED[kernel_fn])
 
 
-def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1):
+def hadamard_quantize_reference(x, fmt="fp8_e4m3", granularity="row", block=0, dim=1,
+                                rounding="nearest"):
     """The plain-torch composition the kernel implements."""
-    _check_args(x, fmt, granularity, block, dim)
+    _check_args(x, fmt, granularity, block, dim, rounding=rounding)
     rotated = block_hadamard(x, block, dim=dim) if block else x.float()
-    return quantize(rotated, fmt, granularity)
+    return quantize(rotated, fmt, granularity, rounding)
 
 
-def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0):
+def hadamard_quantize_dual_reference(x, fmt="fp8_e4m3", block=0, rounding="nearest"):
     """The plain-torch composition the dual output implements."""
-    _check_args(x, fmt, "row", block, 0)
+    _check_args(x, fmt, "row", block, 0, rounding=rounding)
     rotated = block_hadamard(x, block, dim=0) if block else x.float()
-    return (*quantize(rotated, fmt, "row"), *quantize(rotated.t().contiguous(), fmt, "row"))
+    return (*quantize(rotated, fmt, "row", rounding),
+            *quantize(rotated.t().contiguous(), fmt, "row", rounding))
 
 
 @triton_op("halo::hadamard_quantize", mutates_args=())
 def hadamard_quantize(x: torch.Tensor, fmt: str, granularity: str, block: int,
-                      dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                      dim: int = 1, rounding: str = "nearest"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-Hadamard rotation along `dim` (block 0: none) then quantization to `fmt`, one
-    scale per row (or per tensor). CUDA: the fused Triton kernel; other devices: the plain-torch
-    reference."""
+    scale per row (or per tensor), rounding to nearest or stochastically. CUDA: the fused
+    Triton kernel; other devices: the plain-torch reference."""
     if x.device.type != "cuda":
-        return hadamard_quantize_reference(x, fmt, granularity, block, dim)
-    return _hadamard_quantize_impl(_wrapped, x, fmt, granularity, block, dim)
+        return hadamard_quantize_reference(x, fmt, granularity, block, dim, rounding)
+    return _hadamard_quantize_impl(_wrapped, x, fmt, granularity, block, dim,
+                                   rounding=rounding)
 
 
 @triton_op("halo::hadamard_quantize_dual", mutates_args=())
-def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int
+def hadamard_quantize_dual(x: torch.Tensor, fmt: str, block: int, rounding: str = "nearest"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dY rotated along the tokens, quantized for grad-input (a scale per token) and,
     transposed, for grad-weight (a scale per feature): see `hadamard_quantize_dual_triton`.
     CUDA: the fused Triton kernel; other devices: the plain-torch reference."""
     if x.device.type != "cuda":
-        return hadamard_quantize_dual_reference(x, fmt, block)
-    return _hadamard_quantize_impl(_wrapped, x, fmt, "row", block, 0, dual=True)
+        return hadamard_quantize_dual_reference(x, fmt, block, rounding)
+    return _hadamard_quantize_impl(_wrapped, x, fmt, "row", block, 0, dual=True,
+                                   rounding=rounding)

@@ -65,7 +65,7 @@ def quantize_weight(weight: torch.Tensor, fmt: str, granularity: str, block: int
     b = (weight.t() if transpose else weight).to(dtype or weight.dtype)
     where = f"{where} (cached weight)"
     # (fused_block: the kernel takes this format and dtype; rotation "none", `block` given)
-    kernel = fused_block(b, b, fmt, "none", 0, "nearest", "nearest") is not None
+    kernel = fused_block(b, b, fmt, "none", 0) is not None
     if not (b.is_cuda and kernel and block <= MAX_BLOCK):
         q, scale = quantized_operand(b, fmt, granularity, block, "nearest", check, where)
         # Row-major, as the kernel writes it and `halo::cached_quantized_weight`'s fake says:

@@ -73,7 +73,7 @@ def test_fused_path_equals_fused_scaled_matmul(seed, fmt, rotation, transpose):
     a = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     weight = _frozen(w.t() if transpose else w)
     b = (weight.t() if transpose else weight).to(a.dtype)
-    block = fused_block(a, weight, fmt, rotation, 256, "nearest", "nearest")
+    block = fused_block(a, weight, fmt, rotation, 256)
     assert block == (0 if rotation == "none" else 32 if rotation == "inner" else 64)
     out = fused_frozen_weight_matmul(a, weight, "", [], transpose, fmt, rotation, block, "row",
                                      True, "m")

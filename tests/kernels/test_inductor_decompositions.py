@@ -40,7 +40,7 @@ def _operands(m, n, k, dtype, seed, device="cpu", outliers=True):
 def _decomposed(a, b, fmt, rotation, max_block=256, check=True):
     """The pieces the decomposition emits, run eagerly: on the CPU the quantize op is the
     reference and the GEMM is torch's CPU `_scaled_mm` / the INT8 op's reference."""
-    block = fused_block(a, b, fmt, rotation, max_block, "nearest", "nearest")
+    block = fused_block(a, b, fmt, rotation, max_block)
     return fused_scaled_matmul(
         cuda_gemm, a, b, fmt, rotation, block, "row", check, "test",
         quantize_operand=lambda x, *args: torch.ops.halo.hadamard_quantize(x, fmt, *args[1:]),
@@ -74,7 +74,7 @@ def test_fast_accumulation_reaches_the_gemm_of_the_decomposed_path():
         seen.append(fast_accum)
         return cuda_gemm(*args, fast_accum=fast_accum)
 
-    block = fused_block(a, b, "fp8_e4m3", "inner", 256, "nearest", "nearest")
+    block = fused_block(a, b, "fp8_e4m3", "inner", 256)
     for fast in (True, False):
         out = fused_scaled_matmul(
             gemm_with(recording_gemm, fast), a, b, "fp8_e4m3", "inner", block, "row", True, "t",
@@ -108,16 +108,16 @@ def test_decompositions_leave_what_the_fused_kernel_does_not_cover():
     w = b.clone()
     assert decompose_quantized_linear(a, w, None, "fp8_e4m3", "row", "inner", "inner", "outer",
                                       256, "nearest", True, "t", False) is NotImplemented
-    # On CUDA too: stochastic rounding, blocks above 256, format none and float64 stay whole.
-    assert fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
-    assert fused_block(a, b, "fp8_e4m3", "inner", 0, "nearest", "nearest") == 64
-    assert fused_block(a.double(), b.double(), "int8", "none", 0, "nearest", "nearest") is None
+    # On CUDA too: blocks above 256, format none and float64 stay whole.
+    assert fused_block(a, b, "fp8_e4m3", "inner", 0) == 64
+    assert fused_block(a.double(), b.double(), "int8", "none", 0) is None
     assert {op._name for op in DECOMPOSITIONS} == {
         "scaled_matmul", "quantized_linear", "frozen_weight_matmul", "frozen_linear"}
 
 
-def _compiled_linear_code(x, weight, options):
-    """Inductor's generated code (forward and backward) and results for one halo linear."""
+def _compiled_linear_code(x, weight, options, grad_out=None):
+    """Inductor's generated code (forward and backward) and results for one halo linear, its
+    backward from `grad_out` (default ones)."""
     from torch._inductor.utils import run_and_get_code
 
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=x.device,
@@ -128,7 +128,7 @@ def _compiled_linear_code(x, weight, options):
 
     def step():
         y = compiled(x)
-        y.backward(torch.ones_like(y))
+        y.backward(torch.ones_like(y) if grad_out is None else grad_out)
         return y
 
     y, code = run_and_get_code(step)
@@ -184,6 +184,34 @@ def test_gpu_compiled_backward_quantizes_dy_once_for_both_gradients(monkeypatch)
     want.backward(torch.ones_like(want))
     for got, expected in ((y, want), (x.grad, xe.grad), (grad_w, we.grad)):
         assert _rel(got, expected) < 2**-7
+    raise_pending_nonfinite()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_gpu_stochastic_grad_rounding_stays_in_the_fused_kernels(fmt):
+    """grad_rounding="stochastic": dY is rounded at random inside the quantize kernels (no
+    Python op left in the backward), the gradients are as close to float64 as with nearest
+    rounding, and two steps draw different numbers."""
+    x, w = _operands(1024, 768, 512, torch.bfloat16, 9, device="cuda")
+    dy, _ = _operands(1024, 1, 768, torch.bfloat16, 10, device="cuda")  # outlier channels
+    options = {"format": fmt, "hadamard": "halo2"}
+    grads = {}
+    for rounding in ("nearest", "stochastic", "stochastic"):
+        xr = x.clone().requires_grad_(True)
+        torch._dynamo.reset()
+        y, grad_w, code = _compiled_linear_code(xr, w, {**options, "grad_rounding": rounding},
+                                                dy)
+        assert "halo.quantized_linear" not in code and "halo.scaled_matmul" not in code
+        assert code.count("_transpose_quantize_kernel") >= 2  # dYᵀ's two launches
+        grads.setdefault(rounding, []).append((xr.grad, grad_w))
+    exact_x = dy.double() @ w.double()
+    exact_w = dy.double().t() @ x.double()
+    (near_x, near_w), = grads["nearest"]
+    (sr_x, sr_w), (sr_x2, _) = grads["stochastic"]
+    assert not torch.equal(sr_x, sr_x2)
+    assert _rel(sr_x, exact_x) < 1.5 * _rel(near_x, exact_x) + 1e-3
+    assert _rel(sr_w, exact_w) < 1.5 * _rel(near_w, exact_w) + 1e-3
     raise_pending_nonfinite()
 
 
@@ -338,12 +366,47 @@ def test_grad_input_and_grad_weight_quantize_dy_in_one_call(monkeypatch, grad_we
     monkeypatch.setattr(kernel, "hadamard_quantize_dual_reference", counting_dual)
     torch.compile(model, backend="halo", options=options)(x).sum().backward()
     if grad_weight == "inner":  # the three dY [32, 48]: one dual call each (block 32)
-        assert dual_calls == [((32, 48), "fp8_e4m3", 32)] * 3 and (48, 32) not in calls
+        assert dual_calls == [((32, 48), "fp8_e4m3", 32, "nearest")] * 3 and (48, 32) not in calls
     else:  # dY [32, 48] along dim 0 and dYᵀ [48, 32], three each
         assert not dual_calls and calls.count((32, 48)) == calls.count((48, 32)) == 3
     assert _rel(x.grad, x_ref.grad) < 1e-6
     for mine, theirs in zip(model.parameters(), reference.parameters()):
         assert _rel(mine.grad, theirs.grad) < 1e-6
+
+
+@pytest.mark.parametrize("grad_weight", ["inner", "none"])
+def test_stochastic_grad_rounding_reaches_the_kernels_of_dy(monkeypatch, grad_weight):
+    """grad_rounding="stochastic", traced on the CPU as on CUDA: the quantize ops of dY (dual or
+    apart) are asked to round stochastically, those of X and W to nearest."""
+    import halo_compile.kernels.inductor_decompositions as decompositions
+    import halo_compile.kernels.triton_hadamard_quantize as kernel
+
+    roundings = {}
+    reference_body = kernel.hadamard_quantize_reference
+    dual_body = kernel.hadamard_quantize_dual_reference
+
+    def recording_quantize(x, fmt, granularity, block, dim, rounding):
+        roundings.setdefault(tuple(x.shape), set()).add(rounding)
+        return reference_body(x, fmt, granularity, block, dim, rounding)
+
+    def recording_dual(x, fmt, block, rounding):
+        roundings.setdefault(("dual", *x.shape), set()).add(rounding)
+        return dual_body(x, fmt, block, rounding)
+
+    monkeypatch.setattr(decompositions, "fused_device", lambda t: True)
+    monkeypatch.setattr(kernel, "hadamard_quantize_reference", recording_quantize)
+    monkeypatch.setattr(kernel, "hadamard_quantize_dual_reference", recording_dual)
+    torch._dynamo.reset()
+    model, x = _QKV(), torch.randn(32, 64, requires_grad=True)
+    options = {"format": "int8", "compiler": "aot_eager", "min_features": 16,
+               "grad_rounding": "stochastic",
+               "hadamard": {"forward": "inner", "grad_input": "outer",
+                            "grad_weight": grad_weight}}
+    torch.compile(model, backend="halo", options=options)(x).sum().backward()
+    dy_keys = {("dual", 32, 48)} if grad_weight == "inner" else {(32, 48), (48, 32)}
+    assert {k for k, r in roundings.items() if r == {"stochastic"}} == dy_keys
+    assert all(r == {"nearest"} for k, r in roundings.items() if k not in dy_keys)
+    assert (32, 64) in roundings and (48, 64) in roundings  # X and W
 
 
 def test_cached_weights_through_inductor_as_on_cuda(monkeypatch):

@@ -366,7 +366,7 @@ def test_fused_path_in_interpreter_matches_reference(fmt, granularity, rotation,
     g = torch.Generator().manual_seed(seed)
     for matmul, (a, b) in _linear_operands(g, torch.float32).items():
         for max_block in (16, 256):
-            block = fused_block(a, b, fmt, rotation, max_block, "nearest", "nearest")
+            block = fused_block(a, b, fmt, rotation, max_block)
             assert block is not None
             out = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, granularity,
                                       True, matmul)
@@ -383,7 +383,7 @@ def test_fused_path_bf16_operands_in_interpreter():
     g = torch.Generator().manual_seed(5)
     for matmul, (a, b) in _linear_operands(g, torch.bfloat16).items():
         for rotation in ROTATIONS:
-            block = fused_block(a, b, "fp8_e4m3", rotation, 256, "nearest", "nearest")
+            block = fused_block(a, b, "fp8_e4m3", rotation, 256)
             out = fused_scaled_matmul(reference_gemm, a, b, "fp8_e4m3", rotation, block, "row",
                                       True, matmul)
             ref = scaled_matmul_reference(a, b, "fp8_e4m3", rotation, 256, "row")
@@ -405,14 +405,33 @@ def test_fused_path_non_finite_in_interpreter():
 
 def test_fused_path_applies_where_the_kernel_can():
     a, b = torch.randn(64, 4096), torch.randn(32, 4096)
-    near = ("nearest", "nearest")
-    assert fused_block(a, b, "fp8_e4m3", "inner", 256, *near) == 256
-    assert fused_block(a, b, "fp8_e4m3", "outer", 256, *near) == 64
-    assert fused_block(a, b, "int8", "none", 0, *near) == 0
-    assert fused_block(a, b, "fp8_e4m3", "inner", 0, *near) is None  # "full": block 4096
-    assert fused_block(a, b, "fp8_e4m3", "inner", 256, "stochastic", "nearest") is None
-    assert fused_block(a, b, "none", "inner", 256, *near) is None
-    assert fused_block(a.double(), b.double(), "int8", "none", 0, *near) is None
+    assert fused_block(a, b, "fp8_e4m3", "inner", 256) == 256
+    assert fused_block(a, b, "fp8_e4m3", "outer", 256) == 64
+    assert fused_block(a, b, "int8", "none", 0) == 0
+    assert fused_block(a, b, "fp8_e4m3", "inner", 0) is None  # "full": block 4096
+    assert fused_block(a, b, "none", "inner", 256) is None
+    assert fused_block(a.double(), b.double(), "int8", "none", 0) is None
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_fused_path_rounds_the_left_operand_stochastically(fmt):
+    """grad_rounding="stochastic" on the fused path: the kernel rounds dY (the left operand of
+    both gradient matmuls) at random; the product stays as close to the float64 one as the
+    reference's stochastic rounding keeps it, and differs from the nearest-rounding product."""
+    g = torch.Generator().manual_seed(8)
+    for matmul, (a, b) in _linear_operands(g, torch.float32).items():
+        for rotation in ROTATIONS:
+            block = fused_block(a, b, fmt, rotation, 64)
+            torch.manual_seed(1)
+            out = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row", True,
+                                      matmul, rounding_a="stochastic")
+            nearest = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row",
+                                          True, matmul)
+            torch.manual_seed(1)
+            ref = scaled_matmul_reference(a, b, fmt, rotation, 64, "row", "stochastic")
+            assert not torch.equal(out, nearest)
+            err, err_ref = _rel(out, a, b), _rel(ref, a, b)
+            assert err < 1.5 * err_ref + 1e-3, (matmul, rotation, err, err_ref)
 
 
 # --- GPU ------------------------------------------------------------------------------------

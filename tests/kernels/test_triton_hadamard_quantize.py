@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from halo_compile.kernels.hadamard import block_hadamard
 from halo_compile.kernels.triton_hadamard_quantize import (
     GPU_CONFIGS,
     _hadamard_quantize_impl,
@@ -358,6 +359,122 @@ def test_interpreter_dual_matches_both_references(m, n, block, split):
 
 
 # ---------------------------------------------------------------------------------------------
+# Stochastic rounding: random, so compared with the exact values statistically
+
+
+def _grid_spacing(e, fmt):
+    """The distance between the two representable values around `e` (scaled units)."""
+    if fmt == "int8":
+        return torch.ones_like(e)
+    return torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(2.0**-6))) - 3)
+
+
+def _repeats(unit, copies, layout):
+    """`copies` stacked copies of `unit` [u, k] along dim 0 (rotated along dim 0 within blocks
+    of u tokens, each copy rotates alike): laid out contiguously, or as a transposed view."""
+    x = unit.repeat(copies, 1)
+    return x.t().contiguous().t() if layout == "transposed" else x
+
+
+def _check_stochastic(q, s, q_nearest, s_nearest, exact, copies):
+    """q [copies * u, k] (or its transpose's layout: pass both transposed) stochastically rounded,
+    q_nearest rounded to nearest, `exact` [copies * u, k] the float64 rotated values over their
+    scales. Checks the scales equal the nearest-rounding ones, every value is one of the two
+    representable neighbours of the exact one, and the mean over the copies is unbiased."""
+    fmt = "int8" if q.dtype == torch.int8 else "fp8_e4m3"
+    assert torch.equal(s, s_nearest)
+    steps = _ordinal(q) - _ordinal(q_nearest)
+    assert int(steps.abs().max()) <= 1
+    v, vn = q.double(), q_nearest.double()
+    moved = steps != 0  # then on the other side of the exact value than the nearest one
+    slack = 1e-5 * exact.abs() + 1e-9
+    assert bool(((v - exact) * (vn - exact) <= slack * (v - vn).abs())[moved].all())
+    shape = (copies, -1, exact.shape[1])
+    e, spacing = exact.reshape(shape)[0], _grid_spacing(exact.reshape(shape)[0], fmt)
+    # (E4M3's subnormals, |e| < 2^-6, are rounded to nearest by both: see quantize.py.)
+    normal = e.abs() >= 2.0**-6 if fmt == "fp8_e4m3" else torch.ones_like(e, dtype=torch.bool)
+    bias = ((v.reshape(shape).mean(0) - e).abs() / spacing)[normal]
+    bias_nearest = ((vn.reshape(shape)[0] - e).abs() / spacing)[normal]
+    # One draw's variance is at most spacing^2 / 4: the mean of `copies` draws is within
+    # spacing / (2 sqrt(copies)) per standard error; nearest rounding is off by ~spacing / 4.
+    stderr = 1 / (2 * copies**0.5)
+    assert float(bias.max()) < 6 * stderr, float(bias.max())
+    assert float(bias.mean()) < 1.5 * stderr
+    assert float(bias_nearest.mean()) > 0.15
+
+
+def _exact(x, q_shape_like, s, block, dim):
+    rotated = block_hadamard(x.double(), block, dim=dim) if block else x.double()
+    return rotated / s.double()
+
+
+# (layout, u, k, block, dim, copies): `copies` of a [u, k] unit (dim 0 rotates along blocks of
+# u tokens); fewer copies where the interpreter is slow (more programs, small tiles).
+SR_CASES = [("rows", 1, 256, 0, 1, 256), ("rows", 1, 256, 64, 1, 256),
+            ("rows", 3, 768, 256, 1, 256), ("transposed", 2, 64, 0, 1, 128),
+            ("transposed", 1, 256, 16, 1, 256), ("rows", 16, 40, 16, 0, 128),
+            ("rows", 32, 24, 32, 0, 128)]
+
+
+@pytest.mark.parametrize("layout,u,k,block,dim,copies", SR_CASES)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_interpreter_stochastic_rounding_is_unbiased(layout, u, k, block, dim, copies, fmt):
+    unit = _input(u, k, torch.bfloat16, u + k + block, outliers=True)
+    x = _repeats(unit, copies, layout)
+    torch.manual_seed(0)
+    q, s = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")
+    q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "row", block, dim)
+    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, q, s, block, dim), copies)
+    # Repeatable under torch.manual_seed, different without it.
+    torch.manual_seed(0)
+    assert torch.equal(_ordinal(hadamard_quantize_triton(x, fmt, "row", block, dim,
+                                                         "stochastic")[0]), _ordinal(q))
+    assert not torch.equal(_ordinal(hadamard_quantize_triton(x, fmt, "row", block, dim,
+                                                             "stochastic")[0]), _ordinal(q))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_interpreter_stochastic_rounding_tensor_scale_and_split(fmt):
+    copies = 128
+    x = _repeats(_input(1, 512, torch.float32, 3, outliers=True), copies, "rows")
+    q, s = hadamard_quantize_triton(x, fmt, "tensor", 128, 1, "stochastic", split=2)
+    q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "tensor", 128, 1, split=2)
+    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, q, s, 128, 1), copies)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_interpreter_dual_stochastic_rounding(fmt):
+    copies, block = 128, 32
+    x = _repeats(_input(block, 48, torch.bfloat16, 21, outliers=True), copies, "rows")
+    q, s, qt, st = hadamard_quantize_dual_triton(x, fmt, block, "stochastic")
+    qn, sn, qtn, stn = hadamard_quantize_dual_triton(x, fmt, block)
+    _check_stochastic(q, s, qn, sn, _exact(x, q, s, block, 0), copies)
+    # The transpose: each feature's line holds the copies one after the other along the tokens.
+    rotated_t = block_hadamard(x.double(), block, dim=0).t() / st.double()
+    lines = lambda t: t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)  # noqa
+    _check_stochastic(lines(qt), st, lines(qtn), stn, lines(rotated_t), copies)
+    # Both halves draw their own numbers: the transpose is not q's values transposed.
+    assert (_ordinal(qt.t()) != _ordinal(q)).any()
+
+
+def test_stochastic_rounding_op_on_cpu_and_fake():
+    x = _input(64, 128, torch.bfloat16, 5, outliers=True)
+    torch.manual_seed(3)
+    q, s = torch.ops.halo.hadamard_quantize(x, "fp8_e4m3", "row", 64, 1, "stochastic")
+    torch.manual_seed(3)
+    q_ref, s_ref = hadamard_quantize_reference(x, "fp8_e4m3", "row", 64, 1, "stochastic")
+    assert torch.equal(q.float(), q_ref.float()) and torch.equal(s, s_ref)
+    assert not torch.equal(q.float(), hadamard_quantize_reference(x, "fp8_e4m3", "row", 64)[0]
+                           .float())
+    with torch._subclasses.FakeTensorMode():
+        q, s, qt, st = torch.ops.halo.hadamard_quantize_dual(
+            torch.empty(512, 96, dtype=torch.bfloat16), "int8", 256, "stochastic")
+        assert qt.shape == (96, 512) and q.dtype == torch.int8
+    with pytest.raises(ValueError, match="unknown rounding 'up'"):
+        hadamard_quantize_triton(x, "int8", "row", 0, 1, "up")
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU
 
 
@@ -424,6 +541,41 @@ def test_gpu_grad_layouts_in_compiled_graph():
     compiled = torch.compile(f, fullgraph=True)
     for got, want in zip(compiled(dy), f(dy)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# (layout, u, k, block, dim, copies) at GPU sizes: rows of a decoder layer's widths, the
+# transposed views (rotated, and the unrotated transpose kernel), dim 0.
+GPU_SR_CASES = [("rows", 1, 4096, 256, 1, 1024), ("rows", 2, 14336, 0, 1, 512),
+                ("transposed", 4, 2048, 0, 1, 512), ("transposed", 2, 1024, 256, 1, 512),
+                ("rows", 64, 1024, 64, 0, 256), ("rows", 256, 96, 256, 0, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,u,k,block,dim,copies", GPU_SR_CASES)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_gpu_stochastic_rounding_is_unbiased(layout, u, k, block, dim, copies, fmt):
+    unit = _input(u, k, torch.bfloat16, u + k, outliers=True, device="cuda")
+    x = _repeats(unit, copies, layout)
+    torch.manual_seed(0)
+    q, s = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")
+    q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "row", block, dim)
+    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, q, s, block, dim), copies)
+    torch.manual_seed(0)
+    again = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")[0]
+    assert torch.equal(_ordinal(again), _ordinal(q))
+
+
+@pytest.mark.gpu
+def test_gpu_dual_stochastic_rounding():
+    copies, block = 128, 256
+    x = _repeats(_input(block, 512, torch.bfloat16, 22, outliers=True, device="cuda"),
+                 copies, "rows")
+    q, s, qt, st = hadamard_quantize_dual_triton(x, "fp8_e4m3", block, "stochastic")
+    qn, sn, qtn, stn = hadamard_quantize_dual_triton(x, "fp8_e4m3", block)
+    _check_stochastic(q, s, qn, sn, _exact(x, q, s, block, 0), copies)
+    rotated_t = block_hadamard(x.double(), block, dim=0).t() / st.double()
+    lines = lambda t: t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)  # noqa
+    _check_stochastic(lines(qt), st, lines(qtn), stn, lines(rotated_t), copies)
 
 
 @pytest.mark.gpu
