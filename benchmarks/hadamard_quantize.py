@@ -9,7 +9,8 @@ reads and writes the input; "us" is one call's time. Timed as CUDA graphs
 layouts the three matmuls of a linear need (rows, a transposed view for grad-weight, rotation
 along dim 0 for the "outer" grad-input, and the last two at once: the dual). --sweep also times
 launch configurations (BLOCK_M, NT, num_warps, split) of each variant: the strided ones at both
-shapes, rows at the larger; --only picks variants by name.
+shapes, rows at the larger; --only picks variants by name. Each variant's default launch is also
+timed rounding stochastically (grad_rounding="stochastic": what the random bits cost).
 --layer times instead every quantization that one Llama-3-8B decoder layer's training step makes
 (its seven linears' three matmuls, at --tokens tokens, with the rotations of a `hadamard` preset
 or "forward,grad_input,grad_weight"), with the operands that linears share quantized once, as
@@ -140,6 +141,9 @@ def configs_of(x, dim, block, sweep: bool) -> list:
     return [{}] + (SWEEP[layout] if sweep else [])
 
 
+STOCHASTIC = {"rounding": "stochastic"}  # the default launch, rounding stochastically
+
+
 def _label(config: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items()) or "default"
 
@@ -156,7 +160,8 @@ def kernel_table(args) -> None:
                 continue
             x = build(t)
             sweep = args.sweep and (x.stride(1) != 1 or dim != 1 or (m, k) == SHAPES[-1])
-            for config in configs_of(x, dim, block, sweep):  # rows swept at the larger shape only
+            # (rows swept at the larger shape only)
+            for config in configs_of(x, dim, block, sweep) + [STOCHASTIC]:
                 bw, us = timed(*quantize_call(x, dim, fmt, gran, block, config))
                 rows.append((f"{m}x{k}", name, _label(config), f"{bw:.0f}", f"{bw / copy:.0%}",
                              f"{us:.0f}"))
