@@ -19,6 +19,13 @@ HALO = {
     "halo fp8 halo2 unchecked": {"format": "fp8_e4m3", "hadamard": "halo2",
                                  "nonfinite": "propagate"},
     "halo fp8 all_inner": {"format": "fp8_e4m3", "hadamard": "all_inner"},
+    # One scale per tensor (torchao's tensorwise recipe's GEMMs, 4-9% faster than row scales),
+    # the Hadamard rotations spreading the outliers that a tensor scale would crush.
+    "halo fp8 halo2 tensor-scale": {"format": "fp8_e4m3", "hadamard": "halo2",
+                                    "scale": "tensor"},
+    # grad_rounding="stochastic": dY rounded at random inside the quantize kernels.
+    "halo fp8 halo2 stochastic": {"format": "fp8_e4m3", "hadamard": "halo2",
+                                  "grad_rounding": "stochastic"},
     # HALO-2 with grad-weight rotated too (along the tokens): all three matmuls rotated, dY
     # quantized for both backward matmuls by one dual kernel.
     "halo fp8 halo2+gw": {"format": "fp8_e4m3",
@@ -36,7 +43,8 @@ TORCHAO = {"torchao float8 rowwise": "rowwise", "torchao float8 tensorwise": "te
            "torchao float8 rowwise cudagraphs": "rowwise"}
 # Most telling first, so that a run cut short still compares them.
 NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao float8 rowwise",
-         "torchao float8 tensorwise", "halo fp8 halo1", "halo fp8 all_inner", "halo fp8 halo2+gw",
+         "torchao float8 tensorwise", "halo fp8 halo2 tensor-scale", "halo fp8 halo2 stochastic",
+         "halo fp8 halo1", "halo fp8 all_inner", "halo fp8 halo2+gw",
          "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum", "halo fp8 halo2 cached-weights",
          "bf16 inductor cudagraphs",
          "halo fp8 halo2 cudagraphs", "torchao float8 rowwise cudagraphs",
