@@ -403,9 +403,40 @@ def _check_stochastic(q, s, q_nearest, s_nearest, exact, copies):
     assert float(bias_nearest.mean()) > 0.15
 
 
-def _exact(x, q_shape_like, s, block, dim):
+def _exact(x, s, block, dim):
     rotated = block_hadamard(x.double(), block, dim=dim) if block else x.double()
     return rotated / s.double()
+
+
+def _check_stochastic_quantization(layout, u, k, block, dim, copies, fmt, device="cpu"):
+    """`copies` of a [u, k] unit quantized stochastically (`_check_stochastic`); the same numbers
+    again under the same torch.manual_seed, others without it."""
+    x = _repeats(_input(u, k, torch.bfloat16, u + k + block, outliers=True, device=device),
+                 copies, layout)
+    torch.manual_seed(0)
+    q, s = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")
+    q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "row", block, dim)
+    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, s, block, dim), copies)
+    torch.manual_seed(0)
+    assert torch.equal(_ordinal(hadamard_quantize_triton(x, fmt, "row", block, dim,
+                                                         "stochastic")[0]), _ordinal(q))
+    assert not torch.equal(_ordinal(hadamard_quantize_triton(x, fmt, "row", block, dim,
+                                                             "stochastic")[0]), _ordinal(q))
+
+
+def _check_dual_stochastic(fmt, block, features, copies, device="cpu"):
+    """The dual kernel's two outputs, each checked as `_check_stochastic` does."""
+    x = _repeats(_input(block, features, torch.bfloat16, block + features, outliers=True,
+                        device=device), copies, "rows")
+    q, s, qt, st = hadamard_quantize_dual_triton(x, fmt, block, "stochastic")
+    qn, sn, qtn, stn = hadamard_quantize_dual_triton(x, fmt, block)
+    _check_stochastic(q, s, qn, sn, _exact(x, s, block, 0), copies)
+    # The transpose: each feature's line holds the copies one after the other along the tokens.
+    rotated_t = block_hadamard(x.double(), block, dim=0).t() / st.double()
+    lines = lambda t: t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)  # noqa
+    _check_stochastic(lines(qt), st, lines(qtn), stn, lines(rotated_t), copies)
+    # Both halves draw their own numbers: the transpose is not q's values transposed.
+    assert (_ordinal(qt.t()) != _ordinal(q)).any()
 
 
 # (layout, u, k, block, dim, copies): `copies` of a [u, k] unit (dim 0 rotates along blocks of
@@ -419,18 +450,7 @@ SR_CASES = [("rows", 1, 256, 0, 1, 256), ("rows", 1, 256, 64, 1, 256),
 @pytest.mark.parametrize("layout,u,k,block,dim,copies", SR_CASES)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_interpreter_stochastic_rounding_is_unbiased(layout, u, k, block, dim, copies, fmt):
-    unit = _input(u, k, torch.bfloat16, u + k + block, outliers=True)
-    x = _repeats(unit, copies, layout)
-    torch.manual_seed(0)
-    q, s = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")
-    q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "row", block, dim)
-    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, q, s, block, dim), copies)
-    # Repeatable under torch.manual_seed, different without it.
-    torch.manual_seed(0)
-    assert torch.equal(_ordinal(hadamard_quantize_triton(x, fmt, "row", block, dim,
-                                                         "stochastic")[0]), _ordinal(q))
-    assert not torch.equal(_ordinal(hadamard_quantize_triton(x, fmt, "row", block, dim,
-                                                             "stochastic")[0]), _ordinal(q))
+    _check_stochastic_quantization(layout, u, k, block, dim, copies, fmt)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -439,22 +459,12 @@ def test_interpreter_stochastic_rounding_tensor_scale_and_split(fmt):
     x = _repeats(_input(1, 512, torch.float32, 3, outliers=True), copies, "rows")
     q, s = hadamard_quantize_triton(x, fmt, "tensor", 128, 1, "stochastic", split=2)
     q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "tensor", 128, 1, split=2)
-    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, q, s, 128, 1), copies)
+    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, s, 128, 1), copies)
 
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_interpreter_dual_stochastic_rounding(fmt):
-    copies, block = 128, 32
-    x = _repeats(_input(block, 48, torch.bfloat16, 21, outliers=True), copies, "rows")
-    q, s, qt, st = hadamard_quantize_dual_triton(x, fmt, block, "stochastic")
-    qn, sn, qtn, stn = hadamard_quantize_dual_triton(x, fmt, block)
-    _check_stochastic(q, s, qn, sn, _exact(x, q, s, block, 0), copies)
-    # The transpose: each feature's line holds the copies one after the other along the tokens.
-    rotated_t = block_hadamard(x.double(), block, dim=0).t() / st.double()
-    lines = lambda t: t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)  # noqa
-    _check_stochastic(lines(qt), st, lines(qtn), stn, lines(rotated_t), copies)
-    # Both halves draw their own numbers: the transpose is not q's values transposed.
-    assert (_ordinal(qt.t()) != _ordinal(q)).any()
+    _check_dual_stochastic(fmt, block=32, features=48, copies=128)
 
 
 def test_stochastic_rounding_op_on_cpu_and_fake():
@@ -554,28 +564,13 @@ GPU_SR_CASES = [("rows", 1, 4096, 256, 1, 1024), ("rows", 2, 14336, 0, 1, 512),
 @pytest.mark.parametrize("layout,u,k,block,dim,copies", GPU_SR_CASES)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_gpu_stochastic_rounding_is_unbiased(layout, u, k, block, dim, copies, fmt):
-    unit = _input(u, k, torch.bfloat16, u + k, outliers=True, device="cuda")
-    x = _repeats(unit, copies, layout)
-    torch.manual_seed(0)
-    q, s = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")
-    q_nearest, s_nearest = hadamard_quantize_triton(x, fmt, "row", block, dim)
-    _check_stochastic(q, s, q_nearest, s_nearest, _exact(x, q, s, block, dim), copies)
-    torch.manual_seed(0)
-    again = hadamard_quantize_triton(x, fmt, "row", block, dim, "stochastic")[0]
-    assert torch.equal(_ordinal(again), _ordinal(q))
+    _check_stochastic_quantization(layout, u, k, block, dim, copies, fmt, device="cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_dual_stochastic_rounding():
-    copies, block = 128, 256
-    x = _repeats(_input(block, 512, torch.bfloat16, 22, outliers=True, device="cuda"),
-                 copies, "rows")
-    q, s, qt, st = hadamard_quantize_dual_triton(x, "fp8_e4m3", block, "stochastic")
-    qn, sn, qtn, stn = hadamard_quantize_dual_triton(x, "fp8_e4m3", block)
-    _check_stochastic(q, s, qn, sn, _exact(x, q, s, block, 0), copies)
-    rotated_t = block_hadamard(x.double(), block, dim=0).t() / st.double()
-    lines = lambda t: t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)  # noqa
-    _check_stochastic(lines(qt), st, lines(qtn), stn, lines(rotated_t), copies)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_gpu_dual_stochastic_rounding(fmt):
+    _check_dual_stochastic(fmt, block=256, features=512, copies=128, device="cuda")
 
 
 @pytest.mark.gpu
