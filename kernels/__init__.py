@@ -1,14 +1,13 @@
 """Custom ops of halo-compile. Importing this package registers them with torch.library."""
 
-import importlib as _importlib
 import sys as _sys
 
 if __name__ != "halo_compile.kernels":
-    # This folder installs as halo_compile.kernels. With a checkout's root on sys.path, a bare
-    # `import kernels` finds it (transformers does that to probe for Hugging Face's
-    # `kernels` package) and would register every op a second time, with a second weight cache:
-    # hand back the installed package instead.
-    _sys.modules[__name__] = _importlib.import_module("halo_compile.kernels")
+    # This folder installs as halo_compile.kernels; imported by its bare name from a checkout,
+    # it hands over another package of that name, or the installed one (halo_compile/_checkout.py).
+    from halo_compile._checkout import bare_import as _bare_import
+
+    _sys.modules[__name__] = _bare_import(__name__, "halo_compile.kernels", __file__)
 else:
     from . import inductor_decompositions  # noqa: F401  (registers the CUDA decompositions)
     from .hadamard import block_hadamard, hadamard_block_size, hadamard_matrix

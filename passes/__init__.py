@@ -1,13 +1,13 @@
 """FX graph passes of the halo backend: analysis first, then transforms (see manager.py)."""
 
-import importlib as _importlib
 import sys as _sys
 
 if __name__ != "halo_compile.passes":
-    # This folder installs as halo_compile.passes. With a checkout's root on sys.path, a bare
-    # `import passes` finds it; a second copy of the pass classes would not match the installed
-    # ones: hand back the installed package instead (as kernels/__init__.py does).
-    _sys.modules[__name__] = _importlib.import_module("halo_compile.passes")
+    # This folder installs as halo_compile.passes; imported by its bare name from a checkout,
+    # it hands over another package of that name, or the installed one (halo_compile/_checkout.py).
+    from halo_compile._checkout import bare_import as _bare_import
+
+    _sys.modules[__name__] = _bare_import(__name__, "halo_compile.passes", __file__)
 else:
     from .analysis import AttentionSite, GraphAnalysis, LinearSite, NormSite, ResidualAdd
     from .manager import PassContext, PassManager, default_passes

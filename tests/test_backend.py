@@ -4,6 +4,7 @@ AOTAutograd, without Inductor's C++ compile) to keep the suite fast on a CPU."""
 
 import copy
 import fnmatch
+import importlib.util
 import math
 import os
 import re
@@ -408,16 +409,30 @@ def test_backend_found_by_name_via_entry_point():
 
 
 def test_top_level_folders_import_as_the_installed_packages():
-    """Run from a checkout, `kernels/` and `passes/` are importable as top-level packages
-    (transformers imports `kernels` to probe for Hugging Face's package of that name): they must
-    hand back halo_compile.kernels / .passes, not register the ops a second time."""
+    """Run from a checkout, `kernels/` and `passes/` are importable as top-level packages.
+    transformers imports `kernels`, Hugging Face's package of that name (a dependency of
+    transformers 5): a bare import must give that package where it is installed, and otherwise
+    halo_compile's installed one (never the ops registered a second time)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = textwrap.dedent("""
+    hf_kernels = importlib.util.find_spec("kernels")
+    has_hf_kernels = hf_kernels is not None and os.path.dirname(
+        os.path.dirname(hf_kernels.origin)) != root
+    code = textwrap.dedent(f"""
         import sys
         import halo_compile.kernels, halo_compile.passes
         import kernels, passes
-        assert kernels is halo_compile.kernels and passes is halo_compile.passes
-        assert not any(name.startswith(("kernels.", "passes.")) for name in sys.modules)
+        assert passes is halo_compile.passes
+        if {has_hf_kernels}:
+            import transformers
+            transformers.LlamaForCausalLM  # imports kernels' hub integration
+            ours = [name for name, module in sys.modules.items()
+                    if name.split(".")[0] == "kernels"
+                    and (getattr(module, "__file__", None) or "").startswith({root!r})]
+            assert kernels is not halo_compile.kernels and not ours, ours
+        else:
+            assert kernels is halo_compile.kernels
+            assert not any(name.startswith("kernels.") for name in sys.modules)
+        assert not any(name.startswith("passes.") for name in sys.modules)
     """)
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
 
