@@ -36,15 +36,17 @@ def _train(model, batches, steps, cudagraphs=False):
     return losses
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
-def test_training_on_gpu_tracks_bf16(fmt):
+@pytest.mark.parametrize("fmt,grad_rounding", [("fp8_e4m3", "nearest"), ("int8", "nearest"),
+                                               ("fp8_e4m3", "stochastic")])
+def test_training_on_gpu_tracks_bf16(fmt, grad_rounding):
     torch.manual_seed(0)
     base = _tiny_llama()
     batches = [torch.randint(0, 64, (4, 128), device="cuda") for _ in range(4)]
     reference = _train(torch.compile(copy.deepcopy(base)), batches, 30)
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(base), backend="halo",
-                             options={"format": fmt, "hadamard": "halo2"})
+                             options={"format": fmt, "hadamard": "halo2",
+                                      "grad_rounding": grad_rounding})
     losses = _train(compiled, batches, 30)
     report = halo_compile.report(compiled)
     assert len(report.quantized) == 15, str(report)
