@@ -243,7 +243,8 @@ def _pm1_dot(u, pm1, U_ON_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
 @triton.jit
 def _random_bits(seed_ptr, which: tl.constexpr, offsets):
     """32 random bits per element of `offsets` (unique element indices), from Philox (as
-    Inductor's random ops draw them) keyed by the launch's seed `which` (0: q, 1: DUAL's qt)."""
+    Inductor's random ops draw them) keyed by the launch's seed `which` (0: q, 1: DUAL's qt).
+    Philox counts in 32 bits here: numbers repeat only within tensors of over 2^32 values."""
     return tl.randint(tl.load(seed_ptr + which), offsets.to(tl.uint32))
 
 
