@@ -98,9 +98,10 @@ Design
   is non-finite exactly when the reference's is (the values are then meaningless).
 * Stochastic rounding (STOCHASTIC; grad_rounding="stochastic"): in the store, the exact
   quotient gets 20 random bits below E4M3's 3 kept mantissa bits and is truncated (INT8:
-  floor(v + u)), as quantize.py's reference rounds; the bits are `tl.randint` (Philox) of each
-  element's index in the output, keyed by seeds drawn from torch's generator per launch (DUAL's
-  transpose by a second seed). Scales are unchanged; only the values' rounding differs.
+  floor(v + u)), as quantize.py's reference rounds; the bits are a counter-based hash of each
+  element's index in the output (`_random_bits`), keyed by seeds drawn from torch's generator
+  per launch (DUAL's transpose by a second seed). Scales are unchanged; only the values'
+  rounding differs.
 * The FP8 output is stored through its own float8 pointer (the integer-built E4M3 bits are
   bitcast to float8e4nv), so Inductor's wrapper passes the tensor as it is, with no dtype view
   per launch.
@@ -241,11 +242,26 @@ def _pm1_dot(u, pm1, U_ON_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
+def _mixed(x):
+    """A bijective 32-bit integer hash with strong avalanche ("lowbias32", C. Wellons' hash
+    prospector): nearby inputs give unrelated outputs."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
 def _random_bits(seed_ptr, which: tl.constexpr, offsets):
-    """32 random bits per element of `offsets` (unique element indices), from Philox (as
-    Inductor's random ops draw them) keyed by the launch's seed `which` (0: q, 1: DUAL's qt).
-    Philox counts in 32 bits here: numbers repeat only within tensors of over 2^32 values."""
-    return tl.randint(tl.load(seed_ptr + which), offsets.to(tl.uint32))
+    """32 random bits per element of `offsets` (unique element indices): a counter-based hash
+    of the index and the launch's seed `which` (0: q, 1: DUAL's qt). Not Philox (tl.randint,
+    Inductor's generator): its 10 rounds on 6 live words per value made the kernels 3x slower
+    on rows and 43x on dim 0 (128 values a thread there, spilled; H100, docs/BENCHMARKS.md),
+    where this costs 7 integer operations on one word. Indices wrap at 2^32."""
+    key = _mixed(tl.load(seed_ptr + which).to(tl.uint32))
+    return _mixed(offsets.to(tl.uint32) + key)
 
 
 @triton.jit
