@@ -4,7 +4,7 @@ AOTAutograd, without Inductor's C++ compile) to keep the suite fast on a CPU."""
 
 import copy
 import fnmatch
-import importlib.util
+import importlib.metadata
 import math
 import os
 import re
@@ -414,9 +414,12 @@ def test_top_level_folders_import_as_the_installed_packages():
     transformers 5): a bare import must give that package where it is installed, and otherwise
     halo_compile's installed one (never the ops registered a second time)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    hf_kernels = importlib.util.find_spec("kernels")
-    has_hf_kernels = hf_kernels is not None and os.path.dirname(
-        os.path.dirname(hf_kernels.origin)) != root
+    try:
+        importlib.metadata.distribution("kernels")  # Hugging Face's, installed
+        has_hf_kernels = True
+    except importlib.metadata.PackageNotFoundError:
+        has_hf_kernels = False
+    folder = os.path.join(root, "kernels") + os.sep  # (a virtualenv may live in the checkout)
     code = textwrap.dedent(f"""
         import sys
         import halo_compile.kernels, halo_compile.passes
@@ -427,7 +430,7 @@ def test_top_level_folders_import_as_the_installed_packages():
             transformers.LlamaForCausalLM  # imports kernels' hub integration
             ours = [name for name, module in sys.modules.items()
                     if name.split(".")[0] == "kernels"
-                    and (getattr(module, "__file__", None) or "").startswith({root!r})]
+                    and (getattr(module, "__file__", None) or "").startswith({folder!r})]
             assert kernels is not halo_compile.kernels and not ours, ours
         else:
             assert kernels is halo_compile.kernels
