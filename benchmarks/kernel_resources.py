@@ -1,12 +1,14 @@
 """What the Hadamard+quantize kernel compiles to for an H100 (sm_90), on any machine, no GPU:
 shared memory per program (which caps the programs, hence warps, an SM can hold), registers per
 thread, the SASS instructions of each loop body (one iteration, per thread: what an
-instruction-bound variant spends per tile), layout conversions, tensor-core instructions, and
-the width of global loads and stores, for each layout the three matmuls of a linear need, at the
-launch configuration the op uses. Registers and SASS come from the nvdisasm and cuobjdump that
-Triton ships ("-" where they are missing).
+instruction-bound variant spends per tile), local-memory (spilled register) loads and stores,
+layout conversions, tensor-core instructions, and the width of global loads and stores, for each
+layout the three matmuls of a linear need, at the launch configuration the op uses, rounding to
+nearest or (--rounding stochastic) stochastically. Registers and SASS come from the nvdisasm
+and cuobjdump that Triton ships ("-" where they are missing).
 
     python benchmarks/kernel_resources.py [--tokens 8192] [--features 14336]
+        [--rounding stochastic]
 
 The launch is the op's own (`_hadamard_quantize_impl` with a recording stand-in for the kernel),
 so the constexprs and configurations are those a real call uses; integer arguments are
@@ -35,7 +37,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 SHARED_PER_SM = 228 * 1024  # H100
 REGISTERS_PER_SM = 64 * 1024
 _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float8_e4m3fn: "*fp8e4nv",
-                  torch.int8: "*i8"}
+                  torch.int8: "*i8", torch.int64: "*i64"}
 
 
 class _Recorder:
@@ -89,12 +91,12 @@ def _tool(name: str):
     return str(path) if Path(path).exists() else None
 
 
-def _sass(cubin: bytes) -> tuple[int, str]:
-    """(registers per thread or 0, instructions of each loop body) of a compiled kernel. A loop
-    body runs from a label to the branch that jumps back to it."""
+def _sass(cubin: bytes) -> tuple[int, str, str]:
+    """(registers per thread or 0, instructions of each loop body, local loads + stores) of a
+    compiled kernel. A loop body runs from a label to the branch that jumps back to it."""
     nvdisasm, cuobjdump = _tool("nvdisasm"), _tool("cuobjdump")
     if not nvdisasm or not cuobjdump:
-        return 0, "-"
+        return 0, "-", "-"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -118,20 +120,24 @@ def _sass(cubin: bytes) -> tuple[int, str]:
             if target and labels.get(target.group(1), address + 1) < address:
                 start = labels[target.group(1)]
                 loops.append(sum(start <= a <= address for a in addresses))
+    local_loads, local_stores = (len(re.findall(rf"\b{op}\b", sass)) for op in ("LDL", "STL"))
+    spills = f"{local_loads} + {local_stores}"
     return (int(registers.group(1)) if registers else 0,
-            " + ".join(str(n) for n in loops) or "no loop")
+            " + ".join(str(n) for n in loops) or "no loop", spills)
 
 
-def report(name: str, x: torch.Tensor, block: int, dim: int, **launch) -> list[tuple]:
+def report(name: str, x: torch.Tensor, block: int, dim: int, rounding: str,
+           **launch) -> list[tuple]:
     recorder = _Recorder()
-    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1, **launch)
+    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1,
+                            rounding=rounding, **launch)
     rows = []
     for kernel, grid, args, kwargs in recorder.launches:
         warps = kwargs["num_warps"]
         compiled = _compile(kernel, args, dict(kwargs))
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         shared = compiled.metadata.shared
-        registers, loops = _sass(compiled.asm["cubin"])
+        registers, loops, spills = _sass(compiled.asm["cubin"])
         # Registers are allocated per warp in units of 256.
         per_warp = -(-registers * 32 // 256) * 256
         per_sm = min(SHARED_PER_SM // max(shared, 1), 64 // warps,
@@ -141,7 +147,7 @@ def report(name: str, x: torch.Tensor, block: int, dim: int, **launch) -> list[t
         second = kwargs.get("NT", kwargs.get("BLOCK_K"))
         rows.append((name, pass_name, f"({kwargs['BLOCK_M']}, {second}, {warps})",
                      f"{shared / 1024:.1f}", per_sm, per_sm * warps, registers or "-", loops,
-                     ttgir.count("convert_layout"), ptx.count("mma.sync"),
+                     spills, ttgir.count("convert_layout"), ptx.count("mma.sync"),
                      ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
                      _widths(ptx, "ld"), _widths(ptx, "st")))
     return rows
@@ -152,6 +158,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--features", type=int, default=14336)
     parser.add_argument("--only", default="", help="only the variants whose name contains this")
+    parser.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"))
     args = parser.parse_args()
     t = torch.empty(args.tokens, args.features, dtype=torch.bfloat16, device="meta")
     variants = [("rows (X, W), block 256", t, 256, 1), ("rows, no rotation", t, 0, 1),
@@ -161,15 +168,17 @@ def main() -> None:
                 ("dual (dY and dYᵀ, rotated along the tokens), block 256", t, 256, 0,
                  dict(dual=True))]
     header = ("variant", "launch", "(BLOCK_M, NT, warps)", "shared KiB", "programs/SM",
-              "warps/SM", "registers", "SASS per loop iteration", "convert_layout", "mma",
+              "warps/SM", "registers", "SASS per loop iteration", "local ld + st",
+              "convert_layout", "mma",
               "cp.async", "global loads", "global stores")
     print(f"Triton {triton.__version__}, target sm_90, bf16 [{args.tokens}, {args.features}] "
-          "-> FP8 row scales\n")
+          f"-> FP8 row scales, rounding {args.rounding}\n")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for variant in variants:
         if args.only not in variant[0]:
             continue
-        for row in report(*variant[:4], **(variant[4] if len(variant) > 4 else {})):
+        for row in report(*variant[:4], args.rounding,
+                          **(variant[4] if len(variant) > 4 else {})):
             print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
 
 

@@ -424,7 +424,6 @@ def _hadamard_quantize_kernel(
     x_tiles = x_ptr + line_of_b * stride_xm + k_of_b * stride_xk
     q_tiles = q_ptr + line_of_b * stride_qm + k_of_b * stride_qk
     qt_tiles = qt_ptr + line_of_b * K + k_of_b  # (DUAL)
-    elements = line_of_b * K + k_of_b  # (STOCHASTIC: each element's own random numbers)
 
     # +-1 Hadamard H_16 (acts on `low`) and G = I (x) H_R (acts on `mid`), R = HB / 16.
     hu = i16[:, None]
@@ -546,11 +545,12 @@ def _hadamard_quantize_kernel(
                     tl.store(amax_t_ptr + pid_a * M + o + b, a_line, mask=(o + b) < M)
             else:
                 bits = None
-                if STOCHASTIC:
+                if STOCHASTIC:  # each element's own numbers, from its index (computed here:
+                    # a tile of indices kept live across the loop would cost registers)
                     if SCALE_PER_K:
-                        at = elements + o_at * K
+                        at = (line_of_b + o_at) * K + k_of_b
                     else:
-                        at = elements + o_at
+                        at = line_of_b * K + k_of_b + o_at
                     bits = _random_bits(seed_ptr, 0, at)
                 q = _quantized(y, scale3, inv3, EXACT_DIV, INT8, SOFT_FP8, MAX_VALUE, bits,
                                STOCHASTIC)
