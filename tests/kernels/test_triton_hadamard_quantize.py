@@ -431,10 +431,14 @@ def _check_dual_stochastic(fmt, block, features, copies, device="cpu"):
     q, s, qt, st = hadamard_quantize_dual_triton(x, fmt, block, "stochastic")
     qn, sn, qtn, stn = hadamard_quantize_dual_triton(x, fmt, block)
     _check_stochastic(q, s, qn, sn, _exact(x, s, block, 0), copies)
-    # The transpose: each feature's line holds the copies one after the other along the tokens.
+    # The transpose: each feature's line holds the copies one after the other along the tokens;
+    # regrouped as [copies * features, block], copy-major as `_check_stochastic` takes them.
     rotated_t = block_hadamard(x.double(), block, dim=0).t() / st.double()
-    lines = lambda t: t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)  # noqa
-    _check_stochastic(lines(qt), st, lines(qtn), stn, lines(rotated_t), copies)
+
+    def by_copy(t):
+        return t.reshape(-1, copies, block).transpose(0, 1).reshape(-1, block)
+
+    _check_stochastic(by_copy(qt), st, by_copy(qtn), stn, by_copy(rotated_t), copies)
     # Both halves draw their own numbers: the transpose is not q's values transposed.
     assert (_ordinal(qt.t()) != _ordinal(q)).any()
 
