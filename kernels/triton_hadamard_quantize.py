@@ -926,7 +926,7 @@ def hadamard_quantize_triton(x, fmt="fp8_e4m3", granularity="row", block=0, dim=
         quantized transpose of `t` with no transposing pass (grad-weight's dYᵀ and Xᵀ).
     dim=0 rotates along the columns ("outer": H along tokens), still one scale per row.
     rounding: "nearest", or "stochastic" (each value rounded up or down at random, unbiased, as
-        quantize.py's reference does, with Philox numbers seeded from torch's generator).
+        quantize.py's reference does, with hashed numbers seeded from torch's generator).
     precision: "split" (float32 values as 3 bf16 dot operands) or "ieee" (float32 dots).
     soft_fp8: compute the E4M3 bits with integer operations (default: only in the interpreter,
         whose float8 cast rounds wrongly).
