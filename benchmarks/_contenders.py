@@ -34,6 +34,10 @@ HALO = {
     # Weights quantized once per version: once per optimizer step under gradient accumulation.
     "halo fp8 halo2 cached-weights": {"format": "fp8_e4m3", "hadamard": "halo2",
                                       "cache_weights": True},
+    # Every matmul rotated along its contraction dimension, weights cached: no dim 0 pass and no
+    # un-rotation of grad-input's output (HALO-2's "outer" needs both).
+    "halo fp8 all_inner cached-weights": {"format": "fp8_e4m3", "hadamard": "all_inner",
+                                          "cache_weights": True},
     # Replayed as CUDA graphs: what the step costs once launch overhead is gone.
     "halo fp8 halo2 cudagraphs": {"format": "fp8_e4m3", "hadamard": "halo2", "cudagraphs": True},
 }
@@ -46,7 +50,7 @@ NAMES = ("bf16 inductor", "halo fp8 halo2", "halo fp8 no-Hadamard", "torchao flo
          "torchao float8 tensorwise", "halo fp8 halo2 tensor-scale", "halo fp8 halo2 stochastic",
          "halo fp8 halo1", "halo fp8 all_inner", "halo fp8 halo2+gw",
          "halo fp8 halo2 unchecked", "halo fp8 halo2 fp32-accum", "halo fp8 halo2 cached-weights",
-         "bf16 inductor cudagraphs",
+         "halo fp8 all_inner cached-weights", "bf16 inductor cudagraphs",
          "halo fp8 halo2 cudagraphs", "torchao float8 rowwise cudagraphs",
          "bf16 inductor max-autotune", "halo fp8 halo2 max-autotune")
 
