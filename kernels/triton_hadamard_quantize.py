@@ -112,17 +112,18 @@ values differ by at most one quantum, in at most 1 in 10^4 at Llama shapes on th
 1000 at the interpreter's small shapes). Counted on an H100 with the earlier, rounded splits: 4
 to 83 of 33.5M / 117M bf16 values at block 256, scales within 4e-7.
 
-Bandwidth (H200, 2026-11-28, docs/BENCHMARKS.md), bytes read once + written once, CUDA graph
-timing, bf16 -> FP8 per row, block 256, against a 4.1-4.2 TB/s copy, at 8192 x 4096 and
-8192 x 14336: rows 1.84-1.98 TB/s (45-47%; block 0: 2.89-3.21 TB/s, 69-78%), transposed view
-1.18-1.28 TB/s (block 0, its own kernel: 1.87-1.97 at BLOCK_K 64), dim 0 1.20-1.37 TB/s.
+Bandwidth (H100, 2026-12-07, docs/BENCHMARKS.md), bytes read once + written once, CUDA graph
+timing, bf16 -> FP8 per row, block 256, against a 2.9-3.0 TB/s copy, at 8192 x 4096 and
+8192 x 14336: rows 1.77-1.82 TB/s (61%; block 0: 2.13-2.66 TB/s, 71-91%), transposed view
+1.15-1.26 TB/s (block 0, its own kernel: 1.62-1.69, 54-58%), dim 0 1.17-1.34 TB/s (40-45%).
 The rotated rows kernel is bound by instruction issue (Nsight Compute: issue slots 77% busy before
 the changes above, which cut its two loop bodies from 339 to 245 SASS instructions, 8 values per
 thread, as Triton 3.9 compiles them for sm_90; benchmarks/kernel_resources.py counts them): the
 three bf16 pieces of the intermediate and their dots, the rotation done twice (once per pass), the
-division. The strided variants read their input twice (two launches) and are bound by occupancy (dim
-0 at BLOCK_M 64: 228-255 registers and 96-104 KiB of shared memory per program, two programs per SM,
-as benchmarks/kernel_resources.py reports).
+division. The strided variants read their input twice (two launches: at most 3/5 of copy
+bandwidth when the second read comes from memory) and are bound by occupancy (dim 0 at BLOCK_M
+64: 228-255 registers and 96-104 KiB of shared memory per program, two programs per SM, as
+benchmarks/kernel_resources.py reports).
 
 Triton interpreter (CPU tensors): `hadamard_quantize_triton` runs the same kernel through the
 interpreter whenever its input is on the CPU (triton_interpreter.py says how). Under the
