@@ -3,6 +3,7 @@ applies exactly where the fused kernel does, and (GPU) leaves Inductor's generat
 the Triton kernel and the FP8 GEMM instead of calls back into halo's Python ops."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -144,6 +145,17 @@ def test_gpu_generated_code_launches_kernels_not_python_ops(hadamard):
     assert "halo.quantized_linear" not in code and "halo.scaled_matmul" not in code
     assert code.count("_hadamard_quantize_kernel") >= 6  # 2 operands x 3 matmuls
     assert code.count("_scaled_mm") >= 3
+    # No Hadamard, absmax or cast of Inductor's own around the GEMMs: the kernels it generates
+    # (named triton_*; ours keep their names) are pointwise (scale arithmetic, the ±1 block of
+    # the un-rotation), none a reduction, none storing FP8. The one separate Hadamard is
+    # HALO-2's "outer" un-rotation of grad-input's output, a bmm.
+    sources = dict(re.findall(r"async_compile\.triton\('(\w+)', '{3}(.*?)'{3}", code,
+                              flags=re.DOTALL))
+    assert any(name.startswith("_hadamard_quantize_kernel") for name in sources)
+    generated = {name: src for name, src in sources.items() if name.startswith("triton_")}
+    assert all(name.startswith("triton_poi_") for name in generated), sorted(generated)
+    assert not any("float8" in src for src in generated.values())
+    assert (code.count("bmm(") > 0) == (hadamard == "halo2")
     # The forward GEMM accumulates fast (option fast_accum, on by default), the gradients' not.
     assert code.count("use_fast_accum=True") == 1 and code.count("use_fast_accum=False") == 2
     # Same numbers as the op's eager CUDA body, which runs the same kernels.
