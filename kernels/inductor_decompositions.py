@@ -46,24 +46,22 @@ from .triton_hadamard_quantize import (  # noqa: F401  (registers the ops)
 )
 
 
-def _hadamard_quantize_op(x, fmt, granularity, block, dim, rounding="nearest"):
+def _hadamard_quantize_op(x, fmt, granularity, block, dim, rounding):
     # Once per operand object: linears reading one activation share it (shared_operands.py).
-    # (The rounding is passed only where it is not the default: graphs print as before.)
-    extra = () if rounding == "nearest" else (rounding,)
     if dim == 0 and block and granularity == "row" and cached(x, DY_TRANSPOSE):
         # grad-input's dY ("outer": rotated along the tokens), whose transpose grad-weight
         # rotates along the same tokens next (quantized_linear.py). One kernel quantizes both,
         # and leaves dYᵀ's where grad-weight's view of dY looks for it.
         q, scale, qt, scale_t = shared(
             x, ("hadamard_quantize_dual", fmt, block, rounding),
-            lambda t: torch.ops.halo.hadamard_quantize_dual(t, fmt, block, *extra))
+            lambda t: torch.ops.halo.hadamard_quantize_dual(t, fmt, block, rounding))
         dyt = shared_view(x, "features x tokens", lambda t: t.t())
         shared(dyt, ("hadamard_quantize", fmt, granularity, block, 1, rounding),
                lambda _: (qt, scale_t))
         return q, scale
     return shared(x, ("hadamard_quantize", fmt, granularity, block, dim, rounding),
                   lambda t: torch.ops.halo.hadamard_quantize(t, fmt, granularity, block, dim,
-                                                             *extra))
+                                                             rounding))
 
 
 TRACEABLE_KERNELS = {"quantize_operand": _hadamard_quantize_op, "signs": sylvester_signs}
