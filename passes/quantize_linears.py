@@ -204,10 +204,9 @@ def _token_count(site: LinearSite):
     x = fake_value(site.x)
     if x is None:
         return None
-    try:
-        return int(x.numel() // x.shape[-1])
-    except (TypeError, RuntimeError):  # dynamic shapes: decided per call by the kernel
-        return None
+    tokens = x.numel() // x.shape[-1]
+    # A symbolic count stays symbolic: int() would specialize the graph to the traced size.
+    return tokens if isinstance(tokens, int) else None
 
 
 def _plan_matmuls(site: LinearSite, layer: LayerConfig, tokens):
