@@ -31,8 +31,6 @@ class MatmulPlan:
             return "-"
         if self.block:
             text = f"{self.rotation}:{self.dim}/{self.block}"
-        elif self.dim == "tokens" and not self.note:
-            text = f"{self.rotation}:tokens/per-call"
         else:
             text = "unrotated"
         return f"{text} ({self.note})" if self.note else text

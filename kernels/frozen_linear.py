@@ -34,11 +34,11 @@ from .weight_cache import WEIGHT_CACHE
 
 def _frozen_weight_matmul(gemm, a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
                           max_block, granularity, rounding_a, check_finite_inputs, where):
-    ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
-    right = WEIGHT_CACHE.quantized(weight, fmt, granularity, inner_block, transpose_weight,
+    left = rotated_left_operand(a, rotation, max_block)
+    right = WEIGHT_CACHE.quantized(weight, fmt, granularity, left.inner_block, transpose_weight,
                                    a.dtype, check_finite_inputs, where, fold, fold_inputs)
-    return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
-                                        outer_block, a.dtype, check_finite_inputs, where)
+    return product_with_quantized_right(gemm, left, right, fmt, granularity, rounding_a,
+                                        a.dtype, check_finite_inputs, where)
 
 
 @torch.library.custom_op("halo::frozen_weight_matmul", mutates_args=(),

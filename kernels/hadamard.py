@@ -13,20 +13,51 @@ import functools
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 MIN_BLOCK = 16
 """Smaller blocks spread an outlier over too few elements to help; below this we do not rotate."""
 
 
-def hadamard_block_size(dim: int, max_block: int) -> int:
+MAX_TOKEN_BLOCK = 256
+"""The largest block along the tokens: the fused kernels' largest, for any token count."""
+
+
+def hadamard_block_size(dim, max_block: int) -> int:
     """The block used to rotate a dimension of size `dim`: the largest power of two that divides
     `dim` and is at most `max_block` (0 means no upper limit, a "full" Hadamard where `dim` is a
-    power of two). Returns 0 when no block of at least MIN_BLOCK fits, meaning: do not rotate."""
+    power of two). Returns 0 when no block of at least MIN_BLOCK fits, meaning: do not rotate.
+    A symbolic `dim` (dynamic shapes) gets the largest block known to divide it for every value
+    it can take (a token count padded by `pad_rows`), decided without a guard on its value."""
+    if not isinstance(dim, int):
+        block = max_block or 1 << 30
+        while block >= MIN_BLOCK and not statically_known_true(dim % block == 0):
+            block //= 2
+        return block if block >= MIN_BLOCK else 0
     if dim <= 0:
         return 0
     largest_dividing = dim & -dim  # lowest set bit: the largest power of two dividing dim
     block = largest_dividing if max_block == 0 else min(largest_dividing, max_block)
     return block if block >= MIN_BLOCK else 0
+
+
+def token_block(max_block: int) -> int:
+    """The block of a rotation along the tokens ("outer" on the forward and grad-input, "inner"
+    on grad-weight): the configured block, at most MAX_TOKEN_BLOCK. Its size does not depend on
+    the token count, which is zero-padded to a multiple of it (`pad_rows`): every count, static
+    or symbolic, is rotated the same way, and a graph never specializes on it."""
+    return min(max_block or MAX_TOKEN_BLOCK, MAX_TOKEN_BLOCK)
+
+
+def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`t` (2-D) with zero rows appended up to a multiple of `multiple` rows; `t` itself where
+    its row count is known to be one (static shapes: always decided; symbolic ones: padded
+    whenever the count is not a provable multiple). Zero rows change no product of the other
+    rows, and their rotated values are sliced off after the un-rotation."""
+    missing = -t.shape[0] % multiple
+    if statically_known_true(missing == 0):
+        return t
+    return torch.nn.functional.pad(t, (0, 0, 0, missing))
 
 
 def hadamard_matrix(block: int, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch
 
 from .frozen_linear import frozen_linear_forward
 from .quantize import HOST_SIDE_TAGS
-from .scaled_matmul import scaled_matmul  # noqa: F401  (registers halo::scaled_matmul)
+from .hadamard import pad_rows, token_block
+from .scaled_matmul import padded_rows, scaled_matmul  # noqa: F401  (registers the op)
 from .shared_operands import DY_TRANSPOSE, shared, shared_view
 
 
@@ -87,12 +88,17 @@ def _backward(ctx, grad_out):
         ctx.settings)
     dy = grad_out.reshape(-1, grad_out.shape[-1])
     grad_x = grad_w = grad_b = None
-    dyt = shared_view(dy, "features x tokens", lambda t: t.t())
+    # grad-weight "inner" rotates along the tokens: they are zero-padded to a multiple of the
+    # block (zeros add nothing to dYᵀ X), as an "outer" grad-input pads them.
+    tokens = token_block(max_block)
+    gw_max_block = tokens if gw_rot == "inner" else max_block
+    dy_gw = padded_rows(dy, tokens) if gw_rot == "inner" else dy
+    dyt = shared_view(dy_gw, "features x tokens", lambda t: t.t())
     if gi_rot == "outer" and gw_rot == "inner" and all(ctx.needs_input_grad[:2]):
         # grad-input rotates dY along the tokens, grad-weight dYᵀ along the same tokens by the
         # same block: the compiled path quantizes both in one kernel when told so
         # (inductor_decompositions.py).
-        shared(dy, DY_TRANSPOSE, lambda _: True)
+        shared(dy_gw, DY_TRANSPOSE, lambda _: True)
     if ctx.needs_input_grad[0] and cache_weight:
         # dX = dY W: contraction over out-features, W [out, in] the cached weight's transpose.
         grad_x = torch.ops.halo.frozen_weight_matmul(
@@ -108,10 +114,11 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         # dW = dYᵀ X: contraction over tokens. Its operands need no inf/NaN check of their own
         # when grad-input checked dY and the forward checked X: each check costs host time.
-        xt = shared_view(x, ("features x tokens", dy.dtype),
-                         lambda t: t.reshape(-1, t.shape[-1]).to(dy.dtype).t())
+        pad = tokens if gw_rot == "inner" else 1
+        xt = shared_view(x, ("features x tokens", dy.dtype, pad),
+                         lambda t: pad_rows(t.reshape(-1, t.shape[-1]).to(dy.dtype), pad).t())
         grad_w = torch.ops.halo.scaled_matmul(
-            dyt, xt, fmt, gw_rot, max_block, granularity,
+            dyt, xt, fmt, gw_rot, gw_max_block, granularity,
             rounding, "nearest", check and grad_x is None, f"{name} grad-weight",
         ).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

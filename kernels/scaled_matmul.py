@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs
+from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs, pad_rows, token_block
 from .quantize import (
     HOST_SIDE_TAGS,
     absmax,
@@ -45,6 +47,7 @@ from .quantize import (
     operand_name,
     quantize,
 )
+from .shared_operands import shared_view
 from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
 from .triton_int8_matmul import int8_scaled_mm  # noqa: F401  (registers halo::int8_scaled_mm)
 
@@ -57,14 +60,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def rotated_left_operand(a, rotation: str, max_block: int):
-    """A rotated as `rotation` places it. Returns (A in the compute dtype, the block the right
-    operand must be rotated by along K ("inner"), the block to undo on the output ("outer"))."""
+class LeftOperand(NamedTuple):
+    """The left operand A as rotated for the product, and what the rest of the product needs."""
+
+    rotated: torch.Tensor  # in the compute dtype; with an "outer" rotation, rows zero-padded
+    inner_block: int  # the block the right operand is rotated by along K ("inner"), or 0
+    outer_block: int  # the block to undo on the output's rows ("outer"), or 0
+    rows: object  # A's rows before padding: the output's
+
+
+def rotated_left_operand(a, rotation: str, max_block: int) -> LeftOperand:
+    """A rotated as `rotation` places it. "outer" rotates along the rows (the tokens, for the
+    forward and grad-input) by `token_block(max_block)`, the rows zero-padded to a multiple."""
     if rotation == "inner" and (block := hadamard_block_size(a.shape[1], max_block)):
-        return block_hadamard(a, block, dim=1), block, 0
-    if rotation == "outer" and (block := hadamard_block_size(a.shape[0], max_block)):
-        return block_hadamard(a, block, dim=0), 0, block
-    return a.to(_compute_dtype(a)), 0, 0
+        return LeftOperand(block_hadamard(a, block, dim=1), block, 0, a.shape[0])
+    if rotation == "outer":
+        block = token_block(max_block)
+        return LeftOperand(block_hadamard(pad_rows(a, block), block, dim=0), 0, block,
+                           a.shape[0])  # (the reference runs eagerly: sizes are ints)
+    return LeftOperand(a.to(_compute_dtype(a)), 0, 0, a.shape[0])
 
 
 def quantized_operand(x, fmt, granularity, block, rounding, check, where):
@@ -80,15 +94,15 @@ def quantized_operand(x, fmt, granularity, block, rounding, check, where):
     return quantize(x, fmt, granularity, rounding, amax)
 
 
-def product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a, outer_block,
+def product_with_quantized_right(gemm, left: LeftOperand, right, fmt, granularity, rounding_a,
                                  out_dtype, check, where):
-    """The rotated left operand `ra` times the right operand `right` = quantized_operand(...):
-    quantize `ra`, run `gemm`, undo an "outer" rotation on the output."""
-    qa, sa = quantized_operand(ra, fmt, granularity, 0, rounding_a, check,
+    """The rotated left operand times the right operand `right` = quantized_operand(...):
+    quantize the left one, run `gemm`, undo an "outer" rotation on the output."""
+    qa, sa = quantized_operand(left.rotated, fmt, granularity, 0, rounding_a, check,
                                operand_name(where, "left"))
     out = qa @ right[0].t() if fmt == "none" else gemm(qa, sa, *right, fmt, out_dtype)
-    if outer_block:
-        out = block_hadamard(out, outer_block, dim=0)
+    if left.outer_block:
+        out = block_hadamard(out, left.outer_block, dim=0)[:left.rows]  # padding dropped
     # Contiguous, as the fake kernel promises (Inductor asserts output strides): the outer
     # rotation's movedim and the CUDA GEMM's un-padding slice would otherwise leak strides.
     return out.to(out_dtype).contiguous()
@@ -96,11 +110,11 @@ def product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a, 
 
 def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b,
                    check_finite_inputs, where):
-    ra, inner_block, outer_block = rotated_left_operand(a, rotation, max_block)
-    right = quantized_operand(b, fmt, granularity, inner_block, rounding_b, check_finite_inputs,
-                              operand_name(where, "right"))
-    return product_with_quantized_right(gemm, ra, right, fmt, granularity, rounding_a,
-                                        outer_block, a.dtype, check_finite_inputs, where)
+    left = rotated_left_operand(a, rotation, max_block)
+    right = quantized_operand(b, fmt, granularity, left.inner_block, rounding_b,
+                              check_finite_inputs, operand_name(where, "right"))
+    return product_with_quantized_right(gemm, left, right, fmt, granularity, rounding_a,
+                                        a.dtype, check_finite_inputs, where)
 
 
 def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):
@@ -119,7 +133,8 @@ def cuda_gemm(qa, sa, qb, sb, fmt, out_dtype, fast_accum=False):
     if fmt == "int8":
         return torch.ops.halo.int8_scaled_mm(qa, sa, qb, sb, out_dtype)
     m, n = qa.shape[0], qb.shape[0]
-    qa, qb = _pad_rows_cols(qa, 16, 16), _pad_rows_cols(qb, 16, 16)
+    # cuBLASLt wants K and N multiples of 16, not M (A's rows: the tokens, in the forward).
+    qa, qb = _pad_rows_cols(qa, 1, 16), _pad_rows_cols(qb, 16, 16)
     if out_dtype == torch.bfloat16:
         # Row-wise (or tensor-wise) scales applied in the GEMM epilogue; needs a bf16 output.
         sa_p = F.pad(sa, (0, 0, 0, qa.shape[0] - sa.shape[0]), value=1.0) if sa.numel() > 1 else sa
@@ -142,7 +157,9 @@ def gemm_with(gemm, fast_accum: bool):
 def _pad_rows_cols(t, row_multiple, col_multiple):
     rows = -t.shape[0] % row_multiple
     cols = -t.shape[1] % col_multiple
-    if rows or cols:
+    # Symbolic sizes (the tokens, under dynamic shapes) are padded unless provably aligned:
+    # a branch on their value would specialize the graph.
+    if not (statically_known_true(rows == 0) and statically_known_true(cols == 0)):
         # F.pad has no FP8 kernel: pad the raw bytes, whose zero is the format's +0.
         raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
         raw = F.pad(raw, (0, cols, 0, rows))
@@ -191,7 +208,9 @@ def fused_block(a, b, fmt, rotation, max_block):
         return None
     if rotation == "none":
         return 0
-    block = hadamard_block_size(a.shape[1] if rotation == "inner" else a.shape[0], max_block)
+    if rotation == "outer":
+        return token_block(max_block)
+    block = hadamard_block_size(a.shape[1], max_block)
     return block if block <= MAX_BLOCK else None
 
 
@@ -252,14 +271,27 @@ def fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a="
     `quantize_operand` runs the kernel: compiled on CUDA, interpreted on the CPU (where tests
     run it with `reference_gemm`), or `torch.ops.halo.hadamard_quantize` when Inductor traces it
     (inductor_decompositions.py), which also passes the traceable `sylvester_signs`."""
-    out_dtype = a.dtype
+    out_dtype, rows = a.dtype, a.shape[0]
     outer = rotation == "outer" and block
-    qa, sa = quantize_operand(a, fmt, granularity, block, 0 if outer else 1, rounding_a)
+    # "outer": the tokens zero-padded to a multiple of the block (hadamard.token_block)
+    padded = padded_rows(a, block) if outer else a
+    qa, sa = quantize_operand(padded, fmt, granularity, block, 0 if outer else 1, rounding_a)
     # "outer": H's normalisation folded into A's scales, applied in the GEMM epilogue.
     out = right_gemm(qa, sa, 1.0 / math.sqrt(block) if outer else 1.0, 0 if outer else block)
     if outer:
         out = unrotate_rows(out, block, signs)
+    if padded is not a:
+        out = out[:rows]
     return out.to(out_dtype).contiguous()
+
+
+def padded_rows(t, multiple):
+    """`pad_rows(t, multiple)` as a shared view of `t` (shared_operands.py): quantizations of the
+    padded tensor are shared as those of `t` itself are (grad-input's dY with grad-weight's)."""
+    if statically_known_true(t.shape[0] % multiple == 0):
+        return t
+    return shared_view(t, ("rows padded to a multiple of", multiple),
+                       lambda x: pad_rows(x, multiple))
 
 
 def unrotate_rows(out, block, signs=hadamard_signs):

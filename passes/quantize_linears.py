@@ -17,13 +17,14 @@ from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (reg
     EMULATED_FORMATS,
     emulated_quantized_linear,
 )
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size, token_block
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE, watch_optimizer_steps
 from halo_compile.report import LayerReport, MatmulPlan
 
 from .analysis import LinearSite
+from .autocast_regions import AUTOCAST_ELIGIBLE, autocast_dtypes
 from .folding import FOLD_FUNCTIONS
 from .graph_utils import fake_value
 
@@ -37,6 +38,7 @@ class QuantizeLinears:
 
     def run(self, ctx) -> None:
         replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its halo op
+        inputs = _LinearInputs(ctx.gm.graph)
         for site in ctx.analysis.linears:
             # A linear that reads another linear's output (x @ A then @ B, Linear -> Linear):
             # the site still holds the erased node; read the halo op that replaced it.
@@ -56,8 +58,8 @@ class QuantizeLinears:
                 ctx.layer_reports.append(LayerReport(
                     site.fqn, site.in_features, site.out_features, False, reason=reason, **fusion))
                 continue
-            tokens = _token_count(site)
-            plans = _plan_matmuls(site, layer, tokens)
+            site.x = inputs.as_linear_reads_it(site)
+            plans = _plan_matmuls(site, layer)
             old_node = site.node
             frozen, weight_cache = self._rewrite(ctx, site, layer,
                                                  ctx.config.nonfinite == "raise")
@@ -143,6 +145,40 @@ class QuantizeLinears:
         return frozen is not None, weight_cache
 
 
+class _LinearInputs:
+    """A linear's input as `F.linear` reads it: under autocast, cast to the autocast dtype (halo's
+    ops compute in their input's dtype, and autocast does not cast custom ops); outside it, the
+    input itself, whose dtype must be the weight's, as eager requires. One cast per activation
+    and dtype, so that linears reading one activation still share its quantization."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.autocast: dict[str, dict] = {}  # device type -> node -> autocast dtype
+        self.casts: dict[tuple, fx.Node] = {}
+
+    def as_linear_reads_it(self, site: LinearSite) -> fx.Node:
+        x = fake_value(site.x)
+        if x is None:
+            return site.x
+        device = site.weight.device.type
+        if device not in self.autocast:
+            self.autocast[device] = autocast_dtypes(self.graph, device)
+        dtype = self.autocast[device].get(site.node)
+        if dtype is not None and x.dtype in AUTOCAST_ELIGIBLE:
+            if x.dtype == dtype:
+                return site.x
+            if (site.x, dtype) not in self.casts:
+                with self.graph.inserting_after(site.x):
+                    cast = self.graph.call_method("to", (site.x, dtype))
+                cast.meta["example_value"] = x.to(dtype)
+                self.casts[site.x, dtype] = cast
+            return self.casts[site.x, dtype]
+        if x.dtype != site.weight.dtype:
+            raise RuntimeError(f"{site.fqn}: mat1 and mat2 must have the same dtype, but got "
+                               f"{x.dtype} and {site.weight.dtype} (F.linear refuses them too)")
+        return site.x
+
+
 def _weight_cache(site: LinearSite, layer: LayerConfig, ctx) -> str:
     """Whether a trained weight's quantized forms are cached per version (option
     cache_weights): "cached", "" when not asked for, else "not cached: <why>". The cache keys on
@@ -199,26 +235,17 @@ def _is_lora_adapter(fqn: str) -> bool:
     return any(part in ("lora_A", "lora_B") for part in fqn.split("."))
 
 
-def _token_count(site: LinearSite):
-    """Tokens (rows of the flattened input) as traced; None when symbolic."""
-    x = fake_value(site.x)
-    if x is None:
-        return None
-    tokens = x.numel() // x.shape[-1]
-    # A symbolic count stays symbolic: int() would specialize the graph to the traced size.
-    return tokens if isinstance(tokens, int) else None
-
-
-def _plan_matmuls(site: LinearSite, layer: LayerConfig, tokens):
+def _plan_matmuls(site: LinearSite, layer: LayerConfig):
     """The rotation of each matmul and its block along the rotated dimension, as the kernels
-    will choose it (kernels/hadamard.py: hadamard_block_size)."""
-    sizes = {"in": site.in_features, "out": site.out_features, "tokens": tokens}
+    will choose it (kernels/hadamard.py: hadamard_block_size along features; token_block along
+    the rows an "outer" rotation pads, and along grad-weight's tokens)."""
     # The rotated dimension of each matmul for each placement (see kernels/scaled_matmul.py).
     rotated_dim = {
         "forward": {"inner": "in", "outer": "tokens"},
         "grad_input": {"inner": "out", "outer": "tokens"},
         "grad_weight": {"inner": "tokens", "outer": "out"},
     }
+    features = {"in": site.in_features, "out": site.out_features}
     plans = []
     for matmul, dims in rotated_dim.items():
         rotation = getattr(layer.hadamard, matmul)
@@ -226,13 +253,13 @@ def _plan_matmuls(site: LinearSite, layer: LayerConfig, tokens):
             plans.append(MatmulPlan("none"))
             continue
         dim = dims[rotation]
-        size = sizes[dim]
-        if size is None:
-            plans.append(MatmulPlan(rotation, dim))  # dynamic token count: chosen per call
+        if rotation == "outer" or dim == "tokens":  # any count: padded to the block
+            block = token_block(layer.max_block)
+            plans.append(MatmulPlan(rotation, dim, block, f"{dim} padded to a multiple"
+                                    if dim != "tokens" and features[dim] % block else ""))
             continue
+        size = features[dim]
         block = hadamard_block_size(size, layer.max_block)
         note = "" if block else f"no power-of-two block >= {MIN_BLOCK} divides {dim}={size}"
-        if block and dim == "tokens":
-            note = f"{size} tokens when traced"
         plans.append(MatmulPlan(rotation, dim, block, note))
     return plans

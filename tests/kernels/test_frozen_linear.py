@@ -74,7 +74,7 @@ def test_fused_path_equals_fused_scaled_matmul(seed, fmt, rotation, transpose):
     weight = _frozen(w.t() if transpose else w)
     b = (weight.t() if transpose else weight).to(a.dtype)
     block = fused_block(a, weight, fmt, rotation, 256)
-    assert block == (0 if rotation == "none" else 32 if rotation == "inner" else 64)
+    assert block == (0 if rotation == "none" else 32 if rotation == "inner" else 256)
     out = fused_frozen_weight_matmul(a, weight, "", [], transpose, fmt, rotation, block, "row",
                                      True, "m")
     want = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row", True, "m")

@@ -377,10 +377,12 @@ def test_grad_input_and_grad_weight_quantize_dy_in_one_call(monkeypatch, grad_we
     monkeypatch.setattr(kernel, "hadamard_quantize_reference", counting_quantize)
     monkeypatch.setattr(kernel, "hadamard_quantize_dual_reference", counting_dual)
     torch.compile(model, backend="halo", options=options)(x).sum().backward()
-    if grad_weight == "inner":  # the three dY [32, 48]: one dual call each (block 32)
-        assert dual_calls == [((32, 48), "fp8_e4m3", 32, "nearest")] * 3 and (48, 32) not in calls
-    else:  # dY [32, 48] along dim 0 and dYᵀ [48, 32], three each
-        assert not dual_calls and calls.count((32, 48)) == calls.count((48, 32)) == 3
+    # The 32 tokens zero-padded to the token block, 256, for the rotations along them.
+    if grad_weight == "inner":  # the three padded dY [256, 48]: one dual call each
+        assert dual_calls == [((256, 48), "fp8_e4m3", 256, "nearest")] * 3
+        assert (48, 256) not in calls and (48, 32) not in calls
+    else:  # padded dY [256, 48] along dim 0, and dYᵀ [48, 32] unpadded: three each
+        assert not dual_calls and calls.count((256, 48)) == calls.count((48, 32)) == 3
     assert _rel(x.grad, x_ref.grad) < 1e-6
     for mine, theirs in zip(model.parameters(), reference.parameters()):
         assert _rel(mine.grad, theirs.grad) < 1e-6
@@ -415,7 +417,7 @@ def test_stochastic_grad_rounding_reaches_the_kernels_of_dy(monkeypatch, grad_we
                "hadamard": {"forward": "inner", "grad_input": "outer",
                             "grad_weight": grad_weight}}
     torch.compile(model, backend="halo", options=options)(x).sum().backward()
-    dy_keys = {("dual", 32, 48)} if grad_weight == "inner" else {(32, 48), (48, 32)}
+    dy_keys = {("dual", 256, 48)} if grad_weight == "inner" else {(256, 48), (48, 32)}  # padded
     assert {k for k, r in roundings.items() if r == {"stochastic"}} == dy_keys
     assert all(r == {"nearest"} for k, r in roundings.items() if k not in dy_keys)
     assert (32, 64) in roundings and (48, 64) in roundings  # X and W

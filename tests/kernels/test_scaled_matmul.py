@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size
+from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size, token_block
 from halo_compile.kernels.quantize import (
     _DEFERRED_CHECKS,
     NonFiniteInputError,
@@ -122,7 +122,8 @@ def _dq(x, fmt, granularity):
 @pytest.mark.parametrize("fmt", FMTS)
 def test_matches_composition_of_building_blocks(fmt, granularity, rotation, max_block):
     """The op is exactly the documented placement: "none" Q(A)Q(B)ᵀ, "inner" Q(AH)Q(BH)ᵀ with
-    H along K, "outer" H[Q(HA)Q(B)ᵀ] with H along M; with the block hadamard_block_size picks."""
+    H along K, "outer" H[Q(HA)Q(B)ᵀ] with H along M (A's rows padded with zeros to a multiple
+    of token_block); with the block hadamard_block_size / token_block picks."""
     m, k, n = 64, 96, 40
     g = torch.Generator().manual_seed(3)
     a = _randn((m, k), g) * _channel_scale(k, g)
@@ -132,11 +133,13 @@ def test_matches_composition_of_building_blocks(fmt, granularity, rotation, max_
         assert blk == (32 if max_block == 0 else 16)
         expected = _dq(block_hadamard(a, blk), fmt, granularity) @ \
             _dq(block_hadamard(b, blk), fmt, granularity).T
-    elif rotation == "outer":
-        blk = hadamard_block_size(m, max_block)
-        assert blk == (64 if max_block == 0 else 16)
-        prod = _dq(block_hadamard(a, blk, dim=0), fmt, granularity) @ _dq(b, fmt, granularity).T
-        expected = block_hadamard(prod, blk, dim=0)
+    elif rotation == "outer":  # along the rows, zero-padded to a multiple of the token block
+        blk = token_block(max_block)
+        assert blk == (256 if max_block == 0 else 16)
+        padded = torch.cat([a, a.new_zeros(-m % blk, k)])
+        prod = _dq(block_hadamard(padded, blk, dim=0), fmt, granularity) @ \
+            _dq(b, fmt, granularity).T
+        expected = block_hadamard(prod, blk, dim=0)[:m]
     else:
         expected = _dq(a, fmt, granularity) @ _dq(b, fmt, granularity).T
     out = _op(a, b, fmt, rotation, max_block, granularity)
@@ -406,7 +409,9 @@ def test_fused_path_non_finite_in_interpreter():
 def test_fused_path_applies_where_the_kernel_can():
     a, b = torch.randn(64, 4096), torch.randn(32, 4096)
     assert fused_block(a, b, "fp8_e4m3", "inner", 256) == 256
-    assert fused_block(a, b, "fp8_e4m3", "outer", 256) == 64
+    assert fused_block(a, b, "fp8_e4m3", "outer", 256) == 256  # rows padded to 256
+    assert fused_block(a, b, "fp8_e4m3", "outer", 0) == 256
+    assert fused_block(a, b, "fp8_e4m3", "outer", 32) == 32
     assert fused_block(a, b, "int8", "none", 0) == 0
     assert fused_block(a, b, "fp8_e4m3", "inner", 0) is None  # "full": block 4096
     assert fused_block(a, b, "none", "inner", 256) is None
