@@ -764,10 +764,34 @@ def launch_grid(M, K, block_m, nt, per_k, split=None, want=0, k_tile=256):
                                   else (line_blocks, k_tiles, nt * k_tile))
     if split is None:
         # Too few programs: a transposed [out, T] view has only out / BLOCK_M, dim 0 T / 256.
-        split = want // programs if programs < want // 2 else 1
+        # (A symbolic token count: chosen for the count traced, a choice of speed only.)
+        programs_now = size_hint(programs)
+        split = want // programs_now if programs_now < want // 2 else 1
+    if not isinstance(loop_units, int):
+        # A symbolic extent: `split` programs, any trailing ones with nothing to do, so that
+        # the grid's split (a constexpr of the kernel) does not depend on the token count.
+        return (programs, max(1, split)), triton.cdiv(loop_units, max(1, split)) * unit
     split = max(1, min(split, loop_units))
     per_split = triton.cdiv(loop_units, split) * unit
     return (programs, triton.cdiv(loop_units, per_split // unit)), per_split
+
+
+def size_hint(size) -> int:
+    """`size` as an int: itself, or for a symbolic size the value it has in the trace (read
+    without a guard: only for choices of speed, never of results)."""
+    if isinstance(size, int):
+        return size
+    from torch.fx.experimental.symbolic_shapes import hint_int
+
+    return hint_int(size)
+
+
+def aligned(size, multiple: int) -> bool:
+    """Whether `size` is a multiple of `multiple` for every value it can take (a symbolic size
+    that is not provably one counts as unaligned: masked, never a guard on its value)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(size % multiple == 0)
 
 
 def _second_launch_scale(amax, granularity, spec):
@@ -846,7 +870,7 @@ def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, preci
             FIRST_PASS=1 if mode == _WITH_SCALE else 0,
             LAST_PASS=1 if mode == _AMAX_ONLY else 2, BLOCK_M=bm, NT=nt, NB=bm * nt,
             EXACT_DIV=exact_div, INT64=extent >= 2**31,
-            EVEN=M % bm == 0 and K % (nt * 256) == 0, STOCHASTIC=rounding == "stochastic",
+            EVEN=aligned(M, bm) and aligned(K, nt * 256), STOCHASTIC=rounding == "stochastic",
             **kwargs,
         )
 
@@ -903,7 +927,7 @@ def _quantize_transposed(kernel, xv, q, fmt, granularity, interpret, soft_fp8, r
             SPLITS=triton.next_power_of_2(n_split),
             SOFT_FP8=soft_fp8, MAX_VALUE=spec.max_value, INV_MAX_VALUE=_INV_MAX_VALUE[fmt],
             RECIP_SCALE=recip_scale, EXACT_DIV=exact_div, INT64=extent >= 2**31,
-            BLOCK_M=bm, BLOCK_K=bk, EVEN=M % bm == 0 and K % bk == 0, STOCHASTIC=stochastic,
+            BLOCK_M=bm, BLOCK_K=bk, EVEN=aligned(M, bm) and aligned(K, bk), STOCHASTIC=stochastic,
             **kwargs,
         )
 
