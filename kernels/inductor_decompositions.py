@@ -2,7 +2,7 @@
 
 A custom op stays an opaque call in Inductor's generated code: a call back into Python whose
 body launches the Triton kernels through Triton's Python launcher and the GEMM through the
-dispatcher. That host work (~0.7 ms per quantized matmul, measured: docs/BENCHMARKS.md) exceeded
+dispatcher. That host work (~0.7 ms per quantized matmul, measured on an H200) exceeded
 the GPU time of the kernels it launched at Llama-3-8B shapes. So, while AOTAutograd
 functionalizes the forward and the registered backward (the same hook through which a
 `triton_op` is decomposed: a FunctionalTensorMode rule, so that the nested triton_op is traced

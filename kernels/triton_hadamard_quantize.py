@@ -40,8 +40,8 @@ Design
   indices (tokens) and loops over its range of lines (features) BLOCK_M at a time, so the
   absmax of each of its K indices stays in registers (an elementwise running max, as above);
   its partial absmaxes stored at the end, then the quantize launch, which computes its 256
-  scales once. (The loop used to run along K with an atomic max per iteration: BLOCK_M 64
-  is 36-47% faster this way, docs/BENCHMARKS.md, ninth session.)
+  scales once. (Against a loop along K with an atomic max per iteration, BLOCK_M 64 is
+  36-47% faster this way, measured on an H200.)
   GPU launches (BLOCK_M, NT, warps; GPU_CONFIGS, measured per layout): rows (1, 2, 2) (one
   warp per 16 x 16 tile), (1, 4, 4) unrotated; transposed views (16, 1, 4) rotated, K split
   until ~4 programs per SM; dim 0 (64, 1, 4), lines split until ~2 programs per SM.
@@ -50,8 +50,8 @@ Design
   `_transpose_quantize_kernel`: plain [BLOCK_K, BLOCK_M] tiles loaded along the lines and
   stored along K, an absmax launch (a row of partials per K split) then a quantize launch of
   shorter programs (TRANSPOSE_CONFIG), none of the [16, 16] batching the rotation needs: 46%
-  of copy bandwidth at a decoder layer's shapes against 35% through the main kernel (H200,
-  docs/BENCHMARKS.md, eleventh session).
+  of copy bandwidth at a decoder layer's shapes against 35% through the main kernel (measured
+  on an H200).
 * The rotation is two batched `tl.dot`s with 16 x 16 Hadamard blocks instead of one dot with the
   block x block matrix: Sylvester matrices factor as H_(16r) = H_r (x) H_16, so inside a 256-wide
   tile the block transform is X -> G X H_16, H_16 acting on `low` (a right product) and
@@ -75,7 +75,7 @@ Design
   (`precision="ieee"`: CUDA cores, half the bandwidth on an H100, and no more accurate).
   Rounding the intermediate to bf16 instead (one dot, no split) measured 28-35% faster on rows
   and 27-35% slower on dim 0, for 0-0.8% more FP8 error against float64 (0-10% INT8): not used
-  (docs/BENCHMARKS.md, seventh session), nor is laying the tiles out for 2-D dots (2.4-3x
+  (docs/BENCHMARKS.md), nor is laying the tiles out for 2-D dots (2.4-3x
   slower than the batched ones).
 * Dual (DUAL, on dim 0's launches): a program's tile is 256 tokens x BLOCK_M features, so the
   first launch also reduces each feature's absmax over its 256 tokens (a partial per K tile,
@@ -85,7 +85,7 @@ Design
   is 444 µs for dY [8192, 14336] on an H200, against 533 for the two quantizations apart. A dual
   whose transpose is not rotated (HALO-2's grad-weight) measured 2.2x slower than apart (the
   loaded tile's own absmax and quantization beside the rotated one's: 255 registers, twice
-  the SASS per iteration; docs/BENCHMARKS.md, tenth session), so with grad-weight "none" dYᵀ
+  the SASS per iteration; docs/BENCHMARKS.md), so with grad-weight "none" dYᵀ
   is quantized on its own.
 * Quantization, exactly as torch computes the reference on the same device: the scale is
   max(amax, 1e-12) / max_value on the CPU, and amax * float32(1 / max_value) on CUDA (torch
@@ -491,7 +491,7 @@ def _hadamard_quantize_kernel(
                 # Backwards: the tiles the absmax loop loaded last are the likeliest to be
                 # still in L2 (a 14336-wide bf16 row is 28 KiB, and thousands are in flight).
                 # (Between the two launches of the other modes, reversing the second launch's
-                # programs and loops measured no faster: docs/BENCHMARKS.md, ninth session.)
+                # programs and loops measured no faster: docs/BENCHMARKS.md.)
                 o = start + (n_iter - 1 - i) * step
             else:
                 o = start + i * step
@@ -699,7 +699,7 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split", rounding="
 # num_warps, programs per SM that splitting the loop aims for when a launch has too few
 # programs; 0: no split). Measured
 # on an H100 (triton 3.6, bf16 -> FP8 row scales, 8192 x 4096 and 8192 x 14336,
-# benchmarks/hadamard_quantize.py --sweep, docs/BENCHMARKS.md):
+# benchmarks/hadamard_quantize.py --sweep):
 # * rows (K contiguous): one warp per 16 x 16 tile and few tiles per program, many programs per
 #   SM. Rotated: (1, 2, 2), (1, 4, 4) and (2, 2, 4) within 1% (1.52 TB/s); 8 or more tiles per
 #   warp, or a whole row per program kept in registers between the passes, 1.5 to 5 times
@@ -714,7 +714,7 @@ def _check_args(x, fmt, granularity, block, dim=1, precision="split", rounding="
 #   16 0.54-0.68, 8 warps or 2 or 4 stages slower; up to 2 programs per SM (the most that fit
 #   at once: one wave) 1.18 / 1.36 against 1.06 / 1.33 with ~4.
 # On an H200, 8 or 16 warps and 1-2 stages lost against these for both transposed variants (+3%
-# in one case, -3 to -49% elsewhere; docs/BENCHMARKS.md).
+# in one case, -3 to -49% elsewhere).
 GPU_CONFIGS = {
     ("rows", True): (1, 2, 2, 0),
     ("rows", False): (1, 4, 4, 0),

@@ -5,7 +5,7 @@ On CUDA every quantized matmul hands its operands' scales to `halo::checked_scal
 (kernels/scaled_matmul.py), which returns the GEMM's scale once it has queued the deferred
 inf/NaN verdict. That op is opaque to Inductor, so each call is a trip through Python in the
 middle of the generated code: ~0.3 ms of host time per matmul on the H100 host, which left a
-two-layer decoder step's GPU idle for 10 of its 33 ms (docs/BENCHMARKS.md).
+two-layer decoder step's GPU idle for 10 of its 33 ms (measured on an H100).
 
 This pass, which runs on each graph AOTAutograd hands to Inductor (forward and backward):
 * replaces every `checked_scale(sa, sb, factor, where)` by `sa * factor` (by `sa` itself when

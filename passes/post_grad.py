@@ -9,9 +9,8 @@ Its `uuid` is also how Inductor's on-disk caches (the FX graph cache, and AOTAut
 keys on the same details) tell halo's code apart: they key on the Dynamo graph, in which halo's
 ops are opaque calls, not on what the decompositions traced from them (the Triton kernels and
 their launches). So the uuid hashes all of halo-compile's source: a graph compiled by another
-version of it is compiled again, not loaded. (Before, a wheel with one-launch transposes left
-its graphs in the cache, and the next wheel's run on that machine loaded them: a benchmark
-measured the old kernels; docs/BENCHMARKS.md, eighteenth session.)
+version of it is compiled again, not loaded. (Otherwise a machine that ran one version and
+then another would run the first version's kernels under the second.)
 """
 
 from __future__ import annotations
