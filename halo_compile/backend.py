@@ -50,6 +50,21 @@ def _configured_for(tensors: GraphTensors) -> Optional[HaloConfig]:
     return None
 
 
+def _trace_checkpointed_regions() -> None:
+    """Let Dynamo trace a checkpointed region (torch.utils.checkpoint in either reentrant mode,
+    Hugging Face's gradient checkpointing) whose forward writes Python state from outside the
+    region. Without this Dynamo runs the whole region eagerly, so halo never sees its linears;
+    Hugging Face's attention layers write such state (transformers' `kernels` hub wrapper sets a
+    context variable and resets it on return: no net effect). With it, Dynamo applies such a write
+    once, in the forward, and the backward's recomputation of the region does not repeat it (as
+    eager checkpointing would). A process-wide Dynamo setting, set when halo is loaded: set it
+    back to False to keep such regions eager."""
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+_trace_checkpointed_regions()
+
+
 # torch.compile's `mode` for this backend (it takes `mode` or `options`, not both): Inductor's
 # modes, over the configured (or default) options. Their CUDA graphs are halo's `cudagraphs`
 # option (which keeps the ops with host-side work out of the graphs); their other Inductor
@@ -75,7 +90,7 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     if mode in _CUDA_GRAPH_MODES:
         config = dataclasses.replace(config, cudagraphs=True)
     ctx = PassManager().run(gm, example_inputs, config)
-    record = GraphRecord(ctx.layer_reports, ctx.analysis.describe() + ctx.fusion.notes)
+    record = GraphRecord(ctx.layer_reports, ctx.describe())
     record.add_parameters(tensors.parameters())
     record_graph(record)
     if config.compiler == "aot_eager":

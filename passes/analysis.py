@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.fx as fx
+
+if TYPE_CHECKING:
+    from .graph_utils import GraphTensors
 
 
 @dataclass
@@ -65,11 +68,24 @@ class ResidualAdd:
 
 
 @dataclass
+class SubgraphSite:
+    """A subgraph that a higher-order op calls (a checkpointed region, a nested compile region),
+    with its placeholders mapped to the tensors the op passes in their place."""
+
+    node: fx.Node  # the higher-order op's call
+    hop: str  # its name: "tag_activation_checkpoint", "invoke_subgraph", ...
+    body: fx.GraphModule
+    tensors: "GraphTensors"  # the body's placeholders resolved through the outer graph
+    skip_reason: str = ""  # why halo's passes do not rewrite it; "" when they do
+
+
+@dataclass
 class GraphAnalysis:
     linears: list[LinearSite] = field(default_factory=list)
     attention: list[AttentionSite] = field(default_factory=list)
     norms: list[NormSite] = field(default_factory=list)
     residual_adds: list[ResidualAdd] = field(default_factory=list)
+    subgraphs: list[SubgraphSite] = field(default_factory=list)
 
     def linear_by_node(self) -> dict[fx.Node, LinearSite]:
         return {site.node: site for site in self.linears}

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import LinearSite
-from .graph_utils import call_target_name, module_fqn, node_arg, source_name
+from .graph_utils import call_target_name, module_fqn, node_arg
 
 _TRANSPOSES = ("t", "T", "transpose", "permute")
 
@@ -75,7 +75,7 @@ class FindLinears:
             return None
         fqn = module_fqn(node)
         if not fqn:  # a functional call at the root: name it after its weight
-            fqn = (source_name(weight_node) or weight_node.name).removesuffix(".weight")
+            fqn = (ctx.tensors.source_name(weight_node) or weight_node.name).removesuffix(".weight")
         return LinearSite(node, fqn, kind, x, weight_node, weight, transposed, bias)
 
 

@@ -61,6 +61,7 @@ class GraphTensors:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
         self._values: dict[fx.Node, object] = {}
+        self._sources: dict[fx.Node, str] = {}  # subgraph placeholders: the outer input's name
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, example_inputs):
             recorded = _dynamo_example(node)
@@ -68,6 +69,29 @@ class GraphTensors:
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 self._values[node] = _resolve_attr(gm, node.target)
+
+    @classmethod
+    def for_subgraph(cls, body: fx.GraphModule, outer: "GraphTensors",
+                     operands: Mapping[fx.Node, fx.Node]) -> "GraphTensors":
+        """The tensors of a higher-order op's subgraph: each placeholder stands for the outer
+        graph's node the op passes in its place (`operands`: placeholder -> outer node), so a
+        weight read inside the subgraph resolves to the real parameter, and its user-side name
+        is the outer input's."""
+        tensors = cls(body, ())
+        for inner, outer_node in operands.items():
+            if outer_node in outer._values:
+                tensors._values[inner] = outer._values[outer_node]
+            name = outer.source_name(outer_node)
+            if name:
+                tensors._sources[inner] = name
+        return tensors
+
+    def source_name(self, node) -> Optional[str]:
+        """The user-side name of a graph input ("lm_head.weight"), in a subgraph that of the
+        outer input it stands for."""
+        if not isinstance(node, fx.Node):
+            return None
+        return self._sources.get(node) or source_name(node)
 
     def parameter(self, node) -> Optional[torch.nn.Parameter]:
         value = self._values.get(node) if isinstance(node, fx.Node) else None

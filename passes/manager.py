@@ -1,4 +1,5 @@
-"""The pass manager: runs the analysis passes, then the transforms, over one Dynamo graph."""
+"""The pass manager: runs the analysis passes, then the transforms, over one Dynamo graph, and
+then over each subgraph of a higher-order op that halo rewrites (a checkpointed region)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from .analysis import GraphAnalysis
 from .find_attention import FindAttention
 from .find_linears import FindLinears
 from .find_norms import FindNormsAndResiduals
+from .find_subgraphs import FindSubgraphs
 from .fold_online_rotations import FoldOnlineRotations
 from .folding import FusionState
 from .fuse_norms import FuseNorms
 from .graph_utils import GraphTensors
 from .quantize_linears import QuantizeLinears
+from .report_subgraph_linears import ReportSubgraphLinears
 from .rotate_residual import RotateResidualStream
 
 
@@ -31,22 +34,40 @@ class PassContext:
     analysis: GraphAnalysis = field(default_factory=GraphAnalysis)
     layer_reports: list[LayerReport] = field(default_factory=list)
     fusion: FusionState = field(default_factory=FusionState)  # rotate="fused": what was folded
+    subgraphs: list["PassContext"] = field(default_factory=list)  # of the rewritten subgraphs
+
+    def describe(self) -> list[str]:
+        """The analysis' lines and the fusion notes, of this graph and of its subgraphs."""
+        lines = self.analysis.describe() + self.fusion.notes
+        for child in self.subgraphs:
+            lines += [line for line in child.describe() if line not in lines]
+        return lines
 
 
 def default_passes() -> list:
     # The three rotation passes only act with rotate="fused".
-    return [FindLinears(), FindAttention(), FindNormsAndResiduals(), FuseNorms(),
-            RotateResidualStream(), FoldOnlineRotations(), QuantizeLinears()]
+    return [FindLinears(), FindSubgraphs(), FindAttention(), FindNormsAndResiduals(), FuseNorms(),
+            RotateResidualStream(), FoldOnlineRotations(), QuantizeLinears(),
+            ReportSubgraphLinears()]
 
 
 class PassManager:
     def __init__(self, passes=None):
         self.passes = default_passes() if passes is None else list(passes)
 
-    def run(self, gm: fx.GraphModule, example_inputs: Sequence, config: HaloConfig) -> PassContext:
-        ctx = PassContext(gm, example_inputs, config, GraphTensors(gm, example_inputs))
+    def run(self, gm: fx.GraphModule, example_inputs: Sequence, config: HaloConfig,
+            tensors: GraphTensors | None = None) -> PassContext:
+        ctx = PassContext(gm, example_inputs, config,
+                          tensors if tensors is not None else GraphTensors(gm, example_inputs))
         for graph_pass in self.passes:
             graph_pass.run(ctx)
+        # A subgraph is a graph of its own, its placeholders resolved through the call: the same
+        # passes rewrite it, and its layers join this graph's report.
+        for site in ctx.analysis.subgraphs:
+            if not site.skip_reason:
+                child = self.run(site.body, (), config, site.tensors)
+                ctx.subgraphs.append(child)
+                ctx.layer_reports.extend(child.layer_reports)
         gm.graph.lint()
         gm.recompile()
         return ctx
