@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from halo_compile import fallbacks
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
@@ -29,10 +30,14 @@ _CONFIGURED: "weakref.WeakKeyDictionary[torch.nn.Module, HaloConfig]" = weakref.
 def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, Any], None] = None,
               **kwargs) -> HaloConfig:
     """Attach halo options to a model, for when `torch.compile` is called elsewhere (a trainer)
-    without `options=`. Options given to `torch.compile` itself take precedence."""
+    without `options=`. Options given to `torch.compile` itself take precedence. Checks the
+    `layers` globs against the model's linears, and watches for linears run eagerly
+    (halo_compile/fallbacks.py)."""
     config = config_from_call(options, kwargs)
+    fallbacks.check_model_layer_globs(model, config)
     _CONFIGURED.pop(model, None)  # the latest configure() call wins: keep insertion order
     _CONFIGURED[model] = config
+    fallbacks.watch_eager_calls(model, config)
     return config
 
 
@@ -74,10 +79,16 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
         config = _configured_for(tensors) or HaloConfig()
     if mode in _CUDA_GRAPH_MODES:
         config = dataclasses.replace(config, cudagraphs=True)
-    ctx = PassManager().run(gm, example_inputs, config)
-    record = GraphRecord(ctx.layer_reports, ctx.analysis.describe() + ctx.fusion.notes)
+    # Recorded before the passes run: a compilation that fails (and that suppress_errors turns
+    # into eager execution) still leaves its frame's record (halo_compile/fallbacks.py).
+    record = GraphRecord([], [], frame=fallbacks.current_frame(), config=config, finished=False)
     record.add_parameters(tensors.parameters())
     record_graph(record)
+    ctx = PassManager().run(gm, example_inputs, config)
+    record.layers = ctx.layer_reports
+    record.structure = ctx.analysis.describe() + ctx.fusion.notes
+    record.finished = True
+    fallbacks.check_graph_layer_globs(record)
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
