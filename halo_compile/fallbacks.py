@@ -92,10 +92,16 @@ class DynamoFrame:
                                  or f"{self.filename} line {self.first_line}" in text)
 
 
+_FRAMES_SEEN = {"counter": 0, "compile_ids": set()}
+
+
 def current_frame() -> Optional[DynamoFrame]:
     """The Dynamo frame being compiled (from the backend), or None where this torch does not
-    tell."""
+    tell. Frame ids restart at `torch._dynamo.reset()`: when they do (Dynamo's frame counter
+    went down, or a compile id comes again), the frames of every earlier record are forgotten,
+    so that a fallback of a new frame is never put on an old model's record."""
     try:
+        from torch._dynamo import convert_frame
         from torch._guards import CompileContext
 
         compile_id = CompileContext.current_compile_id()
@@ -103,6 +109,14 @@ def current_frame() -> Optional[DynamoFrame]:
         return None
     if compile_id is None or getattr(compile_id, "frame_id", None) is None:
         return None
+    counter = getattr(convert_frame, "FRAME_COUNTER", 0)
+    key = (compile_id.frame_id, getattr(compile_id, "frame_compile_id", None))
+    if counter < _FRAMES_SEEN["counter"] or key in _FRAMES_SEEN["compile_ids"]:
+        for record in graph_records():
+            record.frame = None
+        _FRAMES_SEEN["compile_ids"].clear()
+    _FRAMES_SEEN["counter"] = counter
+    _FRAMES_SEEN["compile_ids"].add(key)
     code = getattr(_current_tracer(), "f_code", None)
     if code is None:
         return DynamoFrame(compile_id.frame_id)
@@ -128,7 +142,7 @@ def _current_tracer():
 # Frames Dynamo runs eagerly: the log filter
 # --------------------------------------------------------------------------------------------
 
-_WARNED: set = set()  # (frame, reason kind) already warned of
+_WARNED: set = set()  # (frame, reason kind, its first record's id) already warned of
 
 
 class _EagerFrameFilter(logging.Filter):
@@ -171,9 +185,11 @@ def _eager_frame_event(record: logging.LogRecord):
     error = record.exc_info[1] if record.exc_info else None
     compile_id = getattr(error, "compile_id", None)
     if error is not None and compile_id is not None:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        reason = f"compile error suppressed (suppress_errors): {type(error).__name__}"
-        return (compile_id.frame_id, record.getMessage(), reason, type(error).__name__,
+        # A backend's error comes wrapped (BackendCompilerFailed): name the one it wraps.
+        cause = getattr(error, "inner_exception", None) or error
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        reason = f"compile error suppressed (suppress_errors): {type(cause).__name__}"
+        return (compile_id.frame_id, record.getMessage(), reason, type(cause).__name__,
                 f" ({first_line[:300]})")
     return None
 
@@ -183,7 +199,8 @@ def frame_ran_eagerly(frame_id: int, text: str, reason: str, kind: str, detail: 
     eagerly for `reason`; warn (with `detail`) once per frame and kind, or raise where a
     record's config says on_fallback="error"."""
     records = [r for r in graph_records()
-               if r.frame is not None and r.frame.is_described_by(frame_id, text)]
+               if r.frame is not None and r.frame.is_described_by(frame_id, text)
+               and r.has_live_parameters()]
     if not records:
         return  # not a frame halo compiled
     for record in records:
@@ -199,7 +216,7 @@ def frame_ran_eagerly(frame_id: int, text: str, reason: str, kind: str, detail: 
                "Options {'on_fallback': 'error'} make this an error.")
     if any(r.config is not None and r.config.on_fallback == "error" for r in records):
         raise HaloFallbackError(message)
-    key = (records[0].frame, kind)
+    key = (records[0].frame, kind, id(records[0]))
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, HaloFallbackWarning, stacklevel=2)

@@ -95,6 +95,10 @@ class GraphRecord:
     def add_parameters(self, params) -> None:
         self.parameters.update((id(p), weakref.ref(p)) for p in params)
 
+    def has_live_parameters(self) -> bool:
+        """Whether a parameter the graph reads still exists (its model does)."""
+        return not self.parameters or any(ref() is not None for ref in self.parameters.values())
+
     def reads_any_of(self, params: "dict[int, torch.Tensor]") -> bool:
         return any(key in params and ref() is params[key] for key, ref in self.parameters.items())
 
