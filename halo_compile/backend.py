@@ -31,13 +31,11 @@ def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, An
               **kwargs) -> HaloConfig:
     """Attach halo options to a model, for when `torch.compile` is called elsewhere (a trainer)
     without `options=`. Options given to `torch.compile` itself take precedence. Checks the
-    `layers` globs against the model's linears, and watches for linears run eagerly
-    (halo_compile/fallbacks.py)."""
+    `layers` globs against the model's linears (halo_compile/fallbacks.py)."""
     config = config_from_call(options, kwargs)
     fallbacks.check_model_layer_globs(model, config)
     _CONFIGURED.pop(model, None)  # the latest configure() call wins: keep insertion order
     _CONFIGURED[model] = config
-    fallbacks.watch_eager_calls(model, config)
     return config
 
 

@@ -19,13 +19,10 @@ a backend could see. So:
   `HaloFallbackError` from inside Dynamo's call, which propagates out of the compiled model's
   call.
 
-Where the model object is known (`halo_compile.configure`, `integrations.compile_in_place` and
-`HaloCallback`), `watch_eager_calls` also puts a forward pre-hook on each of its `nn.Linear`s
-that halo is asked to quantize. In a compiled graph the hook traces to nothing
-(`torch.compiler.is_compiling()` is true while Dynamo traces it); run eagerly, it records the
-call. That catches what the log does not say: a callee frame run eagerly without a new compile
-attempt (after the recompile limit Dynamo runs a frame's callees from their caches only) and
-warnings hidden by logging settings (`torch._logging.set_logs(dynamo=logging.ERROR)`).
+Not done: forward pre-hooks on a known model's linears that flag calls made outside a compiled
+graph. Measured, they flag deliberate eager calls (`model.forward(x)` for a reference, as the
+Trainer tests make) as fallbacks, and saw nothing in the recompile-limit case that the log does
+not say.
 
 `layers` globs are judged against every linear of the model, not one graph (a model with graph
 breaks compiles as several): against the module names of the model where it is known
@@ -33,21 +30,19 @@ breaks compiles as several): against the module names of the model where it is k
 (Dynamo's `self`) plus every graph compiled with an equal config, and at `report()` time against
 the model. Each unmatched glob warns once (or raises under `on_fallback="error"`).
 
-Limits. A frame is known by its code object: two models of one class share their `forward`'s
-frame, so a fallback of one is reported on the records of both (over-reporting, never under).
-Dynamo's frame skips for graph breaks it cannot resume from are logged at INFO level only, not
-seen by the filter (their callees are compiled as frames of their own); the pre-hooks see
-nothing either, as the linears run in those compiled callees. Without the pre-hooks, a warning
-filtered out by logging settings goes unseen. The detector watches `nn.Linear` modules only
-(not GPT-2's Conv1D or functional calls), and treats any eager call of a watched linear as a
-fallback, including a call the user made on purpose outside `torch.compile`.
+Limits. A frame is known by its code object: two live models of one class share their
+`forward`'s frame, so a fallback of one is reported on the records of both (over-reporting,
+never under). Dynamo's frame skips for graph breaks it cannot resume from are logged at INFO
+level only, not seen (their callees are compiled as frames of their own, where the linears are
+quantized). A warning that logging settings filter out before the logger's filters run
+(`torch._logging.set_logs(dynamo=logging.ERROR)`) goes unseen, as do frames run eagerly by the
+user's choice (`torch.compiler.set_stance("force_eager")`, `torch.compiler.disable`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -220,74 +215,6 @@ def frame_ran_eagerly(frame_id: int, text: str, reason: str, kind: str, detail: 
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, HaloFallbackWarning, stacklevel=2)
-
-
-# --------------------------------------------------------------------------------------------
-# Eager calls of a known model's linears: the pre-hooks
-# --------------------------------------------------------------------------------------------
-
-EAGER_CALL_REASON = "called outside any compiled graph (Dynamo ran its frame eagerly)"
-
-
-class _EagerCallWatcher:
-    """The pre-hooks of one model: which of its linears ran eagerly."""
-
-    def __init__(self, model: torch.nn.Module, config: HaloConfig):
-        self.model = weakref.ref(model)
-        self.config = config
-        self.eager: set[str] = set()
-        self.handles = [module.register_forward_pre_hook(self._hook_for(name))
-                        for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear)
-                        and config.for_layer(name) is not None]
-
-    def _hook_for(self, name: str):
-        def record_eager_call(module, args):
-            if torch.compiler.is_compiling():
-                return  # traced into a graph: nothing happens at run time
-            if name not in self.eager:
-                self._first_eager_call(name)
-
-        return record_eager_call
-
-    def _first_eager_call(self, name: str) -> None:
-        self.eager.add(name)
-        model = self.model()
-        if model is None or len(self.eager) > 1:
-            return  # warned (or raised) at the first one
-        # A fallback the log filter has seen was warned of (or raised) already.
-        if any(record.fallbacks for record in records_of(model)):
-            return
-        message = (f"halo: the linear {name!r} of a model halo compiles was {EAGER_CALL_REASON}"
-                   ", in high precision, unquantized; halo_compile.report(model) marks every "
-                   "such linear. Options {'on_fallback': 'error'} make this an error.")
-        if self.config.on_fallback == "error":
-            self.eager.discard(name)  # raised, not run
-            raise HaloFallbackError(message)
-        warnings.warn(message, HaloFallbackWarning, stacklevel=4)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-_WATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, _EagerCallWatcher]" = (
-    weakref.WeakKeyDictionary())
-
-
-def watch_eager_calls(model: torch.nn.Module, config: HaloConfig) -> None:
-    """Put the eager-call pre-hooks on `model`'s linears that `config` quantizes (replacing
-    those of an earlier call)."""
-    old = _WATCHERS.pop(model, None)
-    if old is not None:
-        old.remove()
-    _WATCHERS[model] = _EagerCallWatcher(model, config)
-
-
-def eager_calls(model: torch.nn.Module) -> dict:
-    """{fqn: reason} of the linears of `model` the pre-hooks saw run eagerly."""
-    watcher = _WATCHERS.get(model)
-    return {} if watcher is None else {name: EAGER_CALL_REASON for name in sorted(watcher.eager)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,12 +36,10 @@ def compile_in_place(model: torch.nn.Module,
                      options: Union[HaloConfig, Mapping[str, Any], None] = None,
                      **kwargs) -> torch.nn.Module:
     """Compile `model` with backend="halo" in place and return it. Options are validated now, so
-    a typo fails here rather than at the first training step, `layers` globs are checked
-    against the model's linears, and linears run eagerly are watched for
-    (halo_compile/fallbacks.py)."""
+    a typo fails here rather than at the first training step, and `layers` globs are checked
+    against the model's linears (halo_compile/fallbacks.py)."""
     config = config_from_call(options, kwargs)  # validated now
     fallbacks.check_model_layer_globs(model, config)
-    fallbacks.watch_eager_calls(model, config)
     model.compile(backend="halo", options=config)
     return model
 

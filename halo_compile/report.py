@@ -204,10 +204,6 @@ def report(model: torch.nn.Module) -> HaloReport:
             for layer in record.layers:
                 if layer.quantized and reason not in eager.setdefault(layer.fqn, []):
                     eager[layer.fqn].append(reason)
-    for fqn, reason in fallbacks.eager_calls(model).items():
-        eager.setdefault(fqn, []).append(reason)
-        if fqn in by_fqn and f"{fqn}: {reason}" not in eager_frames:
-            eager_frames.append(f"{fqn}: {reason}")
     for fqn, reasons in eager.items():
         if fqn in by_fqn and by_fqn[fqn].quantized and reasons:
             by_fqn[fqn] = dataclasses.replace(by_fqn[fqn], fallback="; ".join(reasons))

@@ -143,56 +143,7 @@ def test_no_warning_without_fallback():
     assert not halo_compile.report(compiled).fell_back
 
 
-# --------------------------------------------------------------------------------------------
-# The pre-hooks of a known model
-# --------------------------------------------------------------------------------------------
-
-
-def test_compile_in_place_hooks_add_no_graph_break():
-    torch.manual_seed(6)
-    model = compile_in_place(MLP(), FAST)
-    counts = torch._dynamo.utils.counters
-    counts.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model(torch.randn(2, 8, 64))
-        model(torch.randn(2, 8, 64))
-    assert not halo_warnings(caught)
-    assert sum(counts["graph_break"].values()) == 0
-    assert counts["stats"]["unique_graphs"] == 1
-    assert not halo_compile.report(model).fell_back
-    assert all(layer.quantized for layer in halo_compile.report(model).layers)
-
-
-def test_eager_call_of_a_compiled_in_place_model_is_reported():
-    """A frame run eagerly that no Dynamo warning announces (here: a disabled frame) is seen by
-    the pre-hooks: one warning, and the report marks the layers that ran."""
-    torch.manual_seed(7)
-    model = compile_in_place(MLP(), FAST)
-    model(torch.randn(2, 8, 64))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.compiler.set_stance("force_eager"):
-            for _ in range(2):
-                model(torch.randn(2, 8, 64))
-    found = halo_warnings(caught)
-    assert len(found) == 1 and "'up'" in str(found[0].message)
-    report = halo_compile.report(model)
-    assert {layer.fqn for layer in report.fell_back} == {"up", "down"}
-    assert "outside any compiled graph" in report["down"].fallback
-
-
-def test_eager_call_raises_under_on_fallback_error():
-    torch.manual_seed(8)
-    model = compile_in_place(MLP(), {**FAST, "on_fallback": "error"})
-    model(torch.randn(2, 8, 64))
-    with torch.compiler.set_stance("force_eager"), pytest.raises(HaloFallbackError,
-                                                                 match="halo: the linear 'up'"):
-        model(torch.randn(2, 8, 64))
-
-
-def test_recompile_limit_in_place_warns_once():
-    """Both detectors see the recompile limit of a model compiled in place: one warning."""
+def test_recompile_limit_of_a_model_compiled_in_place_is_reported():
     torch.manual_seed(9)
     model = compile_in_place(MLP(), FAST)
     with warnings.catch_warnings(record=True) as caught:
