@@ -8,6 +8,7 @@
 from halo_compile import kernels  # noqa: F401  (registers the halo:: custom ops)
 from halo_compile.backend import configure, halo_backend
 from halo_compile.config import HADAMARD_PRESETS, Hadamard, HaloConfig, LayerConfig
+from halo_compile.fallbacks import HaloFallbackError, HaloFallbackWarning
 from halo_compile.kernels.quantize import NonFiniteInputError, raise_pending_nonfinite
 from halo_compile.report import HaloReport, LayerReport, report
 
@@ -15,6 +16,8 @@ __all__ = [
     "HADAMARD_PRESETS",
     "Hadamard",
     "HaloConfig",
+    "HaloFallbackError",
+    "HaloFallbackWarning",
     "HaloReport",
     "LayerConfig",
     "LayerReport",

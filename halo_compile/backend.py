@@ -7,11 +7,13 @@ keeps Inductor from reusing the weight cache's tensors (`_never_reuse_cached_wei
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from halo_compile import fallbacks
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.distributed import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
@@ -19,6 +21,8 @@ from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
 from halo_compile.passes.post_grad import HaloPostGradPasses
 from halo_compile.report import GraphRecord, record_graph
+
+_LOG = logging.getLogger(__name__)
 
 # Configured modules and their options. Looked up through their parameters at compile time, and
 # through FSDP2's unsharded parameters: fully_shard replaces a module's parameters by sharded
@@ -29,8 +33,10 @@ _CONFIGURED: "weakref.WeakKeyDictionary[torch.nn.Module, HaloConfig]" = weakref.
 def configure(model: torch.nn.Module, options: Union[HaloConfig, Mapping[str, Any], None] = None,
               **kwargs) -> HaloConfig:
     """Attach halo options to a model, for when `torch.compile` is called elsewhere (a trainer)
-    without `options=`. Options given to `torch.compile` itself take precedence."""
+    without `options=`. Options given to `torch.compile` itself take precedence. Checks the
+    `layers` globs against the model's linears (halo_compile/fallbacks.py)."""
     config = config_from_call(options, kwargs)
+    fallbacks.check_model_layer_globs(model, config)
     _CONFIGURED.pop(model, None)  # the latest configure() call wins: keep insertion order
     _CONFIGURED[model] = config
     return config
@@ -58,8 +64,11 @@ def _trace_checkpointed_regions() -> None:
     context variable and resets it on return: no net effect). With it, Dynamo applies such a write
     once, in the forward, and the backward's recomputation of the region does not repeat it (as
     eager checkpointing would). A process-wide Dynamo setting, set when halo is loaded: set it
-    back to False to keep such regions eager."""
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    back to False to keep such regions eager. A torch without the setting is left as it is
+    (the regions' linears then show in the report only if Dynamo traces them)."""
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        _LOG.debug("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint")
 
 
 _trace_checkpointed_regions()
@@ -89,10 +98,16 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
         config = _configured_for(tensors) or HaloConfig()
     if mode in _CUDA_GRAPH_MODES:
         config = dataclasses.replace(config, cudagraphs=True)
-    ctx = PassManager().run(gm, example_inputs, config)
-    record = GraphRecord(ctx.layer_reports, ctx.describe())
+    # Recorded before the passes run: a compilation that fails (and that suppress_errors turns
+    # into eager execution) still leaves its frame's record (halo_compile/fallbacks.py).
+    record = GraphRecord([], [], frame=fallbacks.current_frame(), config=config, finished=False)
     record.add_parameters(tensors.parameters())
     record_graph(record)
+    ctx = PassManager().run(gm, example_inputs, config)
+    record.layers = ctx.layer_reports
+    record.structure = ctx.describe()
+    record.finished = True
+    fallbacks.check_graph_layer_globs(record)
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 

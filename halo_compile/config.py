@@ -24,6 +24,10 @@ COMPILERS = ("inductor", "aot_eager")
 ROTATE_MODES = ("online", "fused")
 # LoRA adapter matmuls (peft's lora_A / lora_B): small, trained, and cheap in high precision.
 ADAPTER_POLICIES = ("high_precision", "quantize")
+# What happens when a linear halo was asked to quantize runs unquantized anyway (Dynamo ran its
+# frame eagerly) or a `layers` glob matches no linear: a warning, or an error (halo_compile/
+# fallbacks.py).
+FALLBACK_POLICIES = ("warn", "error")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -119,7 +123,8 @@ class LayerConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"halo option {name!r} must be True or False, got "
                                  f"{getattr(self, name)!r}")
-        if not isinstance(self.min_features, int) or self.min_features < 1:
+        if (not isinstance(self.min_features, int) or isinstance(self.min_features, bool)
+                or self.min_features < 1):
             raise ValueError(
                 f"halo option 'min_features' must be a positive int, got {self.min_features!r}"
             )
@@ -151,9 +156,13 @@ class HaloConfig:
     # mode="reduce-overhead" turns on): no launch overhead where the host, not the GPU, limits a
     # step. The inf/NaN report stays outside the graphs (passes/batch_nonfinite_checks.py).
     cudagraphs: bool = False
+    # "warn" or "error" when a linear to quantize runs eagerly in high precision, or a `layers`
+    # glob matches no linear (halo_compile/fallbacks.py).
+    on_fallback: str = "warn"
 
     def __post_init__(self):
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_choice("on_fallback", self.on_fallback, FALLBACK_POLICIES)
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("rotate", self.rotate, ROTATE_MODES)
         if not isinstance(self.cudagraphs, bool):
@@ -177,7 +186,7 @@ class HaloConfig:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"halo options must be a dict or HaloConfig, got {type(options)}")
-        global_keys = ("layers", "nonfinite", "compiler", "rotate", "cudagraphs")
+        global_keys = ("layers", "nonfinite", "compiler", "rotate", "cudagraphs", "on_fallback")
         _check_keys(options, LAYER_KEYS + global_keys, "halo options")
         defaults = cls._apply(LayerConfig(), {k: v for k, v in options.items() if k in LAYER_KEYS},
                               "halo options")
@@ -192,6 +201,7 @@ class HaloConfig:
             compiler=options.get("compiler", "inductor"),
             rotate=options.get("rotate", "online"),
             cudagraphs=options.get("cudagraphs", False),
+            on_fallback=options.get("on_fallback", "warn"),
         )
 
     def for_layer(self, fqn: str) -> Optional[LayerConfig]:
@@ -210,6 +220,12 @@ class HaloConfig:
             if fnmatch.fnmatchcase(fqn, pattern):
                 hit = pattern if override is None else None
         return hit
+
+    def unmatched_layer_globs(self, names) -> list[str]:
+        """The `layers` globs that match none of `names` (the linears' module names)."""
+        names = list(names)
+        return [pattern for pattern, _ in self.layers
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
 
     @staticmethod
     def _apply(base: LayerConfig, override: Mapping[str, Any], where: str) -> LayerConfig:

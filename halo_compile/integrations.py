@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from transformers import TrainerCallback
 
+from halo_compile import fallbacks
 from halo_compile.config import HaloConfig, config_from_call
 
 
@@ -35,8 +36,11 @@ def compile_in_place(model: torch.nn.Module,
                      options: Union[HaloConfig, Mapping[str, Any], None] = None,
                      **kwargs) -> torch.nn.Module:
     """Compile `model` with backend="halo" in place and return it. Options are validated now, so
-    a typo fails here rather than at the first training step."""
-    model.compile(backend="halo", options=config_from_call(options, kwargs))  # validated now
+    a typo fails here rather than at the first training step, and `layers` globs are checked
+    against the model's linears (halo_compile/fallbacks.py)."""
+    config = config_from_call(options, kwargs)  # validated now
+    fallbacks.check_model_layer_globs(model, config)
+    model.compile(backend="halo", options=config)
     return model
 
 

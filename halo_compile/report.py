@@ -6,10 +6,11 @@ Every compiled graph leaves a GraphRecord that holds weak references to the para
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -53,6 +54,9 @@ class LayerReport:
     folded_bytes: int = 0  # size of the folded weight the graph computes from the parameter
     # option cache_weights: "cached" (quantized once per version), "not cached: <why>", or ""
     weight_cache: str = ""
+    # Why the layer also ran eagerly, in high precision, although its graph quantizes it (Dynamo
+    # ran the frame without its compiled graph: halo_compile/fallbacks.py); "" when it did not.
+    fallback: str = ""
 
     def row(self) -> list[str]:
         shape = f"{self.in_features}->{self.out_features}"
@@ -60,9 +64,12 @@ class LayerReport:
             return [self.fqn, shape, "high precision", self.rotation, "", "", self.reason]
         grad_weight = "frozen (cached weight)" if self.frozen else str(self.grad_weight)
         forward = self.rotation or str(self.forward)
+        note = "weight cached per version" if self.weight_cache == "cached" else self.weight_cache
+        if self.fallback:
+            note = "; ".join(filter(None, (f"RAN EAGERLY, high precision: {self.fallback}",
+                                           note)))
         return [self.fqn, shape, f"{self.format}/{self.scale}", forward,
-                str(self.grad_input), grad_weight,
-                "weight cached per version" if self.weight_cache == "cached" else self.weight_cache]
+                str(self.grad_input), grad_weight, note]
 
 
 @dataclass
@@ -71,9 +78,24 @@ class GraphRecord:
     structure: list[str]  # one line per attention / norm / residual found by the analysis
     # id(parameter) -> weak reference. Not a WeakSet: that compares members with Tensor.__eq__.
     parameters: "dict[int, weakref.ref]" = field(default_factory=dict)
+    # The Dynamo frame the graph was compiled from (fallbacks.DynamoFrame), the config it was
+    # compiled with, and why Dynamo ran that frame eagerly since (each reason once).
+    frame: Any = None
+    config: Any = None
+    fallbacks: list[str] = field(default_factory=list)
+    finished: bool = True  # False while (or if) halo's passes have not run to the end
+
+    @property
+    def asks_quantization(self) -> bool:
+        """Whether the graph quantizes a linear (or would have, had its compilation finished)."""
+        return not self.finished or any(layer.quantized for layer in self.layers)
 
     def add_parameters(self, params) -> None:
         self.parameters.update((id(p), weakref.ref(p)) for p in params)
+
+    def has_live_parameters(self) -> bool:
+        """Whether a parameter the graph reads still exists (its model does)."""
+        return not self.parameters or any(ref() is not None for ref in self.parameters.values())
 
     def reads_any_of(self, params: "dict[int, torch.Tensor]") -> bool:
         return any(key in params and ref() is params[key] for key, ref in self.parameters.items())
@@ -86,14 +108,35 @@ def record_graph(record: GraphRecord) -> None:
     _RECORDS.append(record)
 
 
+def graph_records() -> "list[GraphRecord]":
+    """Every record kept, oldest first."""
+    return list(_RECORDS)
+
+
+def records_of(model: torch.nn.Module) -> "list[GraphRecord]":
+    """The records of the graphs that read `model`'s parameters (under FSDP2: the unsharded
+    ones, which the graphs read)."""
+    params = {id(p): p for p in (*model.parameters(), *unsharded_parameters(model))}
+    return [record for record in _RECORDS if record.reads_any_of(params)]
+
+
 @dataclass
 class HaloReport:
     layers: list[LayerReport]
     structure: list[str]
+    # Frames Dynamo ran eagerly (so the linears in them ran in high precision), one line each.
+    eager_frames: list[str] = field(default_factory=list)
+    # `layers` globs of the options that match no linear of the model.
+    unmatched_globs: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def fell_back(self) -> list[LayerReport]:
+        """The layers quantized in their graph that also ran eagerly, in high precision."""
+        return [layer for layer in self.layers if layer.fallback]
 
     @property
     def high_precision(self) -> list[LayerReport]:
@@ -113,6 +156,15 @@ class HaloReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (f"halo: {len(self.quantized)} of {len(self.layers)} linears quantized; "
                    f"{len(self.high_precision)} left in high precision")
+        if self.fell_back:
+            summary += (f"; {len(self.fell_back)} of the quantized ones also RAN EAGERLY in high "
+                        "precision (Dynamo ran their frame without its graph):")
+            summary += "".join(f"\n  {line}" for line in self.eager_frames)
+        elif self.eager_frames:
+            summary += "".join(f"\nran eagerly: {line}" for line in self.eager_frames)
+        if self.unmatched_globs:
+            summary += "".join(f"\nlayers[{glob!r}] matches no linear"
+                               for glob in self.unmatched_globs)
         folded = sum(layer.folded_bytes for layer in self.layers if not layer.frozen)
         if folded:
             summary += (f"\nrotate='fused': {folded / 2**20:.2f} MiB of folded weights computed "
@@ -127,17 +179,34 @@ class HaloReport:
 
 
 def report(model: torch.nn.Module) -> HaloReport:
-    """The per-layer report of a model compiled with backend="halo" (after its first call)."""
+    """The per-layer report of a model compiled with backend="halo" (after its first call).
+
+    Also says which quantized layers ran eagerly in high precision and why, and which `layers`
+    globs match no linear of the model (warning, or raising under option on_fallback="error",
+    once per glob: halo_compile/fallbacks.py)."""
+    from halo_compile import fallbacks
+
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module
-    # Under FSDP2 the graphs read the unsharded parameters, not the sharded ones.
-    params = {id(p): p for p in (*model.parameters(), *unsharded_parameters(model))}
     by_fqn: dict[str, LayerReport] = {}
+    eager: dict[str, list[str]] = {}  # fqn -> why it ran eagerly, from every record
+    eager_frames: list[str] = []
     structure: list[str] = []
-    for record in _RECORDS:
-        if record.reads_any_of(params):
-            by_fqn.update((layer.fqn, layer) for layer in record.layers)
-            structure.extend(line for line in record.structure if line not in structure)
+    records = records_of(model)
+    for record in records:
+        by_fqn.update((layer.fqn, layer) for layer in record.layers)
+        structure.extend(line for line in record.structure if line not in structure)
+        for reason in record.fallbacks:
+            line = f"{record.frame}: {reason}"
+            if line not in eager_frames:
+                eager_frames.append(line)
+            for layer in record.layers:
+                if layer.quantized and reason not in eager.setdefault(layer.fqn, []):
+                    eager[layer.fqn].append(reason)
+    for fqn, reasons in eager.items():
+        if fqn in by_fqn and by_fqn[fqn].quantized and reasons:
+            by_fqn[fqn] = dataclasses.replace(by_fqn[fqn], fallback="; ".join(reasons))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     layers = sorted(by_fqn.values(),
                     key=lambda layer: (order.get(layer.fqn, len(order)), layer.fqn))
-    return HaloReport(layers, structure)
+    unmatched = fallbacks.check_layer_globs_of_records(model, records)
+    return HaloReport(layers, structure, eager_frames, unmatched)

@@ -22,7 +22,9 @@ from .scaled_matmul import (
     cuda_gemm,
     fused_block,
     fused_product,
+    empty_product,
     gemm_with,
+    has_no_elements,
     product_with_quantized_right,
     reference_gemm,
     rotated_left_operand,
@@ -34,6 +36,8 @@ from .weight_cache import WEIGHT_CACHE
 
 def _frozen_weight_matmul(gemm, a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
                           max_block, granularity, rounding_a, check_finite_inputs, where):
+    if has_no_elements(a):
+        return empty_product(a, weight.shape[1] if transpose_weight else weight.shape[0])
     left = rotated_left_operand(a, rotation, max_block)
     right = WEIGHT_CACHE.quantized(weight, fmt, granularity, left.inner_block, transpose_weight,
                                    a.dtype, check_finite_inputs, where, fold, fold_inputs)
@@ -73,6 +77,9 @@ def fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, f
     """The fused path (scaled_matmul.fused_product): the activation rotated and quantized by the
     Triton kernel, the weight side from the cache (`halo::cached_quantized_weight`), then the
     GEMM. `block` comes from `fused_block`; `kernels` as fused_product takes them."""
+    if has_no_elements(a):
+        return empty_product(a, weight.shape[1] if transpose_weight else weight.shape[0])
+
     def right_gemm(qa, sa, sa_factor, b_block):
         # Not checked when computed: scale_for_gemm checks sb (inf/NaN exactly where the weight
         # is) with the activation's scales, at no extra cost per miss.

@@ -108,8 +108,27 @@ def product_with_quantized_right(gemm, left: LeftOperand, right, fmt, granularit
     return out.to(out_dtype).contiguous()
 
 
+def has_no_elements(*tensors) -> bool:
+    """Whether an operand is empty (an empty batch, a zero-length sequence). Dynamo specializes
+    sizes 0 and 1, so this is static in a compiled graph; an unbacked size counts as non-empty."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # a torch without it
+        guard_or_false = bool
+    return any(guard_or_false(t.numel() == 0) for t in tensors)
+
+
+def empty_product(a, n):
+    """What eager's matmul gives for an empty operand, without launching anything (amax and
+    the quantize kernels refuse empty tensors): A [M, K] times an [N, K] operand is [M, N], all
+    zeros when K is 0 (so grad-weight is zero for an empty batch, as in eager)."""
+    return a.new_zeros((a.shape[0], n))
+
+
 def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b,
                    check_finite_inputs, where):
+    if has_no_elements(a, b):
+        return empty_product(a, b.shape[0])
     left = rotated_left_operand(a, rotation, max_block)
     right = quantized_operand(b, fmt, granularity, left.inner_block, rounding_b,
                               check_finite_inputs, operand_name(where, "right"))
@@ -307,6 +326,9 @@ def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_fin
                         where, rounding_a="nearest", rounding_b="nearest",
                         quantize_operand=hadamard_quantize_triton, signs=hadamard_signs):
     """`fused_product` with B rotated and quantized by the same kernel."""
+    if has_no_elements(a, b):
+        return empty_product(a, b.shape[0])
+
     def right_gemm(qa, sa, sa_factor, b_block):
         qb, sb = quantize_operand(b, fmt, granularity, b_block, 1, rounding_b)
         sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)

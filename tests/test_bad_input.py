@@ -277,3 +277,44 @@ def test_half_precision_model_is_quantized(dtype):
     assert 1e-4 < rel_err(out, ref_out) < 0.1
     assert rel_err(model.up.weight.grad, ref.up.weight.grad) < 0.2
     assert all(layer.quantized for layer in halo_compile.report(compiled).layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Empty batches and zero-length sequences: as in eager
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 64), (2, 0, 64)], ids=["empty-batch", "empty-sequence"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "none"])
+def test_empty_input_matches_eager(shape, fmt):
+    torch.manual_seed(12)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    compiled = compile_halo(model, {"format": fmt, **FAST})
+    compiled(torch.randn(2, 8, 64)).sum().backward()  # a non-empty step first, as in training
+    model.zero_grad()
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = compiled(x)
+    ref_out = ref(x_ref)
+    assert out.shape == ref_out.shape == (*shape[:-1], 64)
+    loss, ref_loss = out.square().sum(), ref_out.square().sum()
+    assert loss.item() == ref_loss.item() == 0.0
+    loss.backward()
+    ref_loss.backward()
+    assert x.grad.shape == x_ref.grad.shape == shape
+    for name, param in model.named_parameters():
+        ref_grad = dict(ref.named_parameters())[name].grad
+        assert param.grad is not None and param.grad.shape == ref_grad.shape, name
+        assert torch.equal(param.grad, ref_grad) and not param.grad.any(), name
+    assert all(layer.quantized for layer in halo_compile.report(compiled).layers)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "none"])
+def test_scaled_matmul_of_empty_operands_is_eager_matmul(fmt):
+    torch.manual_seed(13)
+    for a_shape, b_shape in (((0, 64), (32, 64)), ((16, 64), (0, 64)), ((16, 0), (32, 0))):
+        a, b = torch.randn(*a_shape), torch.randn(*b_shape)
+        out = torch.ops.halo.scaled_matmul(a, b, fmt, "inner", 256, "row", "nearest", "nearest",
+                                           True, "empty")
+        assert torch.equal(out, a @ b.t()), (a_shape, b_shape)

@@ -385,3 +385,28 @@ def test_configure_does_not_leak_to_other_models():
     layers = _layers(compiled)
     assert layers["fc1"].format == "fp8_e4m3" and layers["fc2"].format == "fp8_e4m3"
     assert _layers(configured) == {}  # never compiled
+
+
+@pytest.mark.parametrize("option", ["min_features", "hadamard_block"])
+@pytest.mark.parametrize("value", [True, False])
+def test_bool_for_an_int_option_is_refused(option, value):
+    with pytest.raises(ValueError, match=repr(option)):
+        HaloConfig.from_options({option: value})
+    with pytest.raises(ValueError, match=repr(option)):
+        HaloConfig.from_options({"layers": {"*": {option: value}}})
+
+
+@pytest.mark.parametrize("policy", ["warn", "error"])
+def test_on_fallback(policy):
+    assert HaloConfig.from_options({"on_fallback": policy}).on_fallback == policy
+    assert HaloConfig.from_options({}).on_fallback == "warn"
+
+
+def test_bad_on_fallback_is_refused():
+    with pytest.raises(ValueError, match="'on_fallback'.*'warn'"):
+        HaloConfig.from_options({"on_fallback": "ignore"})
+
+
+def test_unmatched_layer_globs():
+    config = HaloConfig.from_options({"layers": {"*.down_prj": None, "*.down_proj": None}})
+    assert config.unmatched_layer_globs(["model.mlp.down_proj", "lm_head"]) == ["*.down_prj"]
