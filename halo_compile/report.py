@@ -144,7 +144,7 @@ class Region:
     def name_in_errors(self, fqn: str) -> str:
         if self.shared:
             return f"{fqn or '(the block)'} in a block compiled once for all {self.pattern}"
-        return _join_name(self.pattern, fqn)
+        return self.pattern if fqn == "weight" else _join_name(self.pattern, fqn)
 
 
 # Each module compiled regionally -> its region (halo_compile/integrations.py registers them).
