@@ -203,7 +203,8 @@ def frame_ran_eagerly(frame_id: int, text: str, reason: str, kind: str, detail: 
             record.fallbacks.append(reason)
     if not any(record.asks_quantization for record in records):
         return
-    layers = sorted({layer.fqn for r in records for layer in r.layers if layer.quantized})
+    layers = sorted({r.name_in_messages(layer.fqn) for r in records for layer in r.layers
+                     if layer.quantized})
     shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
     message = (f"halo: Dynamo ran {records[0].frame} eagerly: {reason}{detail}. Its linears that halo "
                f"quantizes ({shown or 'unknown: the compilation did not finish'}) ran in high "

@@ -4,7 +4,7 @@ then over each subgraph of a higher-order op that halo rewrites (a checkpointed 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.fx as fx
 
@@ -35,6 +35,10 @@ class PassContext:
     layer_reports: list[LayerReport] = field(default_factory=list)
     fusion: FusionState = field(default_factory=FusionState)  # rotate="fused": what was folded
     subgraphs: list["PassContext"] = field(default_factory=list)  # of the rewritten subgraphs
+    # How the quantized ops name a linear in their inf/NaN errors. The name is baked into the
+    # graph, which a regionally compiled block shares with every block of its kind: there it
+    # says so (halo_compile/report.py, `Region.name_in_errors`).
+    name_in_errors: Callable[[str], str] = str
 
     def describe(self) -> list[str]:
         """The analysis' lines and the fusion notes, of this graph and of its subgraphs."""
@@ -56,16 +60,18 @@ class PassManager:
         self.passes = default_passes() if passes is None else list(passes)
 
     def run(self, gm: fx.GraphModule, example_inputs: Sequence, config: HaloConfig,
-            tensors: GraphTensors | None = None) -> PassContext:
+            tensors: GraphTensors | None = None,
+            name_in_errors: Optional[Callable[[str], str]] = None) -> PassContext:
         ctx = PassContext(gm, example_inputs, config,
-                          tensors if tensors is not None else GraphTensors(gm, example_inputs))
+                          tensors if tensors is not None else GraphTensors(gm, example_inputs),
+                          name_in_errors=name_in_errors or str)
         for graph_pass in self.passes:
             graph_pass.run(ctx)
         # A subgraph is a graph of its own, its placeholders resolved through the call: the same
         # passes rewrite it, and its layers join this graph's report.
         for site in ctx.analysis.subgraphs:
             if not site.skip_reason:
-                child = self.run(site.body, (), config, site.tensors)
+                child = self.run(site.body, (), config, site.tensors, ctx.name_in_errors)
                 ctx.subgraphs.append(child)
                 ctx.layer_reports.extend(child.layer_reports)
         gm.graph.lint()

@@ -110,7 +110,7 @@ class QuantizeLinears:
                     (site.x, param_node, fold, fold_inputs, site.bias, site.weight_transposed,
                      layer.format, layer.scale, layer.hadamard.forward,
                      layer.hadamard.grad_input, layer.max_block, layer.grad_rounding,
-                     check_finite, site.fqn, layer.fast_accum),
+                     check_finite, ctx.name_in_errors(site.fqn), layer.fast_accum),
                 )
                 node.replace_input_with(site.weight_node, param_node)
                 for fold_node in fold_nodes:  # in the cache now, not computed per call
@@ -125,7 +125,7 @@ class QuantizeLinears:
                     new = graph.call_function(
                         torch.ops.halo.emulated_quantized_linear.default,
                         (site.x, weight, site.bias, layer.format, layer.hadamard.forward,
-                         layer.max_block, check_finite, site.fqn),
+                         layer.max_block, check_finite, ctx.name_in_errors(site.fqn)),
                     )
                 else:
                     weight_cache = _weight_cache(site, layer, ctx)
@@ -134,7 +134,7 @@ class QuantizeLinears:
                         (site.x, weight, site.bias, layer.format, layer.scale,
                          layer.hadamard.forward, layer.hadamard.grad_input,
                          layer.hadamard.grad_weight, layer.max_block, layer.grad_rounding,
-                         check_finite, site.fqn, layer.fast_accum,
+                         check_finite, ctx.name_in_errors(site.fqn), layer.fast_accum,
                          # cache_weight: only when on (its default, as the dispatcher records)
                          *([True] if weight_cache == "cached" else [])),
                     )
