@@ -18,10 +18,11 @@ import gc
 import time
 
 import torch
-from _timing import emit, environment, markdown_table
+from _timing import emit, markdown_table
 from torch._dynamo.utils import counters
 
 WIDTHS = {  # hidden, intermediate, attention heads, key/value heads, vocabulary
+    "tiny": (128, 256, 4, 2, 512),  # a check of the script on a CPU (--device cpu)
     "1b": (2048, 8192, 32, 8, 128256),
     "8b": (4096, 14336, 32, 8, 128256),
 }
@@ -36,7 +37,7 @@ def _model(args):
         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         tie_word_embeddings=args.widths == "1b", use_cache=False)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).cuda()
+    return transformers.LlamaForCausalLM(config).to(args.device)
 
 
 def _dataset(args, count, seed):
@@ -63,21 +64,26 @@ def _collate(pad_to):
     return collate
 
 
-class _StepClock:
-    """Wall time of each optimizer step (synchronized) and the tokens it processed."""
+def _synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self):
+
+class _StepClock:
+    """Wall time of each optimizer step (synchronized)."""
+
+    def __init__(self, device):
         from transformers import TrainerCallback
 
         clock = self
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
+                _synchronize(device)
                 clock.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                torch.cuda.synchronize()
+                _synchronize(device)
                 clock.steps.append(time.perf_counter() - clock.start)
 
         self.callback = Callback()
@@ -93,25 +99,29 @@ def run(args, contender: str, checkpointing: bool, fixed: bool) -> list:
     torch._dynamo.reset()
     counters.clear()
     gc.collect()
-    torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = _model(args)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     callbacks = [HaloCallback()] if contender == "halo" else []
     if contender == "bf16":
         model.compile()  # plain Inductor, in place (as HaloCallback compiles halo)
-    clock = _StepClock()
+    clock = _StepClock(args.device)
     training = TrainingArguments(
-        output_dir="/tmp/halo-trainer-run", max_steps=args.steps, per_device_train_batch_size=args.batch,
+        output_dir="/tmp/halo-trainer-run", max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch, gradient_accumulation_steps=args.accumulation,
         bf16=True, eval_strategy="steps", eval_steps=args.eval_every, learning_rate=1e-5,
-        optim="adamw_torch_fused", report_to="none", save_strategy="no", logging_steps=10**6,
-        dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True)
+        optim="adamw_torch_fused" if args.device == "cuda" else "adamw_torch",
+        report_to="none", save_strategy="no", logging_steps=10**6,
+        dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True,
+        use_cpu=args.device == "cpu")
     trainer = Trainer(model=model, args=training, callbacks=[*callbacks, clock.callback],
                       train_dataset=_dataset(args, args.steps * args.batch * args.accumulation, 0),
                       eval_dataset=_dataset(args, 2 * args.batch, 1),
                       data_collator=_collate(args.max_len if fixed else None))
-    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -126,7 +136,7 @@ def run(args, contender: str, checkpointing: bool, fixed: bool) -> list:
 
         report = halo_compile.report(model)
         quantized = f"{len(report.quantized)}/{len(report.layers)}"
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     del trainer, model
     return [contender, "on" if checkpointing else "off", "fixed" if fixed else "dynamic",
             f"{tokens / steady:,.0f}", f"{steady * 1e3:.1f}", f"{peak:.2f}", str(graphs),
@@ -135,6 +145,7 @@ def run(args, contender: str, checkpointing: bool, fixed: bool) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--widths", choices=sorted(WIDTHS), default="1b")
     parser.add_argument("--batch", type=int, default=8)
@@ -158,7 +169,7 @@ def main():
                 print(rows[-1], flush=True)
     title = (f"HF Trainer, Llama {args.widths} widths x {args.layers} layers, batch {args.batch} "
              f"x {args.min_len}-{args.max_len} tokens (dynamic padding), bf16=True, eval every "
-             f"{args.eval_every} steps, {args.steps} steps ({environment()})")
+             f"{args.eval_every} steps, {args.steps} steps")
     emit(markdown_table(title, ["contender", "checkpointing", "shapes", "tokens/s", "step ms",
                                 "peak GiB", "graphs", "compile s", "wall s", "quantized"],
                         rows), args.markdown)
