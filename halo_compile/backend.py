@@ -109,6 +109,9 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     ctx = PassManager().run(gm, example_inputs, config,
                             name_in_errors=region.name_in_errors if region is not None else None)
     record.layers = ctx.layer_reports
+    _LOG.info("graph compiled: %d linears quantized, %d in high precision",
+              sum(layer.quantized for layer in record.layers),
+              sum(not layer.quantized for layer in record.layers))
     record.structure = ctx.describe()
     record.finished = True
     fallbacks.check_graph_layer_globs(record)

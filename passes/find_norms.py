@@ -17,6 +17,8 @@ a sibling linear (inside LoRA).
 
 from __future__ import annotations
 
+import logging
+
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -36,6 +38,8 @@ from .graph_utils import (
     source_name,
     strip_passthroughs,
 )
+
+_LOG = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .graph_utils import GraphTensors
@@ -65,6 +69,9 @@ class FindNormsAndResiduals:
                 residual = _residual_add(node, linears, position, writers_memo)
                 if residual is not None:
                     ctx.analysis.residual_adds.append(residual)
+        _LOG.debug("%d norms (%s), %d residual adds", len(ctx.analysis.norms),
+                   ", ".join(f"{n.fqn} -> {n.feeds}" for n in ctx.analysis.norms),
+                   len(ctx.analysis.residual_adds))
 
 
 def _find_norms(graph: fx.Graph, tensors: GraphTensors) -> tuple[list[NormSite], set[fx.Node]]:

@@ -20,6 +20,8 @@ passes/report_subgraph_linears.py reports their linears with the reason.
 
 from __future__ import annotations
 
+import logging
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +29,8 @@ import torch.fx as fx
 
 from .analysis import SubgraphSite
 from .graph_utils import GraphTensors
+
+_LOG = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .manager import PassContext
@@ -54,6 +58,8 @@ class FindSubgraphs:
                 tensors = GraphTensors.for_subgraph(body, ctx.tensors, operands)
                 reason = _skip_reason(hop, callers[body_node.target], ctx)
                 ctx.analysis.subgraphs.append(SubgraphSite(call, hop, body, tensors, reason))
+                _LOG.debug("subgraph %s of %s: %s", body_node.target, hop,
+                           f"not rewritten: {reason}" if reason else "rewritten")
 
 
 def _bodies(call: fx.Node) -> list[fx.Node]:

@@ -14,6 +14,8 @@ affine scale and bias carried by the skip path). See docs/rotation.md.
 
 from __future__ import annotations
 
+import logging
+
 from typing import Optional
 
 import torch
@@ -29,6 +31,8 @@ from .graph_utils import (
     strip_passthroughs,
 )
 
+_LOG = logging.getLogger(__name__)
+
 _RMS_NORM_FUNCTIONS = (torch.nn.functional.rms_norm, torch.rms_norm)
 LAYERNORM_REASON = ("LayerNorm does not commute with a rotation (mean subtraction and bias); "
                     "not converted, see docs/rotation.md")
@@ -43,6 +47,8 @@ class FuseNorms:
         linears = ctx.analysis.linear_by_node()
         for norm in ctx.analysis.norms:
             reason = _fuse(ctx, norm, linears)
+            _LOG.debug("%s: %s", norm.fqn, f"scale not folded: {reason}" if reason
+                       else f"scale folded into {norm.feeds}")
             if reason:
                 for fqn in norm.feeds:
                     ctx.fusion.note_not_fused(fqn, f"{norm.fqn}: {reason}")

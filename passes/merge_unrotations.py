@@ -26,10 +26,14 @@ the rotated outputs then rounds once, in the output's dtype, instead of after ea
 
 from __future__ import annotations
 
+import logging
+
 from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
+
+_LOG = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -74,6 +78,7 @@ def merge_unrotations(graph: fx.Graph) -> int:
         node.replace_all_uses_with(merged)
         _erase_unused(graph, node, erased)
         removed += 1
+    _LOG.debug("%d un-rotations merged into others", removed)
     return removed
 
 

@@ -7,6 +7,8 @@ cannot take: never a silently wrong result.
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 
 import torch
@@ -27,6 +29,8 @@ from .analysis import LinearSite
 from .autocast_regions import AUTOCAST_ELIGIBLE, autocast_dtypes
 from .folding import FOLD_FUNCTIONS
 from .graph_utils import fake_value
+
+_LOG = logging.getLogger(__name__)
 
 GEMM_ALIGNMENT = 16  # FP8 cuBLASLt needs in/out features divisible by 16 (INT8 needs 8)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -54,6 +58,7 @@ class QuantizeLinears:
             fusion = dict(rotation=ctx.fusion.describe(site.fqn),
                           folded_bytes=ctx.fusion.folded_bytes.get(site.fqn, 0))
             reason = self._reason_to_skip(site, layer, ctx)
+            _LOG.debug("%s: %s", site.fqn, f"high precision: {reason}" if reason else layer)
             if reason:
                 ctx.layer_reports.append(LayerReport(
                     site.fqn, site.in_features, site.out_features, False, reason=reason, **fusion))

@@ -18,6 +18,8 @@ and b the largest power of two dividing the width (the whole width for 4096).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
 
@@ -42,6 +44,8 @@ from .graph_utils import (
     strip_passthroughs,
 )
 
+_LOG = logging.getLogger(__name__)
+
 SEED = 0
 _ADDS = ("add", "iadd", "add_")
 _SCALINGS = ("mul", "truediv", "div", "neg")
@@ -54,6 +58,7 @@ class RotateResidualStream:
         if ctx.config.rotate != "fused" or not ctx.analysis.residual_adds:
             return
         reason = self._reason_to_skip(ctx)
+        _LOG.debug("residual stream %s", f"not rotated: {reason}" if reason else "rotated")
         if reason:
             ctx.fusion.notes.append(f"residual stream not rotated: {reason}")
             for site in ctx.analysis.linears:
