@@ -24,10 +24,10 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from halo_compile.config import HaloConfig, LayerConfig
+from halo_compile.kernels.constants import FORMATS as QUANT_FORMATS
+from halo_compile.kernels.constants import MAX_BLOCK
 from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size, hadamard_signs
-from halo_compile.kernels.quantize import FORMATS as QUANT_FORMATS
 from halo_compile.kernels.quantize import dequantize, quantize
-from halo_compile.kernels.triton_hadamard_quantize import MAX_BLOCK
 
 
 def _fsdp_params(module: nn.Module) -> Iterator[Any]:

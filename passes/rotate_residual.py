@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.constants import ADD_OPS, MIN_BLOCK
+from halo_compile.kernels.hadamard import hadamard_block_size
 
 from .find_norms import _linear_writers
 from .folding import (
@@ -43,7 +44,6 @@ from .graph_utils import (
 )
 
 SEED = 0
-_ADDS = ("add", "iadd", "add_")
 _SCALINGS = ("mul", "truediv", "div", "neg")
 
 
@@ -177,7 +177,7 @@ class _Rotation:
         """`stream + x` stays on the rotated stream: when x is rotated too, when x is written by
         linears that only write here (their output sides are folded), or else x is rotated
         online (a broadcastable tensor of the stream's width)."""
-        if call_target_name(node) not in _ADDS or len(node.args) < 2:
+        if call_target_name(node) not in ADD_OPS or len(node.args) < 2:
             return False
         a, b = node.args[:2]
         if not all(isinstance(x, fx.Node) for x in (a, b)):

@@ -13,6 +13,7 @@ import transformers
 
 import halo_compile
 from halo_compile.kernels.emulated_quantized_linear import emulated_quantized_linear_reference
+from halo_compile.kernels.settings import LinearSettings
 from halo_compile.testing import inject_outlier_channels
 
 HIDDEN, LAYERS, HEADS, VOCAB = 64, 2, 4, 128
@@ -175,7 +176,7 @@ def test_emulated_4bit_reference_against_float64():
                 scale = t.abs().amax(-1, keepdim=True) / levels
                 return (t / scale).round().clamp(-levels, levels) * scale
             expected = rtn(x.double().reshape(-1, 64), ab) @ rtn(w.double(), wb).t()
-            got = emulated_quantized_linear_reference(x, w, None, fmt, "none", 0)
+            got = emulated_quantized_linear_reference(x, w, None, LinearSettings(fmt))
             assert rel_err(got.reshape(-1, 48), expected) < 1e-5
 
 

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from halo_compile.kernels.settings import LinearSettings
+
 from test_quantize_linears import QL, call_nodes, compile_with_passes, format_dynamo_graph
 
 
@@ -97,9 +99,10 @@ return (quantized_linear_default_1,)""")
 
         def block_ops(graph):
             # The call's settings: everything but the input activation and the parameters.
-            return [n.args[3:] for n in call_nodes(graph, QL) if n.args[11].startswith("block.")]
+            settings = [LinearSettings.decode(n.args[3]) for n in call_nodes(graph, QL)]
+            return [s for s in settings if s.name.startswith("block.")]
 
-        self.assertEqual([args[8] for args in block_ops(fw)], ["block.fc1", "block.fc2"])
+        self.assertEqual([s.name for s in block_ops(fw)], ["block.fc1", "block.fc2"])
         self.assertEqual(block_ops(bw), block_ops(fw))
         # Both recomputed halo ops read the same parameters as in the forward.
         fw_params = [n.args[1].name for n in call_nodes(fw, QL)][:2]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 from halo_compile import HaloConfig
+from halo_compile.kernels.settings import LinearSettings, MatmulSettings, WeightSource
 from halo_compile.passes import PassManager
 from halo_compile.passes.graph_utils import source_name
 
@@ -172,16 +173,18 @@ return (quantized_linear_default,)""")
         # Explicitly, beyond the snapshots: the forward runs both linears as halo ops, and the
         # backward computes grad-input and grad-weight of both with halo.scaled_matmul, with the
         # halo2 rotations; no high-precision matmul is left anywhere.
-        self.assertEqual([n.args[11] for n in call_nodes(fw, QL)], ["fc1", "fc2"])
+        linears = [LinearSettings.decode(n.args[3]) for n in call_nodes(fw, QL)]
+        self.assertEqual([s.name for s in linears], ["fc1", "fc2"])
         # The forward GEMM accumulates fast (the default); the gradient GEMMs do not.
-        self.assertEqual([n.args[12] for n in call_nodes(fw, QL)], [True, True])
-        self.assertEqual([len(n.args) for n in call_nodes(bw, SM)], [10] * 4)
-        scaled = {n.args[-1]: n.args[3] for n in call_nodes(bw, SM)}
+        self.assertEqual([s.fast_accum for s in linears], [True, True])
+        matmuls = [MatmulSettings.decode(n.args[2]) for n in call_nodes(bw, SM)]
+        self.assertEqual([s.fast_accum for s in matmuls], [False] * 4)
+        scaled = {s.where: s.rotation for s in matmuls}
         self.assertEqual(scaled, {
             "fc2 grad-input": "outer", "fc2 grad-weight": "none",
             "fc1 grad-input": "outer", "fc1 grad-weight": "none",
         })
-        self.assertEqual({n.args[2] for n in call_nodes(bw, SM)}, {"fp8_e4m3"})
+        self.assertEqual({s.format for s in matmuls}, {"fp8_e4m3"})
         for graph in (fw, bw):
             for node in graph.graph.nodes:
                 if node.op == "call_function":
@@ -242,11 +245,13 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
         out = compiled(self.x)
         out.square().sum().backward()
         fw, bw = state["fw"], state["bw"]
-        self.assertEqual([n.args[13] for n in call_nodes(fw, QL)], [True, True])
-        self.assertEqual([(n.args[1].name, n.args[4], n.args[-1]) for n in call_nodes(bw, FW)],
+        self.assertEqual([LinearSettings.decode(n.args[3]).cache_weight
+                          for n in call_nodes(fw, QL)], [True, True])
+        self.assertEqual([(n.args[1].name, WeightSource.decode(n.args[3]).transpose,
+                           MatmulSettings.decode(n.args[4]).where) for n in call_nodes(bw, FW)],
                          [("primals_4", True, "fc2 grad-input"),
                           ("primals_1", True, "fc1 grad-input")])
-        self.assertEqual([n.args[-1] for n in call_nodes(bw, SM)],
+        self.assertEqual([MatmulSettings.decode(n.args[2]).where for n in call_nodes(bw, SM)],
                          ["fc2 grad-weight", "fc1 grad-weight"])
         self.assertEqual([r.weight_cache for r in state["ctx"].layer_reports],
                          ["cached", "cached"])
@@ -356,7 +361,8 @@ class TestLinearForms(expecttest.TestCase):
                 self.assertNotIn(node.target, (torch.matmul, torch.mm, torch.addmm,
                                                operator.matmul))
         ops = call_nodes(gm, QL)
-        self.assertEqual([n.args[11] for n in ops], ["a", "b", "d", "c", "e", "conv"])
+        self.assertEqual([LinearSettings.decode(n.args[3]).name for n in ops],
+                         ["a", "b", "d", "c", "e", "conv"])
         # The chained linear reads the halo op that replaced its producer.
         self.assertIs(ops[1].args[0], ops[0])
         self.assertIs(ops[2].args[0], ops[0])
