@@ -21,7 +21,6 @@ from .quantize import HOST_SIDE_TAGS, absmax, check_finite
 from .settings import LinearSettings
 
 
-
 def fake_quantize_rows(t: torch.Tensor, bits: int, check: bool, where: str) -> torch.Tensor:
     """Symmetric round-to-nearest to `bits` with one scale per row, returned dequantized
     (float32; float64 stays float64)."""

@@ -17,7 +17,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .constants import MIN_BLOCK  # smaller blocks spread an outlier over too few values
 
-
 MAX_TOKEN_BLOCK = 256
 """The largest block along the tokens: the fused kernels' largest, for any token count."""
 

@@ -112,7 +112,7 @@ class _DeferredChecks:
             self.flush()  # one buffer per device
         if copy:  # [n, 1] parts of one column: flush concatenates them as they are
             parts = torch.cat([_column(t) for _, t in named]).split([t.numel() for _, t in named])
-            named = [(name, part) for (name, _), part in zip(named, parts)]
+            named = [(name, part) for (name, _), part in zip(named, parts, strict=False)]
         self._collected.extend(named)
         self._submissions += 1
         if self._submissions >= self.flush_every:

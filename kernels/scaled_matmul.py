@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .constants import MAX_BLOCK
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs, pad_rows, token_block
 from .quantize import (
     HOST_SIDE_TAGS,
@@ -49,9 +50,9 @@ from .quantize import (
 )
 from .settings import MatmulSettings
 from .shared_operands import shared_view
-from .constants import MAX_BLOCK
 from .triton_hadamard_quantize import hadamard_quantize_triton
 from .triton_int8_matmul import int8_scaled_mm  # noqa: F401  (registers halo::int8_scaled_mm)
+
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     """Rotations and scaling run in float32 (float64 stays float64, as in block_hadamard)."""
@@ -184,7 +185,10 @@ def _pad_rows_cols(t, row_multiple, col_multiple):
     return t.contiguous()
 
 
-def scaled_matmul_reference(a, b, settings: MatmulSettings = MatmulSettings()):
+_DEFAULT_SETTINGS = MatmulSettings()
+
+
+def scaled_matmul_reference(a, b, settings: MatmulSettings = _DEFAULT_SETTINGS):
     """Plain-torch reference of halo::scaled_matmul (runs on any device; it accumulates in
     float32 whatever `settings.fast_accum` says)."""
     return _scaled_matmul(reference_gemm, a, b, settings)
@@ -239,7 +243,7 @@ def report_nonfinite(token, scales, wheres, copy=False) -> None:
     mutation makes the op a side effect that no dead-code elimination removes. `copy`: the
     scales are CUDA graph outputs, overwritten by the next replay (see check_all_finite)."""
     del token
-    check_all_finite(list(zip(wheres, scales)), copy)
+    check_all_finite(list(zip(wheres, scales, strict=False)), copy)
 
 
 # Registered through torch.library.Library rather than custom_op: a compiled graph calls it on

@@ -148,9 +148,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .hadamard import block_hadamard
 from .constants import FORMATS, MAX_BLOCK, ROUNDINGS
 from .constants import MIN_AMAX as _MIN_AMAX
+from .hadamard import block_hadamard
 from .quantize import quantize
 from .triton_interpreter import interpreted
 

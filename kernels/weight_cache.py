@@ -37,10 +37,10 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 
 import torch
 
+from .constants import MAX_BLOCK
 from .quantize import check_finite
 from .scaled_matmul import fused_block, quantized_operand
 from .settings import MatmulSettings
-from .constants import MAX_BLOCK
 from .triton_hadamard_quantize import hadamard_quantize_triton
 
 
@@ -112,7 +112,7 @@ class _Entry:
 
     def valid_for(self, weight: torch.Tensor, others: tuple) -> bool:
         return (self.weight() is weight and len(others) == len(self.others)
-                and all(ref() is t for ref, t in zip(self.others, others))
+                and all(ref() is t for ref, t in zip(self.others, others, strict=False))
                 and self.state == tuple(_state(t) for t in (weight, *others)))
 
 

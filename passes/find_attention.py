@@ -32,8 +32,8 @@ from .graph_utils import (
 )
 
 if TYPE_CHECKING:
+    from .context import PassContext
     from .graph_utils import GraphTensors
-    from .manager import PassContext
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention  # the same object as torch._C._nn's
 _MATMULS = ("matmul", "bmm", "baddbmm")

@@ -40,8 +40,8 @@ from .graph_utils import (
 )
 
 if TYPE_CHECKING:
+    from .context import PassContext
     from .graph_utils import GraphTensors
-    from .manager import PassContext
 
 _LAYER_NORMS = (torch.nn.functional.layer_norm, torch.layer_norm)
 _RMS_NORMS = (torch.nn.functional.rms_norm, torch.rms_norm)  # Dynamo records the latter
@@ -237,4 +237,4 @@ def _same_shape(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     after Dynamo has captured the graph, would go unchecked."""
     if a is None or b is None or a.dim() != b.dim():
         return False
-    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=False))

@@ -29,7 +29,7 @@ from .analysis import SubgraphSite
 from .graph_utils import GraphTensors
 
 if TYPE_CHECKING:
-    from .manager import PassContext
+    from .context import PassContext
 
 # The HOPs whose subgraph runs as plain forward code, and where its operands start in the args.
 REWRITTEN_HOPS = {"tag_activation_checkpoint": 1, "wrap": 1, "invoke_subgraph": 2}
@@ -71,7 +71,7 @@ def _operands(call: fx.Node, body: fx.GraphModule, first) -> dict[fx.Node, fx.No
     placeholder holds the very tensor of the outer node it was lifted from."""
     placeholders = [node for node in body.graph.nodes if node.op == "placeholder"]
     if first is not None:
-        return {inner: outer for inner, outer in zip(placeholders, call.args[first:])
+        return {inner: outer for inner, outer in zip(placeholders, call.args[first:], strict=False)
                 if isinstance(outer, fx.Node)}
     outer_nodes = [node for node in call.all_input_nodes if node.op != "get_attr"]
     by_value = {id(value): node for node in outer_nodes

@@ -3,45 +3,23 @@ then over each subgraph of a higher-order op that halo rewrites (a checkpointed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.fx as fx
 
 from halo_compile.config import HaloConfig
-from halo_compile.report import LayerReport
 
-from .analysis import GraphAnalysis
+from .context import PassContext
 from .find_attention import FindAttention
 from .find_linears import FindLinears
 from .find_norms import FindNormsAndResiduals
 from .find_subgraphs import FindSubgraphs
 from .fold_online_rotations import FoldOnlineRotations
-from .folding import FusionState
 from .fuse_norms import FuseNorms
 from .graph_utils import GraphTensors
 from .quantize_linears import QuantizeLinears
 from .report_subgraph_linears import ReportSubgraphLinears
 from .rotate_residual import RotateResidualStream
-
-
-@dataclass
-class PassContext:
-    gm: fx.GraphModule
-    example_inputs: Sequence
-    config: HaloConfig
-    tensors: GraphTensors
-    analysis: GraphAnalysis = field(default_factory=GraphAnalysis)
-    layer_reports: list[LayerReport] = field(default_factory=list)
-    fusion: FusionState = field(default_factory=FusionState)  # rotate="fused": what was folded
-    subgraphs: list["PassContext"] = field(default_factory=list)  # of the rewritten subgraphs
-
-    def describe(self) -> list[str]:
-        """The analysis' lines and the fusion notes, of this graph and of its subgraphs."""
-        lines = self.analysis.describe() + self.fusion.notes
-        for child in self.subgraphs:
-            lines += [line for line in child.describe() if line not in lines]
-        return lines
 
 
 def default_passes() -> list:

@@ -13,13 +13,12 @@ import torch
 import torch.fx as fx
 
 from halo_compile.config import LayerConfig
-from halo_compile.kernels.constants import EMULATED_FORMATS
+from halo_compile.kernels.constants import EMULATED_FORMATS, MIN_BLOCK
 from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (registers op)
     emulated_quantized_linear,
 )
-from halo_compile.kernels.constants import MIN_BLOCK
-from halo_compile.kernels.hadamard import hadamard_block_size, token_block
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
+from halo_compile.kernels.hadamard import hadamard_block_size, token_block
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
 from halo_compile.kernels.settings import LinearSettings, WeightSource
 from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE, watch_optimizer_steps

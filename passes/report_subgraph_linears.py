@@ -13,7 +13,7 @@ from .quantize_linears import QuantizeLinears
 
 if TYPE_CHECKING:
     from .analysis import SubgraphSite
-    from .manager import PassContext
+    from .context import PassContext
 
 
 class ReportSubgraphLinears:

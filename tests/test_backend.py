@@ -560,9 +560,10 @@ def _stores_of_kernels_computing(code: str, op: str) -> int:
 def _silu_gate_stores(monkeypatch, realize: bool):
     """Stores of the SiLU-gate kernels in a compiled SwiGLU MLP's forward and backward, with
     or without backend._realize_user_kernel_inputs."""
-    import halo_compile.backend as backend
     from torch._inductor.lowering import needs_realized_inputs
     from torch._inductor.utils import run_and_get_code
+
+    import halo_compile.backend as backend
 
     if not realize:
         monkeypatch.setattr(backend, "_realize_user_kernel_inputs", lambda: None)

@@ -16,7 +16,6 @@ from halo_compile.kernels.inductor_decompositions import (
     decompose_scaled_matmul,
 )
 from halo_compile.kernels.quantize import NonFiniteInputError, raise_pending_nonfinite
-from halo_compile.kernels.settings import LinearSettings, MatmulSettings
 from halo_compile.kernels.scaled_matmul import (
     cuda_gemm,
     fused_block,
@@ -24,6 +23,7 @@ from halo_compile.kernels.scaled_matmul import (
     gemm_with,
     scaled_matmul_reference,
 )
+from halo_compile.kernels.settings import LinearSettings, MatmulSettings
 
 
 def _rel(out, ref):
@@ -345,7 +345,7 @@ def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
     assert calls.count((48, 64)) == 3 * calls.count((32, 64))
     assert calls.count((48, 32)) == 3 * calls.count((64, 32))
     assert _rel(got, want) < 1e-5
-    for mine, theirs in zip(model.parameters(), reference.parameters()):
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=False):
         assert _rel(mine.grad, theirs.grad) < 1e-5
 
 
@@ -389,7 +389,7 @@ def test_grad_input_and_grad_weight_quantize_dy_in_one_call(monkeypatch, grad_we
     else:  # padded dY [256, 48] along dim 0, and dYᵀ [48, 32] unpadded: three each
         assert not dual_calls and calls.count((256, 48)) == calls.count((48, 32)) == 3
     assert _rel(x.grad, x_ref.grad) < 1e-6
-    for mine, theirs in zip(model.parameters(), reference.parameters()):
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=False):
         assert _rel(mine.grad, theirs.grad) < 1e-6
 
 
@@ -462,5 +462,5 @@ def test_cached_weights_through_inductor_as_on_cuda(monkeypatch):
             optimizer.step()
             optimizer.zero_grad()
     assert counts == [0, 0, 6, 6] and len(grads[True]) == len(grads[False]) == 8
-    for mine, theirs in zip(grads[True], grads[False]):
+    for mine, theirs in zip(grads[True], grads[False], strict=False):
         assert _rel(mine, theirs) < 1e-6

@@ -83,7 +83,7 @@ def test_format_none_every_rotation_equals_float64(fwd, gi, gw):
     x, w, b, gy = _inputs(seed=len(fwd + gi + gw), outliers=True)
     ref = _reference(x, w, b, gy)
     out = _run(x, w, b, gy, "none", fwd, gi, gw)
-    for name, o, r in zip(("y", "dx", "dw", "db"), out, ref):
+    for name, o, r in zip(("y", "dx", "dw", "db"), out, ref, strict=False):
         assert o.dtype == torch.float32
         assert o.shape == r.shape
         assert _rel(o, r) < 1e-5, name
@@ -183,7 +183,7 @@ def test_bf16_input_fp32_weight(fmt):
     # The weight is used in bf16 (cast to the activation's dtype) and outputs are rounded to
     # bf16 (2^-9 relative): the format bound plus 1e-2.
     bound = (0.0 if fmt == "none" else BOUNDS[(fmt, "row")]) + 1e-2
-    for o, r in zip((y, dx, dw), ref[:3]):
+    for o, r in zip((y, dx, dw), ref[:3], strict=False):
         assert _rel(o, r) < bound
     assert _rel(db, ref[3]) < 1e-2
 
@@ -359,7 +359,7 @@ def test_cached_weight_gives_the_same_values(seed, preset, fmt, granularity, x_d
     plain = _run(x, w, b, gy, fmt, *preset, granularity, 256, x_dtype=x_dtype)
     cached = _run(x, w, b, gy, fmt, *preset, granularity, 256, x_dtype=x_dtype,
                   cache_weight=True)
-    for name, p, c in zip(("y", "dx", "dw", "db"), plain, cached):
+    for name, p, c in zip(("y", "dx", "dw", "db"), plain, cached, strict=False):
         assert torch.equal(p, c), name
 
 

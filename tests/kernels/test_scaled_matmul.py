@@ -14,13 +14,13 @@ from halo_compile.kernels.quantize import (
     quantize,
     raise_pending_nonfinite,
 )
-from halo_compile.kernels.settings import MatmulSettings
 from halo_compile.kernels.scaled_matmul import (
     fused_block,
     fused_scaled_matmul,
     reference_gemm,
     scaled_matmul_reference,
 )
+from halo_compile.kernels.settings import MatmulSettings
 
 FMTS = ["fp8_e4m3", "int8"]
 ROTATIONS = ["none", "inner", "outer"]
