@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-import halo_compile.backend as halo_backend
-import halo_compile.passes.post_grad as post_grad
 from _contenders import NAMES, compile_fn, parse_names
 from _timing import (
     emit,
@@ -45,6 +42,9 @@ from _timing import (
     peak_gib,
     speedup,
 )
+
+import halo_compile.backend as halo_backend
+import halo_compile.passes.post_grad as post_grad
 
 
 def build_model(layers: int):

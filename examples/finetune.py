@@ -323,7 +323,7 @@ def results_table(results: Sequence[VariantResult]) -> str:
             versus_baseline(r.eval_loss, baseline and baseline.eval_loss),
             f"{r.seconds:.1f}", f"{r.first_step_seconds:.1f}", f"{r.tokens_per_second:,.0f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + " |"
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch
 
 from halo_compile import fallbacks
 from halo_compile.config import HaloConfig, config_from_call
-from halo_compile.distributed import unsharded_parameters
+from halo_compile.fsdp_parameters import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager

@@ -10,12 +10,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from halo_compile.kernels.emulated_quantized_linear import EMULATED_FORMATS
-from halo_compile.kernels.quantize import FORMATS as _QUANT_FORMATS
-from halo_compile.kernels.quantize import GRANULARITIES, ROUNDINGS
-from halo_compile.kernels.scaled_matmul import ROTATIONS
+from halo_compile.kernels.constants import GRANULARITIES, LINEAR_FORMATS, ROTATIONS, ROUNDINGS
 
-FORMATS = (*_QUANT_FORMATS, *EMULATED_FORMATS, "none")  # 4-bit ones: inference, emulated
+FORMATS = LINEAR_FORMATS  # 4-bit ones (EMULATED_FORMATS): inference, emulated
 NONFINITE_POLICIES = ("raise", "propagate")
 COMPILERS = ("inductor", "aot_eager")
 # Where rotations live. "online": weights untouched, operands rotated on the fly as `hadamard`

@@ -189,7 +189,7 @@ def _config_relative_to(config: HaloConfig, group) -> HaloConfig:
     layers = []
     for relative in sorted(fallbacks.linear_names(first)):
         settings = [config.for_layer(_full_name(name, relative)) for name, _ in group]
-        for (name, _), setting in zip(group, settings):
+        for (name, _), setting in zip(group, settings, strict=False):
             if setting != settings[0]:
                 raise _TreatedDifferently(
                     f"option 'layers' sets {_full_name(first_name, relative)} and "

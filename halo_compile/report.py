@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from halo_compile.distributed import unsharded_parameters
+from halo_compile.fsdp_parameters import unsharded_parameters
 from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 
@@ -214,7 +214,8 @@ class HaloReport:
         header = ["layer", "in->out", "format", "forward", "grad-input", "grad-weight", "reason"]
         rows = [header] + [layer.row() for layer in self.layers]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+                 for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (f"halo: {len(self.quantized)} of {len(self.layers)} linears quantized; "
                    f"{len(self.high_precision)} left in high precision")

@@ -148,11 +148,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .constants import FORMATS, MAX_BLOCK, ROUNDINGS
+from .constants import MIN_AMAX as _MIN_AMAX
 from .hadamard import block_hadamard
-from .quantize import FORMATS, ROUNDINGS, _MIN_AMAX, quantize
+from .quantize import quantize
 from .triton_interpreter import interpreted
 
-MAX_BLOCK = 256
 PRECISIONS = ("split", "ieee")
 
 # Kernel modes.

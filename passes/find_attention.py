@@ -14,7 +14,6 @@ to the first linear that reads it: o_proj.
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
@@ -36,8 +35,8 @@ from .graph_utils import (
 _LOG = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from .context import PassContext
     from .graph_utils import GraphTensors
-    from .manager import PassContext
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention  # the same object as torch._C._nn's
 _MATMULS = ("matmul", "bmm", "baddbmm")

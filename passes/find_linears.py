@@ -9,7 +9,6 @@ Recognised forms (as Dynamo records them):
 from __future__ import annotations
 
 import logging
-
 import operator
 from typing import Optional
 

@@ -21,7 +21,6 @@ passes/report_subgraph_linears.py reports their linears with the reason.
 from __future__ import annotations
 
 import logging
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +32,7 @@ from .graph_utils import GraphTensors
 _LOG = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from .manager import PassContext
+    from .context import PassContext
 
 # The HOPs whose subgraph runs as plain forward code, and where its operands start in the args.
 REWRITTEN_HOPS = {"tag_activation_checkpoint": 1, "wrap": 1, "invoke_subgraph": 2}
@@ -77,7 +76,7 @@ def _operands(call: fx.Node, body: fx.GraphModule, first) -> dict[fx.Node, fx.No
     placeholder holds the very tensor of the outer node it was lifted from."""
     placeholders = [node for node in body.graph.nodes if node.op == "placeholder"]
     if first is not None:
-        return {inner: outer for inner, outer in zip(placeholders, call.args[first:])
+        return {inner: outer for inner, outer in zip(placeholders, call.args[first:], strict=False)
                 if isinstance(outer, fx.Node)}
     outer_nodes = [node for node in call.all_input_nodes if node.op != "get_attr"]
     by_value = {id(value): node for node in outer_nodes

@@ -23,7 +23,8 @@ import logging
 
 import torch.fx as fx
 
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.constants import MIN_BLOCK
+from halo_compile.kernels.hadamard import hadamard_block_size
 
 from .analysis import AttentionSite
 from .find_norms import _linear_writers

@@ -15,7 +15,6 @@ affine scale and bias carried by the skip path). See docs/rotation.md.
 from __future__ import annotations
 
 import logging
-
 from typing import Optional
 
 import torch

@@ -27,7 +27,6 @@ the rotated outputs then rounds once, in the output's dtype, instead of after ea
 from __future__ import annotations
 
 import logging
-
 from typing import NamedTuple, Optional
 
 import torch

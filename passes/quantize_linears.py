@@ -7,21 +7,21 @@ cannot take: never a silently wrong result.
 
 from __future__ import annotations
 
-import logging
-
 import dataclasses
+import logging
 
 import torch
 import torch.fx as fx
 
 from halo_compile.config import LayerConfig
+from halo_compile.kernels.constants import EMULATED_FORMATS, MIN_BLOCK
 from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (registers op)
-    EMULATED_FORMATS,
     emulated_quantized_linear,
 )
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size, token_block
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
+from halo_compile.kernels.hadamard import hadamard_block_size, token_block
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
+from halo_compile.kernels.settings import LinearSettings, WeightSource
 from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE, watch_optimizer_steps
 from halo_compile.report import LayerReport, MatmulPlan
 
@@ -110,12 +110,11 @@ class QuantizeLinears:
                 # (peft's merge does that), which its version counter does not see.
                 WEIGHT_CACHE.forget([site.weight])
                 param_node, fold, fold_inputs, fold_nodes = frozen
+                source = WeightSource(fold, site.weight_transposed)
                 new = graph.call_function(
                     torch.ops.halo.frozen_linear.default,
-                    (site.x, param_node, fold, fold_inputs, site.bias, site.weight_transposed,
-                     layer.format, layer.scale, layer.hadamard.forward,
-                     layer.hadamard.grad_input, layer.max_block, layer.grad_rounding,
-                     check_finite, ctx.name_in_errors(site.fqn), layer.fast_accum),
+                    (site.x, param_node, fold_inputs, site.bias, source.encoded,
+                     _linear_settings(layer, ctx.name_in_errors(site.fqn), check_finite).encoded),
                 )
                 node.replace_input_with(site.weight_node, param_node)
                 for fold_node in fold_nodes:  # in the cache now, not computed per call
@@ -127,27 +126,35 @@ class QuantizeLinears:
                 if site.weight_transposed:
                     weight = graph.call_method("t", (weight,))
                 if layer.format in EMULATED_FORMATS:  # 4-bit: inference, plain-torch emulation
+                    settings = _linear_settings(layer, ctx.name_in_errors(site.fqn), check_finite)
                     new = graph.call_function(
                         torch.ops.halo.emulated_quantized_linear.default,
-                        (site.x, weight, site.bias, layer.format, layer.hadamard.forward,
-                         layer.max_block, check_finite, ctx.name_in_errors(site.fqn)),
+                        (site.x, weight, site.bias, settings.encoded),
                     )
                 else:
                     weight_cache = _weight_cache(site, layer, ctx)
+                    settings = _linear_settings(layer, ctx.name_in_errors(site.fqn), check_finite,
+                                                cache_weight=weight_cache == "cached")
                     new = graph.call_function(
                         torch.ops.halo.quantized_linear.default,
-                        (site.x, weight, site.bias, layer.format, layer.scale,
-                         layer.hadamard.forward, layer.hadamard.grad_input,
-                         layer.hadamard.grad_weight, layer.max_block, layer.grad_rounding,
-                         check_finite, ctx.name_in_errors(site.fqn), layer.fast_accum,
-                         # cache_weight: only when on (its default, as the dispatcher records)
-                         *([True] if weight_cache == "cached" else [])),
+                        (site.x, weight, site.bias, settings.encoded),
                     )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         site.node = new
         return frozen is not None, weight_cache
+
+
+def _linear_settings(layer: LayerConfig, name: str, check_finite: bool,
+                     cache_weight: bool = False) -> LinearSettings:
+    """What the halo op of the linear `name` takes, from its layer options."""
+    return LinearSettings(
+        format=layer.format, granularity=layer.scale, forward_rotation=layer.hadamard.forward,
+        grad_input_rotation=layer.hadamard.grad_input,
+        grad_weight_rotation=layer.hadamard.grad_weight, max_block=layer.max_block,
+        grad_rounding=layer.grad_rounding, check_finite=check_finite, name=name,
+        fast_accum=layer.fast_accum, cache_weight=cache_weight)
 
 
 class _LinearInputs:

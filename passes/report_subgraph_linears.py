@@ -4,7 +4,6 @@ gets a high-precision row saying why, instead of being left out of the report.""
 from __future__ import annotations
 
 import logging
-
 from typing import TYPE_CHECKING
 
 from halo_compile.report import LayerReport
@@ -15,7 +14,7 @@ from .quantize_linears import QuantizeLinears
 
 if TYPE_CHECKING:
     from .analysis import SubgraphSite
-    from .manager import PassContext
+    from .context import PassContext
 
 
 _LOG = logging.getLogger(__name__)

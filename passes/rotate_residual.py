@@ -23,7 +23,8 @@ import logging
 import torch
 import torch.fx as fx
 
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.constants import ADD_OPS, MIN_BLOCK
+from halo_compile.kernels.hadamard import hadamard_block_size
 
 from .find_norms import _linear_writers
 from .folding import (
@@ -47,7 +48,6 @@ from .graph_utils import (
 _LOG = logging.getLogger(__name__)
 
 SEED = 0
-_ADDS = ("add", "iadd", "add_")
 _SCALINGS = ("mul", "truediv", "div", "neg")
 
 
@@ -182,7 +182,7 @@ class _Rotation:
         """`stream + x` stays on the rotated stream: when x is rotated too, when x is written by
         linears that only write here (their output sides are folded), or else x is rotated
         online (a broadcastable tensor of the stream's width)."""
-        if call_target_name(node) not in _ADDS or len(node.args) < 2:
+        if call_target_name(node) not in ADD_OPS or len(node.args) < 2:
             return False
         a, b = node.args[:2]
         if not all(isinstance(x, fx.Node) for x in (a, b)):

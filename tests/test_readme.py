@@ -41,8 +41,8 @@ def test_every_recipe_section_has_a_snippet():
 
 @pytest.mark.parametrize("section", SECTIONS)
 def test_recipe_runs(section, tmp_path, monkeypatch):
-    from torch._dynamo.backends.registry import lookup_backend
     import torch._inductor.compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
                         lambda gm, example_inputs, **kwargs: lookup_backend("aot_eager")(
