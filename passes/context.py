@@ -4,6 +4,7 @@ name it without importing the manager that runs them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -37,9 +38,33 @@ class PassContext:
     # around the compiled call for a Dynamo graph, at the higher-order op's call for a subgraph.
     autocast_at_entry: Callable[[str], Optional[torch.dtype]] = ambient_autocast_dtype
 
+    def replace_node(self, old: fx.Node, new: fx.Node,
+                     keep_use: Callable[[fx.Node], bool] = lambda user: False) -> None:
+        """The one way passes change the graph under the analysis: every use of `old` becomes a
+        use of `new` (but `new`'s own, and those `keep_use` accepts), and every analysis and
+        fusion record that names `old` names `new`, so that no pass keeps records current by
+        hand."""
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: (
+            user is not new and not keep_use(user)))
+        for record in (*self.analysis.records(), *self.fusion.scale_free_norms):
+            _replace_in_record(record, old, new)
+
     def describe(self) -> list[str]:
         """The analysis' lines and the fusion notes, of this graph and of its subgraphs."""
         lines = self.analysis.describe() + self.fusion.notes
         for child in self.subgraphs:
             lines += [line for line in child.describe() if line not in lines]
         return lines
+
+
+def _replace_in_record(record, old: fx.Node, new: fx.Node) -> None:
+    """`old` -> `new` in a record's fields: the node itself, or a member of a set or list."""
+    for name in (f.name for f in dataclasses.fields(record)):
+        value = getattr(record, name)
+        if value is old:
+            setattr(record, name, new)
+        elif isinstance(value, set) and old in value:
+            value.discard(old)
+            value.add(new)
+        elif isinstance(value, list) and any(item is old for item in value):
+            setattr(record, name, [new if item is old else item for item in value])

@@ -128,14 +128,9 @@ def _remove_scale(ctx, norm: NormSite, nodes: set[fx.Node]) -> Optional[fx.Node]
             with ctx.gm.graph.inserting_before(node):
                 replacement = ctx.gm.graph.call_method("to", (other, fake_value(node).dtype))
             replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
+        ctx.replace_node(node, replacement)
         ctx.gm.graph.erase_node(node)
-        for site in ctx.analysis.linears:  # the sites name their input node: keep them current
-            if site.x is node:
-                site.x = replacement
-        nodes.discard(node)
+        nodes.discard(node)  # (the norm's region, not yet a record)
         nodes.add(replacement)
-        if norm.output is node:
-            norm.output = replacement
         return scale
     return None

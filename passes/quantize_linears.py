@@ -41,14 +41,8 @@ class QuantizeLinears:
     name = "quantize_linears"
 
     def run(self, ctx) -> None:
-        replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its halo op
         inputs = _LinearInputs(ctx.gm.graph, ctx.autocast_at_entry)
         for site in ctx.analysis.linears:
-            # A linear that reads another linear's output (x @ A then @ B, Linear -> Linear):
-            # the site still holds the erased node; read the halo op that replaced it.
-            site.x = replaced.get(site.x, site.x)
-            if site.bias is not None:
-                site.bias = replaced.get(site.bias, site.bias)
             layer = ctx.config.for_layer(site.fqn)
             forward = ("none" if site.fqn in ctx.fusion.prerotated else  # rotate="fused"
                        "inner" if site.fqn in ctx.fusion.forward_hadamard else None)
@@ -65,10 +59,8 @@ class QuantizeLinears:
                 continue
             site.x = inputs.as_linear_reads_it(site)
             plans = _plan_matmuls(site, layer)
-            old_node = site.node
             frozen, weight_cache = self._rewrite(ctx, site, layer,
                                                  ctx.config.nonfinite == "raise")
-            replaced[old_node] = site.node
             ctx.layer_reports.append(LayerReport(
                 site.fqn, site.in_features, site.out_features, True, layer.format,
                 "row, emulated" if layer.format in EMULATED_FORMATS else layer.scale,
@@ -140,9 +132,8 @@ class QuantizeLinears:
                         (site.x, weight, site.bias, settings.encoded),
                     )
         new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
+        ctx.replace_node(node, new)  # a linear reading this one's output now reads the halo op
         graph.erase_node(node)
-        site.node = new
         return frozen is not None, weight_cache
 
 

@@ -125,16 +125,8 @@ class _Rotation:
         with self.graph.inserting_after(root):
             rotated_root = self.graph.call_function(rotate, (root, self.signs, self.block))
         # A graph output (returned hidden states) keeps the root itself: it is unrotated already.
-        root.replace_all_uses_with(rotated_root, delete_user_cb=lambda user: (
-            user is not rotated_root and user.op != "output"))
+        self.ctx.replace_node(root, rotated_root, keep_use=lambda user: user.op == "output")
         self.rotated.add(rotated_root)
-        # The records of what read the root now describe readers of the rotated root.
-        for site in self.ctx.analysis.linears:
-            if site.x is root:
-                site.x = rotated_root
-        for norm in self.ctx.fusion.scale_free_norms:
-            if norm.input is root:
-                norm.input = rotated_root
         if root.target is not torch.nn.functional.embedding:
             self.ctx.fusion.notes.append(f"stream root {root.name} is not an embedding lookup: "
                                          "rotated online")
