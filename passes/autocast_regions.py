@@ -6,12 +6,14 @@ quantize pass casts a linear's input where autocast would (the op computes in it
 dtype). Autocast state comes from two places: the state around the compiled call (Dynamo guards
 on it, so a graph only ever runs under the state it was compiled with), and
 `_enter_autocast` / `_exit_autocast` nodes, which Dynamo records for `with torch.autocast(...)`
-blocks inside the compiled code.
+blocks inside the compiled code. A subgraph (a checkpointed region) starts in the state of the
+outer graph at the node that calls it: an autocast block around the region is recorded in the
+outer graph only.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -27,11 +29,14 @@ def ambient_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def autocast_dtypes(graph: fx.Graph, device_type: str) -> dict[fx.Node, Optional[torch.dtype]]:
-    """For each node, the autocast dtype of `device_type` in effect where it runs (None: off)."""
+def autocast_dtypes(graph: fx.Graph, device_type: str,
+                    entry: Callable[[str], Optional[torch.dtype]] = ambient_autocast_dtype,
+                    ) -> dict[fx.Node, Optional[torch.dtype]]:
+    """For each node, the autocast dtype of `device_type` in effect where it runs (None: off).
+    `entry(device_type)`: the dtype in effect where the graph starts."""
     from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
-    stack = [ambient_autocast_dtype(device_type)]
+    stack = [entry(device_type)]
     state = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target is _enter_autocast:

@@ -3,15 +3,18 @@ then over each subgraph of a higher-order op that halo rewrites (a checkpointed 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from halo_compile.config import HaloConfig
 from halo_compile.report import LayerReport
 
 from .analysis import GraphAnalysis
+from .autocast_regions import ambient_autocast_dtype, autocast_dtypes
 from .find_attention import FindAttention
 from .find_linears import FindLinears
 from .find_norms import FindNormsAndResiduals
@@ -35,6 +38,9 @@ class PassContext:
     layer_reports: list[LayerReport] = field(default_factory=list)
     fusion: FusionState = field(default_factory=FusionState)  # rotate="fused": what was folded
     subgraphs: list["PassContext"] = field(default_factory=list)  # of the rewritten subgraphs
+    # device type -> the autocast dtype where this graph starts: the state around the compiled
+    # call, or for a subgraph the outer graph's state at the node that calls it.
+    autocast_at_entry: Callable[[str], Optional[torch.dtype]] = ambient_autocast_dtype
 
     def describe(self) -> list[str]:
         """The analysis' lines and the fusion notes, of this graph and of its subgraphs."""
@@ -56,18 +62,27 @@ class PassManager:
         self.passes = default_passes() if passes is None else list(passes)
 
     def run(self, gm: fx.GraphModule, example_inputs: Sequence, config: HaloConfig,
-            tensors: GraphTensors | None = None) -> PassContext:
+            tensors: GraphTensors | None = None,
+            autocast_at_entry: Callable[[str], Optional[torch.dtype]] = ambient_autocast_dtype,
+            ) -> PassContext:
         ctx = PassContext(gm, example_inputs, config,
-                          tensors if tensors is not None else GraphTensors(gm, example_inputs))
+                          tensors if tensors is not None else GraphTensors(gm, example_inputs),
+                          autocast_at_entry=autocast_at_entry)
         for graph_pass in self.passes:
             graph_pass.run(ctx)
         # A subgraph is a graph of its own, its placeholders resolved through the call: the same
         # passes rewrite it, and its layers join this graph's report.
         for site in ctx.analysis.subgraphs:
             if not site.skip_reason:
-                child = self.run(site.body, (), config, site.tensors)
+                child = self.run(site.body, (), config, site.tensors,
+                                 functools.partial(_autocast_at, ctx, site.node))
                 ctx.subgraphs.append(child)
                 ctx.layer_reports.extend(child.layer_reports)
         gm.graph.lint()
         gm.recompile()
         return ctx
+
+
+def _autocast_at(ctx: PassContext, node: fx.Node, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype of `device_type` in effect at `node` of ctx's graph."""
+    return autocast_dtypes(ctx.gm.graph, device_type, ctx.autocast_at_entry)[node]

@@ -38,7 +38,7 @@ class QuantizeLinears:
 
     def run(self, ctx) -> None:
         replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its halo op
-        inputs = _LinearInputs(ctx.gm.graph)
+        inputs = _LinearInputs(ctx.gm.graph, ctx.autocast_at_entry)
         for site in ctx.analysis.linears:
             # A linear that reads another linear's output (x @ A then @ B, Linear -> Linear):
             # the site still holds the erased node; read the halo op that replaced it.
@@ -151,8 +151,9 @@ class _LinearInputs:
     input itself, whose dtype must be the weight's, as eager requires. One cast per activation
     and dtype, so that linears reading one activation still share its quantization."""
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, autocast_at_entry):
         self.graph = graph
+        self.autocast_at_entry = autocast_at_entry
         self.autocast: dict[str, dict] = {}  # device type -> node -> autocast dtype
         self.casts: dict[tuple, fx.Node] = {}
 
@@ -162,7 +163,7 @@ class _LinearInputs:
             return site.x
         device = site.weight.device.type
         if device not in self.autocast:
-            self.autocast[device] = autocast_dtypes(self.graph, device)
+            self.autocast[device] = autocast_dtypes(self.graph, device, self.autocast_at_entry)
         dtype = self.autocast[device].get(site.node)
         if dtype is not None and x.dtype in AUTOCAST_ELIGIBLE:
             if x.dtype == dtype:
