@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import halo_compile
+from halo_compile import _flags
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -559,13 +560,12 @@ def _stores_of_kernels_computing(code: str, op: str) -> int:
 
 def _silu_gate_stores(monkeypatch, realize: bool):
     """Stores of the SiLU-gate kernels in a compiled SwiGLU MLP's forward and backward, with
-    or without backend._realize_user_kernel_inputs."""
-    import halo_compile.backend as backend
+    or without halo_compile.inductor_patches.realize_user_kernel_inputs."""
     from torch._inductor.lowering import needs_realized_inputs
     from torch._inductor.utils import run_and_get_code
 
     if not realize:
-        monkeypatch.setattr(backend, "_realize_user_kernel_inputs", lambda: None)
+        monkeypatch.setattr(_flags, "realize_user_kernel_inputs", False)
         needs_realized_inputs.discard(torch.ops.higher_order.triton_kernel_wrapper_mutation)
     torch.manual_seed(0)
     mlp = MLP(512, 1024).to("cuda", torch.bfloat16)
