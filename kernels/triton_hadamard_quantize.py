@@ -32,10 +32,10 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from .hadamard import block_hadamard
-from .hadamard_quantize_launch import (  # noqa: F401  (launch_grid & co.: imported from here)
-    TRANSPOSE_CONFIG,
-    INTERPRETER_TRANSPOSE_CONFIG,
+from .hadamard_quantize_launch import (  # noqa: F401  (GPU_CONFIGS, size_hint: imported from here)
     GPU_CONFIGS,
+    INTERPRETER_TRANSPOSE_CONFIG,
+    TRANSPOSE_CONFIG,
     LaunchOverrides,
     aligned,
     compile_options,

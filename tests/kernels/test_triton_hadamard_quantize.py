@@ -204,6 +204,26 @@ def test_interpreter_fp16_and_strided_input():
         assert _compare(q, s, *hadamard_quantize_reference(base[:, ::2], fmt, "row", 0)) == 0
 
 
+def test_kernels_format_constants_are_torchs():
+    """The kernels spell each format's max value and float32(1 / max), as torch computes the
+    reciprocal on CUDA, as literals (Inductor re-emits a kernel without its module's floats)."""
+    import inspect
+
+    from halo_compile.kernels import (
+        triton_columns_quantize,
+        triton_rows_quantize,
+        triton_transpose_quantize,
+    )
+    from halo_compile.kernels.quantize import FORMATS
+
+    for module in (triton_rows_quantize, triton_columns_quantize, triton_transpose_quantize):
+        source = inspect.getsource(module)
+        for fmt in FMTS:
+            max_value = FORMATS[fmt].max_value
+            inverse = (torch.ones((), dtype=torch.float32) / max_value).item()
+            assert repr(float(max_value)) in source and repr(inverse) in source, (module, fmt)
+
+
 def _all_e4m3_test_values():
     """Every finite E4M3 value, the midpoints between neighbours (ties), and the floats just
     beside each midpoint, all positive and negative, in a row whose absmax is 448 (scale 1)."""
