@@ -269,7 +269,8 @@ def python_profile(step, reps: int, top: int = 30) -> str:
 def environment() -> str:
     import triton
 
-    return (f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return (f"device {device}, torch {torch.__version__}, triton "
             f"{triton.__version__}, python {platform.python_version()}, "
             f"{datetime.date.today()}")
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _contenders import NAMES, compile_fn, parse_names
 from _timing import (
     emit,
@@ -43,6 +42,7 @@ from _timing import (
     peak_gib,
     speedup,
 )
+
 from halo_compile import _flags
 
 

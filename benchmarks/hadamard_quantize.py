@@ -25,8 +25,8 @@ import itertools
 
 import torch
 import triton
-
 from _timing import emit, markdown_table
+
 from halo_compile.config import parse_hadamard
 from halo_compile.kernels.triton_hadamard_quantize import (
     MAX_BLOCK,
@@ -179,7 +179,7 @@ def _of_copy(t: dict) -> str:
 def layer_table(args) -> None:
     """Every quantization of one decoder layer's step: its time, against a copy of its input."""
     preset = args.layer if "," not in args.layer else dict(
-        zip(("forward", "grad_input", "grad_weight"), args.layer.split(",")))
+        zip(("forward", "grad_input", "grad_weight"), args.layer.split(","), strict=False))
     calls = layer_quantizations(parse_hadamard(preset), args.tokens)
     rows, totals = [], {}  # totals: the layer and each kind of operand -> sums over its calls
     layer = "all, one layer"

@@ -13,8 +13,8 @@ import argparse
 
 import torch
 import triton
-
 from _timing import emit, markdown_table
+
 from halo_compile.kernels.quantize import quantize
 from halo_compile.kernels.triton_int8_matmul import int8_scaled_mm_triton
 

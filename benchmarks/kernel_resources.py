@@ -61,7 +61,7 @@ class _Recorder:
 def _compile(kernel, args, kwargs):
     names = list(kernel.arg_names)
     signature, constexprs, attrs = {}, {}, {}
-    for i, (name, value) in enumerate(zip(names, args)):
+    for i, (name, value) in enumerate(zip(names, args, strict=False)):
         if isinstance(value, torch.Tensor):
             signature[name] = _POINTER_TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -133,7 +133,7 @@ def report(name: str, x: torch.Tensor, block: int, dim: int, rounding: str,
     _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, rounding,
                             overrides=LaunchOverrides(split=1), **launch)
     rows = []
-    for kernel, grid, args, kwargs in recorder.launches:
+    for kernel, _grid, args, kwargs in recorder.launches:
         warps = kwargs["num_warps"]
         compiled = _compile(kernel, args, dict(kwargs))
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]

@@ -21,10 +21,17 @@ import copy
 
 import torch
 import torch.nn as nn
-
 from _contenders import NAMES, compile_fn, parse_names
-from _timing import (emit, host_ms, interleaved_median_ms, kernel_breakdown, markdown_table,
-                     python_profile, queued_gaps, speedup)
+from _timing import (
+    emit,
+    host_ms,
+    interleaved_median_ms,
+    kernel_breakdown,
+    markdown_table,
+    python_profile,
+    queued_gaps,
+    speedup,
+)
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 

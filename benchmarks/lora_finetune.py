@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _timing import emit, markdown_table, median_ms, peak_gib
 
 import halo_compile  # noqa: F401  (the backend is found by entry point; this gives report())
-from _timing import emit, markdown_table, median_ms, peak_gib
 from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 VARIANTS = {

@@ -14,9 +14,9 @@ import argparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _timing import emit, markdown_table, time_fwd_bwd
 
 import halo_compile  # noqa: F401  (the backend is found by entry point; this gives report())
-from _timing import emit, markdown_table, time_fwd_bwd
 
 
 class LlamaMLP(nn.Module):

@@ -20,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from _timing import emit, markdown_table
 from torch._inductor.utils import run_and_get_code
 
 import halo_compile  # noqa: F401  (registers the ops; the backend is an entry point)
-from _timing import emit, markdown_table
 
 
 def launches(code: str) -> Counter:
@@ -90,7 +90,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"output_code_{'layer_' if args.decoder_layer else ''}{args.hadamard}.py"
     path.write_text("\n\n# ---- next graph ----\n\n".join(codes))
-    rows = [(graph, what, n) for graph, code in zip(("forward", "backward"), codes)
+    rows = [(graph, what, n) for graph, code in zip(("forward", "backward"), codes, strict=False)
             for what, n in sorted(launches(code).items())]
     title = (f"Inductor output for {what}, tokens {args.tokens}, "
              f"{'bf16' if args.hadamard == 'bf16' else options} (code: {path.name})")

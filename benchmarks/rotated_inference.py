@@ -22,9 +22,9 @@ from contextlib import contextmanager
 
 import torch
 import transformers
+from _timing import kernel_breakdown
 
 import halo_compile
-from _timing import kernel_breakdown
 from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 

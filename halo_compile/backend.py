@@ -6,6 +6,7 @@ in Inductor (passes/post_grad.py) and halo's patches of Dynamo and Inductor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 from typing import Any, Mapping, Optional, Union
 
@@ -13,12 +14,14 @@ import torch
 
 from halo_compile import fallbacks, inductor_patches
 from halo_compile.config import HaloConfig, config_from_call
-from halo_compile.distributed import unsharded_parameters
+from halo_compile.fsdp_parameters import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
 from halo_compile.passes.graph_utils import GraphTensors
 from halo_compile.passes.manager import PassManager
 from halo_compile.passes.post_grad import HaloPostGradPasses
-from halo_compile.report import GraphRecord, record_graph
+from halo_compile.report import GraphRecord, record_graph, region_of
+
+_LOG = logging.getLogger(__name__)
 
 # Configured modules and their options. Looked up through their parameters at compile time, and
 # through FSDP2's unsharded parameters: fully_shard replaces a module's parameters by sharded
@@ -81,11 +84,18 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
         config = dataclasses.replace(config, cudagraphs=True)
     # Recorded before the passes run: a compilation that fails (and that suppress_errors turns
     # into eager execution) still leaves its frame's record (halo_compile/fallbacks.py).
-    record = GraphRecord([], [], frame=fallbacks.current_frame(), config=config, finished=False)
+    source = fallbacks.frame_module()  # the layers' names are relative to it
+    record = GraphRecord([], [], frame=fallbacks.current_frame(), config=config, finished=False,
+                         module=weakref.ref(source) if source is not None else None)
     record.add_parameters(tensors.parameters())
     record_graph(record)
-    ctx = PassManager().run(gm, example_inputs, config)
+    region = region_of(source)  # compiled regionally: the graph may serve other blocks too
+    ctx = PassManager().run(gm, example_inputs, config,
+                            name_in_errors=region.name_in_errors if region is not None else None)
     record.layers = ctx.layer_reports
+    _LOG.info("graph compiled: %d linears quantized, %d in high precision",
+              sum(layer.quantized for layer in record.layers),
+              sum(not layer.quantized for layer in record.layers))
     record.structure = ctx.describe()
     record.finished = True
     fallbacks.check_graph_layer_globs(record)

@@ -10,12 +10,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from halo_compile.kernels.emulated_quantized_linear import EMULATED_FORMATS
-from halo_compile.kernels.quantize import FORMATS as _QUANT_FORMATS
-from halo_compile.kernels.quantize import GRANULARITIES, ROUNDINGS
-from halo_compile.kernels.scaled_matmul import ROTATIONS
+from halo_compile.kernels.constants import GRANULARITIES, LINEAR_FORMATS, ROTATIONS, ROUNDINGS
 
-FORMATS = (*_QUANT_FORMATS, *EMULATED_FORMATS, "none")  # 4-bit ones: inference, emulated
+FORMATS = LINEAR_FORMATS  # 4-bit ones (EMULATED_FORMATS): inference, emulated
 NONFINITE_POLICIES = ("raise", "propagate")
 COMPILERS = ("inductor", "aot_eager")
 # Where rotations live. "online": weights untouched, operands rotated on the fly as `hadamard`
@@ -103,7 +100,7 @@ class LayerConfig:
     # between, as frozen weights always are (kernels/weight_cache.py). With gradient
     # accumulation that saves the weight quantizations of all micro-batches but the first, for
     # 2 bytes of memory per weight element. Off by default: a weight written without autograd
-    # seeing it (through `.data`) must then be followed by `WEIGHT_CACHE.forget()`.
+    # seeing it (through `.data`) must then be followed by `halo_compile.forget_cached_weights()`.
     cache_weights: bool = False
 
     def __post_init__(self):

@@ -23,36 +23,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from halo_compile.backend import configured_options
 from halo_compile.config import HaloConfig, LayerConfig
+from halo_compile.fsdp_parameters import unsharded_parameters  # noqa: F401  (public here too)
+from halo_compile.kernels.constants import FORMATS as QUANT_FORMATS
+from halo_compile.kernels.constants import MAX_BLOCK
 from halo_compile.kernels.hadamard import block_hadamard, hadamard_block_size, hadamard_signs
-from halo_compile.kernels.quantize import FORMATS as QUANT_FORMATS
 from halo_compile.kernels.quantize import dequantize, quantize
-from halo_compile.kernels.triton_hadamard_quantize import MAX_BLOCK
-
-
-def _fsdp_params(module: nn.Module) -> Iterator[Any]:
-    """FSDP2's per-parameter records (FSDPParam) of every fully_shard'ed submodule."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return
-    for submodule in module.modules():
-        if not isinstance(submodule, FSDPModule):
-            continue
-        state = submodule._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12: one per mesh
-        if groups is None:
-            group = state._fsdp_param_group
-            groups = [group] if group is not None else []
-        for group in groups:
-            yield from group.fsdp_params
-
-
-def unsharded_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The unsharded parameters FSDP2 has created for `module` (after its first all-gather):
-    the tensors its compiled graphs read. Empty for a module without fully_shard."""
-    return [p._unsharded_param for p in _fsdp_params(module) if hasattr(p, "_unsharded_param")]
-
+from halo_compile.passes.analysis import LinearSite
+from halo_compile.passes.quantize_linears import QuantizeLinears
 
 # FSDP pads and moves its local shard with these ops: their results stay all-gather-quantized
 # weights (the list torchao.float8's WeightWithDynamicFloat8CastTensor keeps, for the same reason).
@@ -165,10 +144,6 @@ def enable_fp8_all_gather(model: nn.Module,
     requires every input at the padded shard size) keeps the ordinary all-gather. Returns the
     names of the linears whose weights are now all-gathered quantized.
     """
-    from halo_compile.backend import configured_options
-    from halo_compile.passes.analysis import LinearSite
-    from halo_compile.passes.quantize_linears import QuantizeLinears
-
     config = HaloConfig.from_options(options) if options is not None else (
         configured_options(model) or HaloConfig())
     world_size = world_size or (dist.get_world_size() if dist.is_initialized() else 1)

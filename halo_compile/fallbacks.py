@@ -49,7 +49,7 @@ from typing import Iterable, Optional
 import torch
 
 from halo_compile.config import HaloConfig
-from halo_compile.report import GraphRecord, graph_records, records_of
+from halo_compile.report import GraphRecord, graph_records
 
 DYNAMO_LOGGER = "torch._dynamo.convert_frame"
 _RECOMPILE_LIMIT_MESSAGE = "torch._dynamo hit config."
@@ -161,8 +161,8 @@ def install_log_filter() -> None:
 
 
 def _eager_frame_event(record: logging.LogRecord):
-    """(frame id, the message's text, reason, reason kind, detail) when `record` says that Dynamo runs
-    a frame eagerly, else None."""
+    """(frame id, the message's text, reason, reason kind, detail) when `record` says that Dynamo
+    runs a frame eagerly, else None."""
     if record.levelno < logging.WARNING:
         return None
     message = record.msg if isinstance(record.msg, str) else ""
@@ -203,10 +203,11 @@ def frame_ran_eagerly(frame_id: int, text: str, reason: str, kind: str, detail: 
             record.fallbacks.append(reason)
     if not any(record.asks_quantization for record in records):
         return
-    layers = sorted({layer.fqn for r in records for layer in r.layers if layer.quantized})
+    layers = sorted({r.name_in_messages(layer.fqn) for r in records for layer in r.layers
+                     if layer.quantized})
     shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
-    message = (f"halo: Dynamo ran {records[0].frame} eagerly: {reason}{detail}. Its linears that halo "
-               f"quantizes ({shown or 'unknown: the compilation did not finish'}) ran in high "
+    message = (f"halo: Dynamo ran {records[0].frame} eagerly: {reason}{detail}. Its linears that "
+               f"halo quantizes ({shown or 'unknown: the compilation did not finish'}) ran in high "
                "precision, unquantized; halo_compile.report(model) marks them. "
                "Options {'on_fallback': 'error'} make this an error.")
     if any(r.config is not None and r.config.on_fallback == "error" for r in records):

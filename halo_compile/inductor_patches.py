@@ -58,8 +58,9 @@ def realize_user_kernel_inputs() -> None:
 
     Upstream: `needs_realized_inputs` in
     https://github.com/pytorch/pytorch/blob/main/torch/_inductor/lowering.py, read by
-    GraphLowering when it lowers a node's users (torch/_inductor/graph.py; torch 2.11-2.13); `triton_kernel_wrapper_mutation`, the node a user kernel's launch
-    becomes, in torch/_higher_order_ops/triton_kernel_wrap.py."""
+    GraphLowering when it lowers a node's users (torch/_inductor/graph.py; torch 2.11-2.13);
+    `triton_kernel_wrapper_mutation`, the node a user kernel's launch becomes, in
+    torch/_higher_order_ops/triton_kernel_wrap.py."""
     from torch._inductor import lowering
 
     needs_realized = getattr(lowering, "needs_realized_inputs", None)

@@ -1,7 +1,12 @@
 """What the backend did to each linear, and where the user gets it: `halo_compile.report(model)`.
 
-Every compiled graph leaves a GraphRecord that holds weak references to the parameters it read;
-`report(model)` collects the records whose parameters belong to `model`.
+Every compiled graph leaves a GraphRecord that holds weak references to the parameters it read
+and to the module it was compiled from (Dynamo's `self`), whose linears it names relative to that
+module; `report(model)` collects the records whose parameters belong to `model` and names their
+linears from the model's root. A block compiled regionally (`compile_in_place`: a `Region` of
+blocks of one class) is compiled once, from the first block called, and every block of its
+region runs that graph: the report lists its linears under each block's name, marked as sharing
+the graph of the block it was compiled from.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from halo_compile.distributed import unsharded_parameters
+from halo_compile.fsdp_parameters import unsharded_parameters
 from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
 
@@ -54,6 +59,8 @@ class LayerReport:
     folded_bytes: int = 0  # size of the folded weight the graph computes from the parameter
     # option cache_weights: "cached" (quantized once per version), "not cached: <why>", or ""
     weight_cache: str = ""
+    # The block whose graph this layer's block runs (regional compilation), "" for its own graph.
+    shared_with: str = ""
     # Why the layer also ran eagerly, in high precision, although its graph quantizes it (Dynamo
     # ran the frame without its compiled graph: halo_compile/fallbacks.py); "" when it did not.
     fallback: str = ""
@@ -65,6 +72,8 @@ class LayerReport:
         grad_weight = "frozen (cached weight)" if self.frozen else str(self.grad_weight)
         forward = self.rotation or str(self.forward)
         note = "weight cached per version" if self.weight_cache == "cached" else self.weight_cache
+        if self.shared_with:
+            note = "; ".join(filter(None, (f"graph shared with {self.shared_with}", note)))
         if self.fallback:
             note = "; ".join(filter(None, (f"RAN EAGERLY, high precision: {self.fallback}",
                                            note)))
@@ -84,6 +93,17 @@ class GraphRecord:
     config: Any = None
     fallbacks: list[str] = field(default_factory=list)
     finished: bool = True  # False while (or if) halo's passes have not run to the end
+    # The module the graph was compiled from (Dynamo's `self`; a weak reference), to which the
+    # layers' names are relative. None for a function, or a frame without `self`.
+    module: Optional["weakref.ref[torch.nn.Module]"] = None
+
+    def compiled_from(self) -> Optional[torch.nn.Module]:
+        return self.module() if self.module is not None else None
+
+    def name_in_messages(self, fqn: str) -> str:
+        """How messages name the record's layer `fqn`: with its region, if any."""
+        region = region_of(self.compiled_from())
+        return region.name_in_errors(fqn) if region is not None else fqn
 
     @property
     def asks_quantization(self) -> bool:
@@ -102,6 +122,48 @@ class GraphRecord:
 
 
 _RECORDS: deque = deque(maxlen=1024)
+
+
+@dataclass(eq=False)
+class Region:
+    """Modules compiled in place one by one that run one compiled code: the blocks of one class
+    in a ModuleList (`model.layers.0`, `model.layers.1`, ...), or a single module outside them.
+    Dynamo compiles the code once, from the first module called, and the others reuse its graph:
+    names baked into that graph (the inf/NaN errors') are relative to the module and say so."""
+
+    pattern: str  # "model.layers.*" for blocks; the module's name for a single module
+    modules: "list[weakref.ref[torch.nn.Module]]" = field(default_factory=list)
+
+    @property
+    def shared(self) -> bool:
+        return len(self.modules) > 1
+
+    def live_modules(self) -> "list[torch.nn.Module]":
+        return [module for ref in self.modules if (module := ref()) is not None]
+
+    def name_in_errors(self, fqn: str) -> str:
+        if self.shared:
+            return f"{fqn or '(the block)'} in a block compiled once for all {self.pattern}"
+        return self.pattern if fqn == "weight" else _join_name(self.pattern, fqn)
+
+
+# Each module compiled regionally -> its region (halo_compile/integrations.py registers them).
+_REGIONS: "weakref.WeakKeyDictionary[torch.nn.Module, Region]" = weakref.WeakKeyDictionary()
+
+
+def register_region(pattern: str, modules: "list[torch.nn.Module]") -> Region:
+    region = Region(pattern, [weakref.ref(module) for module in modules])
+    for module in modules:
+        _REGIONS[module] = region
+    return region
+
+
+def region_of(module: Optional[torch.nn.Module]) -> Optional[Region]:
+    return _REGIONS.get(module) if module is not None else None
+
+
+def _join_name(prefix: str, fqn: str) -> str:
+    return ".".join(filter(None, (prefix, fqn)))
 
 
 def record_graph(record: GraphRecord) -> None:
@@ -152,7 +214,8 @@ class HaloReport:
         header = ["layer", "in->out", "format", "forward", "grad-input", "grad-weight", "reason"]
         rows = [header] + [layer.row() for layer in self.layers]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+                 for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         summary = (f"halo: {len(self.quantized)} of {len(self.layers)} linears quantized; "
                    f"{len(self.high_precision)} left in high precision")
@@ -187,19 +250,21 @@ def report(model: torch.nn.Module) -> HaloReport:
     from halo_compile import fallbacks
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module
+    module_names = {id(module): name for name, module in model.named_modules()}
     by_fqn: dict[str, LayerReport] = {}
     eager: dict[str, list[str]] = {}  # fqn -> why it ran eagerly, from every record
     eager_frames: list[str] = []
     structure: list[str] = []
     records = records_of(model)
     for record in records:
-        by_fqn.update((layer.fqn, layer) for layer in record.layers)
+        rows = _rows_in_model(record, model, module_names)
+        by_fqn.update((layer.fqn, layer) for layer in rows)
         structure.extend(line for line in record.structure if line not in structure)
         for reason in record.fallbacks:
             line = f"{record.frame}: {reason}"
             if line not in eager_frames:
                 eager_frames.append(line)
-            for layer in record.layers:
+            for layer in rows:  # every block running the frame's code
                 if layer.quantized and reason not in eager.setdefault(layer.fqn, []):
                     eager[layer.fqn].append(reason)
     for fqn, reasons in eager.items():
@@ -210,3 +275,39 @@ def report(model: torch.nn.Module) -> HaloReport:
                     key=lambda layer: (order.get(layer.fqn, len(order)), layer.fqn))
     unmatched = fallbacks.check_layer_globs_of_records(model, records)
     return HaloReport(layers, structure, eager_frames, unmatched)
+
+
+def _rows_in_model(record: GraphRecord, model: torch.nn.Module,
+                   module_names: "dict[int, str]") -> "list[LayerReport]":
+    """The record's layers under their names in `model`, for each module of `model` that runs
+    the record's graph: the module it was compiled from and, when that module was compiled
+    regionally, every other module of its region (marked as sharing the first one's graph).
+    Names stay as recorded where the module is unknown or not in `model`."""
+    source = record.compiled_from()
+    if source is None or id(source) not in module_names:
+        return list(record.layers)
+    region = region_of(source)
+    runners = region.live_modules() if region is not None else [source]
+    rows = []
+    for module in runners:
+        if id(module) not in module_names:
+            continue
+        prefix = module_names[id(module)]
+        shared_with = "" if module is source else module_names[id(source)]
+        rows.extend(dataclasses.replace(layer, fqn=_layer_name(model, prefix, layer.fqn),
+                                        shared_with=shared_with)
+                    for layer in record.layers)
+    return rows
+
+
+def _layer_name(model: torch.nn.Module, prefix: str, fqn: str) -> str:
+    """`fqn`, relative to the module named `prefix`, from the model's root. A linear that is
+    the compiled module itself (an `nn.Linear` compiled on its own) is named after its weight,
+    "weight", in the graph: it takes the module's name."""
+    name = _join_name(prefix, fqn)
+    if prefix and fqn == "weight":
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            return prefix
+    return name

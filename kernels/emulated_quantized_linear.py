@@ -15,11 +15,10 @@ from typing import Optional
 
 import torch
 
+from .constants import EMULATED_FORMATS, MIN_AMAX
 from .hadamard import block_hadamard, hadamard_block_size
 from .quantize import HOST_SIDE_TAGS, absmax, check_finite
-
-EMULATED_FORMATS = {"int4": (4, 4), "w4a8": (4, 8)}  # format -> (weight bits, activation bits)
-_MIN_AMAX = 1e-12
+from .settings import LinearSettings
 
 
 def fake_quantize_rows(t: torch.Tensor, bits: int, check: bool, where: str) -> torch.Tensor:
@@ -29,23 +28,27 @@ def fake_quantize_rows(t: torch.Tensor, bits: int, check: bool, where: str) -> t
     if check:
         check_finite(amax, where)
     levels = 2 ** (bits - 1) - 1
-    scale = amax.clamp_min(_MIN_AMAX).to(t.dtype if t.dtype == torch.float64 else torch.float32)
+    scale = amax.clamp_min(MIN_AMAX).to(t.dtype if t.dtype == torch.float64 else torch.float32)
     scale = scale / levels
     return torch.round(t / scale).clamp(-levels, levels) * scale
 
 
-def emulated_quantized_linear_reference(x, weight, bias, fmt, forward_rotation, max_block,
-                                        check_finite_inputs=True, name="linear"):
+def emulated_quantized_linear_reference(x, weight, bias, settings: LinearSettings):
     """y = Q_a(x H) Q_w(W H)ᵀ + bias, H a block Hadamard along in-features when
-    `forward_rotation` is "inner" (else none)."""
-    weight_bits, act_bits = EMULATED_FORMATS[fmt]
+    `settings.forward_rotation` is "inner" (else none), the 4-bit format `settings.format`."""
+    if settings.format not in EMULATED_FORMATS:
+        raise ValueError(f"halo::emulated_quantized_linear ({settings.name}) takes the formats "
+                         f"{tuple(EMULATED_FORMATS)}, got {settings.format!r}")
+    weight_bits, act_bits = EMULATED_FORMATS[settings.format]
+    check, name, max_block = settings.check_finite, settings.name, settings.max_block
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x2d, w = x.reshape(-1, x.shape[-1]).to(compute_dtype), weight.to(compute_dtype)
-    block = hadamard_block_size(w.shape[1], max_block) if forward_rotation == "inner" else 0
+    inner = settings.forward_rotation == "inner"
+    block = hadamard_block_size(w.shape[1], max_block) if inner else 0
     if block:
         x2d, w = block_hadamard(x2d, block, dim=1), block_hadamard(w, block, dim=1)
-    y = (fake_quantize_rows(x2d, act_bits, check_finite_inputs, f"{name} forward (activation)")
-         @ fake_quantize_rows(w, weight_bits, check_finite_inputs, f"{name} forward (weight)").t())
+    y = (fake_quantize_rows(x2d, act_bits, check, f"{name} forward (activation)")
+         @ fake_quantize_rows(w, weight_bits, check, f"{name} forward (weight)").t())
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -53,22 +56,16 @@ def emulated_quantized_linear_reference(x, weight, bias, fmt, forward_rotation, 
 
 @torch.library.custom_op("halo::emulated_quantized_linear", mutates_args=(),
                          tags=HOST_SIDE_TAGS)
-def emulated_quantized_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    fmt: str,
-    forward_rotation: str,
-    max_block: int,
-    check_finite: bool,
-    name: str,
-) -> torch.Tensor:
-    return emulated_quantized_linear_reference(x, weight, bias, fmt, forward_rotation, max_block,
-                                               check_finite, name)
+def emulated_quantized_linear(x: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], settings: str) -> torch.Tensor:
+    """The reference above; `settings`: the encoded LinearSettings (their format, forward
+    rotation, block limit, check and name; the gradients are high-precision)."""
+    return emulated_quantized_linear_reference(x, weight, bias, LinearSettings.decode(settings))
 
 
 @emulated_quantized_linear.register_fake
-def _(x, weight, bias, fmt, forward_rotation, max_block, check_finite, name):
+def _(x, weight, bias, settings):
+    name = LinearSettings.decode(settings).name
     torch._check(x.shape[-1] == weight.shape[1], lambda: f"{name}: x and weight do not match")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -90,7 +87,7 @@ def _backward(ctx, grad_out):
     grad_b = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         grad_b = dy.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None
 
 
 emulated_quantized_linear.register_autograd(_backward, setup_context=_setup_context)

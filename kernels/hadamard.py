@@ -15,9 +15,7 @@ import math
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-MIN_BLOCK = 16
-"""Smaller blocks spread an outlier over too few elements to help; below this we do not rotate."""
-
+from .constants import MIN_BLOCK  # smaller blocks spread an outlier over too few values
 
 MAX_TOKEN_BLOCK = 256
 """The largest block along the tokens: the fused kernels' largest, for any token count."""

@@ -39,6 +39,7 @@ from .frozen_linear import (
 from .hadamard import sylvester_signs
 from .quantized_linear import linear_forward, quantized_linear
 from .scaled_matmul import cuda_gemm, fused_block, fused_scaled_matmul, gemm_with, scaled_matmul
+from .settings import LinearSettings, MatmulSettings, WeightSource
 from .shared_operands import DY_TRANSPOSE, cached, shared, shared_view
 from .triton_hadamard_quantize import (  # noqa: F401  (registers the ops)
     hadamard_quantize,
@@ -73,50 +74,41 @@ def fused_device(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
-def decompose_scaled_matmul(a, b, fmt, rotation, max_block, granularity, rounding_a,
-                            rounding_b, check_finite_inputs, where, fast_accum=False):
+def decompose_scaled_matmul(a, b, settings):
     if not fused_device(a):
         return NotImplemented
-    block = fused_block(a, b, fmt, rotation, max_block)
+    settings = MatmulSettings.decode(settings)
+    block = fused_block(a, b, settings)
     if block is None:
         return NotImplemented
-    return fused_scaled_matmul(gemm_with(cuda_gemm, fast_accum), a, b, fmt, rotation, block,
-                               granularity, check_finite_inputs, where, rounding_a, rounding_b,
+    return fused_scaled_matmul(gemm_with(cuda_gemm, settings.fast_accum), a, b, settings, block,
                                **TRACEABLE_KERNELS)
 
 
-def decompose_quantized_linear(x, weight, bias, fmt, granularity, forward_rotation,
-                               grad_input_rotation, grad_weight_rotation, max_block,
-                               grad_rounding, check_finite, name, fast_accum, cache_weight=False):
+def decompose_quantized_linear(x, weight, bias, settings):
     # Only the forward: the registered autograd formula still runs above this (it is what emits
     # the backward's two halo::scaled_matmul calls, decomposed in turn).
     if not fused_device(x):
         return NotImplemented
-    return linear_forward(x, weight, bias, fmt, granularity, forward_rotation, max_block,
-                          check_finite, name, fast_accum, cache_weight)
+    return linear_forward(x, weight, bias, LinearSettings.decode(settings))
 
 
-def decompose_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt, rotation,
-                                   max_block, granularity, rounding_a, check_finite_inputs,
-                                   where, fast_accum=False):
+def decompose_frozen_weight_matmul(a, weight, fold_inputs, source, settings):
     if not fused_device(a):
         return NotImplemented
-    block = fused_block(a, weight, fmt, rotation, max_block)
+    settings = MatmulSettings.decode(settings)
+    block = fused_block(a, weight, settings)
     if block is None:
         return NotImplemented
-    return fused_frozen_weight_matmul(a, weight, fold, fold_inputs, transpose_weight, fmt,
-                                      rotation, block, granularity, check_finite_inputs, where,
-                                      fast_accum, rounding_a, **TRACEABLE_KERNELS)
+    return fused_frozen_weight_matmul(a, weight, fold_inputs, WeightSource.decode(source),
+                                      settings, block, **TRACEABLE_KERNELS)
 
 
-def decompose_frozen_linear(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
-                            granularity, forward_rotation, grad_input_rotation, max_block,
-                            grad_rounding, check_finite, name, fast_accum):
+def decompose_frozen_linear(x, weight, fold_inputs, bias, source, settings):
     if not fused_device(x):
         return NotImplemented
-    return frozen_linear_forward(x, weight, fold, fold_inputs, bias, weight_transposed, fmt,
-                                 granularity, forward_rotation, max_block, check_finite, name,
-                                 fast_accum)
+    return frozen_linear_forward(x, weight, fold_inputs, bias, WeightSource.decode(source),
+                                 LinearSettings.decode(settings))
 
 
 DECOMPOSITIONS = {

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    dtype: torch.dtype
-    max_value: float  # the largest finite magnitude; absmax is scaled onto it
-
-
-FORMATS = {
-    "fp8_e4m3": Format("fp8_e4m3", torch.float8_e4m3fn, 448.0),
-    # Symmetric INT8: -128 is left out so that negation never overflows.
-    "int8": Format("int8", torch.int8, 127.0),
-}
-
-GRANULARITIES = ("tensor", "row")
-ROUNDINGS = ("nearest", "stochastic")
+from .constants import FORMATS, MIN_AMAX
 
 # The tags of ops that do host-side work on every call (queueing deferred inf/NaN checks, reading
 # the weight cache): a CUDA graph replay would skip that work, so Inductor must run them outside
 # its graphs (HaloConfig.cudagraphs). Empty on a torch without the tag.
 HOST_SIDE_TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
-
-_MIN_AMAX = 1e-12
-"""Floor on absmax so that a scale is never zero (an all-zero row quantizes to zeros)."""
 
 _E4M3_DROPPED_MANTISSA_BITS = 23 - 3  # float32 mantissa bits that E4M3 does not keep
 
@@ -131,7 +112,7 @@ class _DeferredChecks:
             self.flush()  # one buffer per device
         if copy:  # [n, 1] parts of one column: flush concatenates them as they are
             parts = torch.cat([_column(t) for _, t in named]).split([t.numel() for _, t in named])
-            named = [(name, part) for (name, _), part in zip(named, parts)]
+            named = [(name, part) for (name, _), part in zip(named, parts, strict=False)]
         self._collected.extend(named)
         self._submissions += 1
         if self._submissions >= self.flush_every:
@@ -181,7 +162,7 @@ def quantize(
     spec = FORMATS[fmt]
     if amax is None:
         amax = absmax(x, granularity)
-    scale = amax.clamp_min(_MIN_AMAX) / spec.max_value
+    scale = amax.clamp_min(MIN_AMAX) / spec.max_value
     scaled = x.float() / scale
     if spec.dtype == torch.int8:
         if rounding == "stochastic":

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .constants import MAX_BLOCK
 from .hadamard import block_hadamard, hadamard_block_size, hadamard_signs, pad_rows, token_block
 from .quantize import (
     HOST_SIDE_TAGS,
@@ -47,12 +48,10 @@ from .quantize import (
     operand_name,
     quantize,
 )
+from .settings import MatmulSettings
 from .shared_operands import shared_view
-from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
+from .triton_hadamard_quantize import hadamard_quantize_triton
 from .triton_int8_matmul import int8_scaled_mm  # noqa: F401  (registers halo::int8_scaled_mm)
-
-ROTATIONS = ("none", "inner", "outer")
-FORMATS = ("fp8_e4m3", "int8", "none")
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -94,12 +93,13 @@ def quantized_operand(x, fmt, granularity, block, rounding, check, where):
     return quantize(x, fmt, granularity, rounding, amax)
 
 
-def product_with_quantized_right(gemm, left: LeftOperand, right, fmt, granularity, rounding_a,
-                                 out_dtype, check, where):
+def product_with_quantized_right(gemm, left: LeftOperand, right, settings: MatmulSettings,
+                                 out_dtype):
     """The rotated left operand times the right operand `right` = quantized_operand(...):
     quantize the left one, run `gemm`, undo an "outer" rotation on the output."""
-    qa, sa = quantized_operand(left.rotated, fmt, granularity, 0, rounding_a, check,
-                               operand_name(where, "left"))
+    fmt = settings.format
+    qa, sa = quantized_operand(left.rotated, fmt, settings.granularity, 0, settings.rounding_a,
+                               settings.check_finite, operand_name(settings.where, "left"))
     out = qa @ right[0].t() if fmt == "none" else gemm(qa, sa, *right, fmt, out_dtype)
     if left.outer_block:
         out = block_hadamard(out, left.outer_block, dim=0)[:left.rows]  # padding dropped
@@ -125,15 +125,14 @@ def empty_product(a, n):
     return a.new_zeros((a.shape[0], n))
 
 
-def _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b,
-                   check_finite_inputs, where):
+def _scaled_matmul(gemm, a, b, settings: MatmulSettings):
     if has_no_elements(a, b):
         return empty_product(a, b.shape[0])
-    left = rotated_left_operand(a, rotation, max_block)
-    right = quantized_operand(b, fmt, granularity, left.inner_block, rounding_b,
-                              check_finite_inputs, operand_name(where, "right"))
-    return product_with_quantized_right(gemm, left, right, fmt, granularity, rounding_a,
-                                        a.dtype, check_finite_inputs, where)
+    left = rotated_left_operand(a, settings.rotation, settings.max_block)
+    right = quantized_operand(b, settings.format, settings.granularity, left.inner_block,
+                              settings.rounding_b, settings.check_finite,
+                              operand_name(settings.where, "right"))
+    return product_with_quantized_right(gemm, left, right, settings, a.dtype)
 
 
 def reference_gemm(qa, sa, qb, sb, fmt, out_dtype):
@@ -186,42 +185,30 @@ def _pad_rows_cols(t, row_multiple, col_multiple):
     return t.contiguous()
 
 
-def scaled_matmul_reference(a, b, fmt="fp8_e4m3", rotation="none", max_block=0,
-                            granularity="row", rounding_a="nearest", rounding_b="nearest",
-                            check_finite_inputs=True, where="scaled_matmul"):
-    """Plain-torch reference of halo::scaled_matmul (runs on any device)."""
-    return _scaled_matmul(reference_gemm, a, b, fmt, rotation, max_block, granularity,
-                          rounding_a, rounding_b, check_finite_inputs, where)
+_DEFAULT_SETTINGS = MatmulSettings()
+
+
+def scaled_matmul_reference(a, b, settings: MatmulSettings = _DEFAULT_SETTINGS):
+    """Plain-torch reference of halo::scaled_matmul (runs on any device; it accumulates in
+    float32 whatever `settings.fast_accum` says)."""
+    return _scaled_matmul(reference_gemm, a, b, settings)
 
 
 @torch.library.custom_op("halo::scaled_matmul", mutates_args=(),
                          tags=HOST_SIDE_TAGS)
-def scaled_matmul(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    fmt: str,
-    rotation: str,
-    max_block: int,
-    granularity: str,
-    rounding_a: str,
-    rounding_b: str,
-    check_finite_inputs: bool,
-    where: str,
-    fast_accum: bool = False,
-) -> torch.Tensor:
-    """A [M, K] @ B [N, K]ᵀ -> [M, N] in A's dtype, quantized as the arguments say;
-    `fast_accum`: the GPU's FP8 GEMM accumulates in the tensor cores' fast mode."""
-    del fast_accum  # the reference accumulates in float32
-    return scaled_matmul_reference(a, b, fmt, rotation, max_block, granularity, rounding_a,
-                                   rounding_b, check_finite_inputs, where)
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, settings: str) -> torch.Tensor:
+    """A [M, K] @ B [N, K]ᵀ -> [M, N] in A's dtype, quantized as `settings` (the encoded
+    MatmulSettings) says."""
+    return scaled_matmul_reference(a, b, MatmulSettings.decode(settings))
 
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def fused_block(a, b, fmt, rotation, max_block):
+def fused_block(a, b, settings: MatmulSettings):
     """The Hadamard block the fused CUDA path would use, or None where it does not apply."""
-    if fmt == "none":
+    rotation, max_block = settings.rotation, settings.max_block
+    if settings.format == "none":
         return None
     if a.dtype not in _FUSED_DTYPES or b.dtype not in _FUSED_DTYPES:
         return None
@@ -256,7 +243,7 @@ def report_nonfinite(token, scales, wheres, copy=False) -> None:
     mutation makes the op a side effect that no dead-code elimination removes. `copy`: the
     scales are CUDA graph outputs, overwritten by the next replay (see check_all_finite)."""
     del token
-    check_all_finite(list(zip(wheres, scales)), copy)
+    check_all_finite(list(zip(wheres, scales, strict=False)), copy)
 
 
 # Registered through torch.library.Library rather than custom_op: a compiled graph calls it on
@@ -274,15 +261,15 @@ def _(token, scales, wheres, copy=False):
     return None
 
 
-def scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where):
+def scale_for_gemm(sa, sb, sa_factor, settings: MatmulSettings):
     """`sa * sa_factor`, the left operand's GEMM scales; with the check on, through
     `halo::checked_scale` (the scales are inf/NaN exactly where their operand is)."""
-    if check_finite_inputs:
-        return torch.ops.halo.checked_scale(sa, sb, sa_factor, where)
+    if settings.check_finite:
+        return torch.ops.halo.checked_scale(sa, sb, sa_factor, settings.where)
     return sa * sa_factor if sa_factor != 1.0 else sa
 
 
-def fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a="nearest",
+def fused_product(a, right_gemm, settings: MatmulSettings, block,
                   quantize_operand=hadamard_quantize_triton, signs=hadamard_signs):
     """The fused path: A rotated and quantized by one Triton kernel launch, then
     `right_gemm(qa, sa, sa_factor, b_block)`, which brings the right operand (rotated along K by
@@ -291,10 +278,11 @@ def fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a="
     run it with `reference_gemm`), or `torch.ops.halo.hadamard_quantize` when Inductor traces it
     (inductor_decompositions.py), which also passes the traceable `sylvester_signs`."""
     out_dtype, rows = a.dtype, a.shape[0]
-    outer = rotation == "outer" and block
+    outer = settings.rotation == "outer" and block
     # "outer": the tokens zero-padded to a multiple of the block (hadamard.token_block)
     padded = padded_rows(a, block) if outer else a
-    qa, sa = quantize_operand(padded, fmt, granularity, block, 0 if outer else 1, rounding_a)
+    qa, sa = quantize_operand(padded, settings.format, settings.granularity, block,
+                              0 if outer else 1, settings.rounding_a)
     # "outer": H's normalisation folded into A's scales, applied in the GEMM epilogue.
     out = right_gemm(qa, sa, 1.0 / math.sqrt(block) if outer else 1.0, 0 if outer else block)
     if outer:
@@ -322,37 +310,34 @@ def unrotate_rows(out, block, signs=hadamard_signs):
                         out.reshape(-1, block, out.shape[1])).reshape(out.shape)
 
 
-def fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity, check_finite_inputs,
-                        where, rounding_a="nearest", rounding_b="nearest",
+def fused_scaled_matmul(gemm, a, b, settings: MatmulSettings, block,
                         quantize_operand=hadamard_quantize_triton, signs=hadamard_signs):
     """`fused_product` with B rotated and quantized by the same kernel."""
     if has_no_elements(a, b):
         return empty_product(a, b.shape[0])
 
     def right_gemm(qa, sa, sa_factor, b_block):
-        qb, sb = quantize_operand(b, fmt, granularity, b_block, 1, rounding_b)
-        sa = scale_for_gemm(sa, sb, sa_factor, check_finite_inputs, where)
-        return gemm(qa, sa, qb, sb, fmt, a.dtype)
+        qb, sb = quantize_operand(b, settings.format, settings.granularity, b_block, 1,
+                                  settings.rounding_b)
+        sa = scale_for_gemm(sa, sb, sa_factor, settings)
+        return gemm(qa, sa, qb, sb, settings.format, a.dtype)
 
-    return fused_product(a, right_gemm, fmt, rotation, block, granularity, rounding_a,
-                         quantize_operand, signs)
+    return fused_product(a, right_gemm, settings, block, quantize_operand, signs)
 
 
 @scaled_matmul.register_kernel("cuda")
-def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
-      where, fast_accum=False):
-    gemm = gemm_with(cuda_gemm, fast_accum)
-    block = fused_block(a, b, fmt, rotation, max_block)
+def _(a, b, settings):
+    settings = MatmulSettings.decode(settings)
+    gemm = gemm_with(cuda_gemm, settings.fast_accum)
+    block = fused_block(a, b, settings)
     if block is not None:
-        return fused_scaled_matmul(gemm, a, b, fmt, rotation, block, granularity,
-                                   check_finite_inputs, where, rounding_a, rounding_b)
-    return _scaled_matmul(gemm, a, b, fmt, rotation, max_block, granularity, rounding_a,
-                          rounding_b, check_finite_inputs, where)
+        return fused_scaled_matmul(gemm, a, b, settings, block)
+    return _scaled_matmul(gemm, a, b, settings)
 
 
 @scaled_matmul.register_fake
-def _(a, b, fmt, rotation, max_block, granularity, rounding_a, rounding_b, check_finite_inputs,
-      where, fast_accum=False):
+def _(a, b, settings):
+    MatmulSettings.decode(settings)  # an invalid bundle fails when traced, as when run
     torch._check(a.dim() == 2 and b.dim() == 2, lambda: "scaled_matmul takes 2-D operands")
     torch._check(a.shape[1] == b.shape[1], lambda: "scaled_matmul: inner dimensions differ")
     return a.new_empty((a.shape[0], b.shape[0]))

@@ -31,6 +31,8 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from .constants import FORMATS, MAX_BLOCK, ROUNDINGS
+from .constants import MIN_AMAX as _MIN_AMAX
 from .hadamard import block_hadamard
 from .hadamard_quantize_launch import (  # noqa: F401  (GPU_CONFIGS, size_hint: imported from here)
     GPU_CONFIGS,
@@ -45,14 +47,12 @@ from .hadamard_quantize_launch import (  # noqa: F401  (GPU_CONFIGS, size_hint: 
     size_hint,
     wanted_programs,
 )
-from .quantize import FORMATS, ROUNDINGS, _MIN_AMAX, quantize
+from .quantize import quantize
 from .triton_columns_quantize import _hadamard_quantize_columns_kernel
 from .triton_interpreter import interpreted
 from .triton_quantize_helpers import ABSMAX, ONE_LAUNCH, QUANTIZE, QUANTIZE_WITH_SCALE
 from .triton_rows_quantize import _hadamard_quantize_rows_kernel
 from .triton_transpose_quantize import _transpose_quantize_kernel
-
-MAX_BLOCK = 256
 
 _KERNELS = (_hadamard_quantize_rows_kernel, _hadamard_quantize_columns_kernel,
             _transpose_quantize_kernel)
@@ -119,12 +119,15 @@ def _launch_seeds(x, rounding):
     return x
 
 
+_NO_OVERRIDES = LaunchOverrides()
+
+
 def _rotation_constexprs(block):
     return {"HB": block, "INV_SQRT": 1.0 / math.sqrt(block) if block else 1.0}
 
 
 def _hadamard_quantize_impl(launchable, x, fmt, granularity, block, dim=1, rounding="nearest",
-                            *, dual=False, interpret=False, overrides=LaunchOverrides()):
+                            *, dual=False, interpret=False, overrides=_NO_OVERRIDES):
     """`launchable(kernel_fn)`: what launches a kernel function here (its @triton.jit
     compilation, wrapped for a triton_op, or interpreted)."""
     _check_args(x, fmt, granularity, block, dim, rounding)

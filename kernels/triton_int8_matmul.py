@@ -102,7 +102,8 @@ def _check_args(qa, sa, qb, sb, out_dtype):
     for s, rows, name in ((sa, qa.shape[0], "sa"), (sb, qb.shape[0], "sb")):
         torch._check(s.dtype == torch.float32 and s.dim() == 2 and s.shape[1] == 1
                      and s.shape[0] in (1, rows),
-                     lambda: f"int8_scaled_mm: {name} must be float32 [rows, 1] or [1, 1]")
+                     lambda name=name: f"int8_scaled_mm: {name} must be float32 [rows, 1] or "
+                                       "[1, 1]")
 
 
 def _int8_scaled_mm_impl(kernel, qa, sa, qb, sb, out_dtype, config, interpret=False,

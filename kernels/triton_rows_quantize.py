@@ -4,7 +4,7 @@ strided view read in place (a transpose: grad-weight's dYᵀ and Xᵀ, grad-inpu
 For M lines of K values x[m, k] (at x + m * stride_xm + k * stride_xk), rotated along K by
 blocks of HB (0: not rotated), with per-line absmax a_m = max_k |y[m, k]|:
 
-    y = x (I (x) H_HB) / sqrt(HB),    scale_m = max(a_m, 1e-12) / MAX,    q[m, k] = RN(y[m, k] / scale_m)
+    y = x (I (x) H_HB) / sqrt(HB),   scale_m = max(a_m, 1e-12) / MAX,   q = RN(y[m, k] / scale_m)
 
 into q [M, K] contiguous (int8, or float8 E4M3 saturating; or stochastically rounded), and the
 scales [M] float32; granularity "tensor" takes one scale, the max over all lines.

@@ -37,9 +37,11 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 
 import torch
 
+from .constants import MAX_BLOCK
 from .quantize import check_finite
 from .scaled_matmul import fused_block, quantized_operand
-from .triton_hadamard_quantize import MAX_BLOCK, hadamard_quantize_triton
+from .settings import MatmulSettings
+from .triton_hadamard_quantize import hadamard_quantize_triton
 
 
 def quantize_weight_reference(weight: torch.Tensor, fmt: str, granularity: str, block: int,
@@ -65,7 +67,7 @@ def quantize_weight(weight: torch.Tensor, fmt: str, granularity: str, block: int
     b = (weight.t() if transpose else weight).to(dtype or weight.dtype)
     where = f"{where} (cached weight)"
     # (fused_block: the kernel takes this format and dtype; rotation "none", `block` given)
-    kernel = fused_block(b, b, fmt, "none", 0) is not None
+    kernel = fused_block(b, b, MatmulSettings(fmt)) is not None
     if not (b.is_cuda and kernel and block <= MAX_BLOCK):
         q, scale = quantized_operand(b, fmt, granularity, block, "nearest", check, where)
         # Row-major, as the kernel writes it and `halo::cached_quantized_weight`'s fake says:
@@ -110,7 +112,7 @@ class _Entry:
 
     def valid_for(self, weight: torch.Tensor, others: tuple) -> bool:
         return (self.weight() is weight and len(others) == len(self.others)
-                and all(ref() is t for ref, t in zip(self.others, others))
+                and all(ref() is t for ref, t in zip(self.others, others, strict=False))
                 and self.state == tuple(_state(t) for t in (weight, *others)))
 
 

@@ -10,7 +10,8 @@ if __name__ != "halo_compile.passes":
     _sys.modules[__name__] = _bare_import(__name__, "halo_compile.passes", __file__)
 else:
     from .analysis import AttentionSite, GraphAnalysis, LinearSite, NormSite, ResidualAdd
-    from .manager import PassContext, PassManager, default_passes
+    from .context import PassContext
+    from .manager import PassManager, default_passes
 
     __all__ = [
         "AttentionSite",

@@ -87,6 +87,11 @@ class GraphAnalysis:
     residual_adds: list[ResidualAdd] = field(default_factory=list)
     subgraphs: list[SubgraphSite] = field(default_factory=list)
 
+    def records(self):
+        """Every record the analysis holds."""
+        return (*self.linears, *self.attention, *self.norms, *self.residual_adds,
+                *self.subgraphs)
+
     def linear_by_node(self) -> dict[fx.Node, LinearSite]:
         return {site.node: site for site in self.linears}
 

@@ -27,11 +27,15 @@ def ambient_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
-def autocast_dtypes(graph: fx.Graph, device_type: str) -> dict[fx.Node, Optional[torch.dtype]]:
-    """For each node, the autocast dtype of `device_type` in effect where it runs (None: off)."""
+def autocast_dtypes(graph: fx.Graph, device_type: str,
+                    at_entry: Optional[torch.dtype]) -> dict[fx.Node, Optional[torch.dtype]]:
+    """For each node, the autocast dtype of `device_type` in effect where it runs (None: off),
+    given the one in effect where the graph is entered: the ambient one for a Dynamo graph, the
+    one at the call of a higher-order op for its subgraph (a checkpointed region inside a
+    `with torch.autocast(...)` of the model's forward, as accelerate wraps it)."""
     from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
-    stack = [ambient_autocast_dtype(device_type)]
+    stack = [at_entry]
     state = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target is _enter_autocast:

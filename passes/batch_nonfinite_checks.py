@@ -22,11 +22,15 @@ instead of at each matmul, which is no later than before for the deferred CUDA v
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
 
 from halo_compile.kernels import scaled_matmul  # noqa: F401  (registers the ops)
 from halo_compile.kernels.quantize import operand_name
+
+_LOG = logging.getLogger(__name__)
 
 CHECK = torch.ops.halo.checked_scale.default
 REPORT = torch.ops.halo.report_nonfinite.default
@@ -62,4 +66,5 @@ def batch_nonfinite_checks(graph: fx.Graph, copy_scales: bool = False) -> int:
         report = graph.call_function(REPORT, (token, list(named), list(named.values()),
                                               copy_scales))
         report.meta["val"] = None
+    _LOG.debug("%d inf/NaN checks batched into one report", len(checks))
     return len(checks)

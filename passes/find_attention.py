@@ -13,6 +13,7 @@ to the first linear that reads it: o_proj.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
@@ -31,9 +32,11 @@ from .graph_utils import (
     strip_passthroughs,
 )
 
+_LOG = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    from .context import PassContext
     from .graph_utils import GraphTensors
-    from .manager import PassContext
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention  # the same object as torch._C._nn's
 _MATMULS = ("matmul", "bmm", "baddbmm")
@@ -70,6 +73,7 @@ class FindAttention:
             readers = linears_reading(core.node, linears)
             o = _earliest(readers, position).fqn if readers else None
             ctx.analysis.attention.append(AttentionSite(core.node, fqn, core.kind, q, k, v, o))
+            _LOG.debug("attention %s (%s): q=%s k=%s v=%s o=%s", fqn, core.kind, q, k, v, o)
 
 
 def _find_cores(graph: fx.Graph, linears: dict[fx.Node, LinearSite], tensors: GraphTensors,

@@ -8,6 +8,7 @@ Recognised forms (as Dynamo records them):
 
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Optional
 
@@ -16,6 +17,8 @@ import torch.fx as fx
 
 from .analysis import LinearSite
 from .graph_utils import call_target_name, module_fqn, node_arg
+
+_LOG = logging.getLogger(__name__)
 
 _TRANSPOSES = ("t", "T", "transpose", "permute")
 
@@ -28,6 +31,8 @@ class FindLinears:
             site = self._match(node, ctx)
             if site is not None:
                 ctx.analysis.linears.append(site)
+        _LOG.debug("%d linears: %s", len(ctx.analysis.linears),
+                   [site.fqn for site in ctx.analysis.linears])
 
     def _match(self, node: fx.Node, ctx) -> Optional[LinearSite]:
         if node.op != "call_function":

@@ -17,11 +17,14 @@ a sibling linear (inside LoRA).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from halo_compile.kernels.constants import ADD_OPS
 
 from .analysis import LinearSite, NormSite, ResidualAdd
 from .graph_utils import (
@@ -37,13 +40,14 @@ from .graph_utils import (
     strip_passthroughs,
 )
 
+_LOG = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    from .context import PassContext
     from .graph_utils import GraphTensors
-    from .manager import PassContext
 
 _LAYER_NORMS = (torch.nn.functional.layer_norm, torch.layer_norm)
 _RMS_NORMS = (torch.nn.functional.rms_norm, torch.rms_norm)  # Dynamo records the latter
-_ADDS = ("add", "iadd", "add_")
 _SCALINGS = ("mul", "truediv", "div")
 
 
@@ -65,6 +69,9 @@ class FindNormsAndResiduals:
                 residual = _residual_add(node, linears, position, writers_memo)
                 if residual is not None:
                     ctx.analysis.residual_adds.append(residual)
+        _LOG.debug("%d norms (%s), %d residual adds", len(ctx.analysis.norms),
+                   ", ".join(f"{n.fqn} -> {n.feeds}" for n in ctx.analysis.norms),
+                   len(ctx.analysis.residual_adds))
 
 
 def _find_norms(graph: fx.Graph, tensors: GraphTensors) -> tuple[list[NormSite], set[fx.Node]]:
@@ -124,7 +131,7 @@ def _match_rms_pattern(rsqrt: fx.Node, tensors: GraphTensors
     """x * rsqrt(mean(x²) + eps), then casts and `* weight`: (its nodes, output last; the weight
     node), or None."""
     eps_add = rsqrt.args[0] if rsqrt.args else None
-    if not _is_call(eps_add, _ADDS) or not _has_constant(eps_add):
+    if not _is_call(eps_add, ADD_OPS) or not _has_constant(eps_add):
         return None
     mean = next(a for a in eps_add.args if isinstance(a, fx.Node))
     if not _is_call(mean, ("mean",)) or not _is_square(mean.args[0]):
@@ -161,7 +168,7 @@ def _norm_fqn(node: fx.Node, weight_node) -> str:
 
 def _residual_add(node: fx.Node, linears: dict[fx.Node, LinearSite], position: dict[fx.Node, int],
                   memo: dict[fx.Node, list[LinearSite]]) -> Optional[ResidualAdd]:
-    if not _is_call(node, _ADDS) or len(node.args) < 2:
+    if not _is_call(node, ADD_OPS) or len(node.args) < 2:
         return None
     a, b = node.args[:2]
     if not _same_shape(fake_value(a), fake_value(b)):
@@ -190,7 +197,7 @@ def _linear_writers(node: fx.Node, linears: dict[fx.Node, LinearSite],
     tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
     if _is_call(node, _SCALINGS) and len(tensor_args) == 1 and _has_constant(node):
         writers = _linear_writers(tensor_args[0], linears, memo)
-    elif _is_call(node, _ADDS) and len(tensor_args) == 2:
+    elif _is_call(node, ADD_OPS) and len(tensor_args) == 2:
         left = _linear_writers(tensor_args[0], linears, memo)
         right = _linear_writers(tensor_args[1], linears, memo) if left else []
         writers = left + right if right else []
@@ -236,4 +243,4 @@ def _same_shape(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
     after Dynamo has captured the graph, would go unchecked."""
     if a is None or b is None or a.dim() != b.dim():
         return False
-    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=False))

@@ -20,6 +20,7 @@ passes/report_subgraph_linears.py reports their linears with the reason.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,8 +29,10 @@ import torch.fx as fx
 from .analysis import SubgraphSite
 from .graph_utils import GraphTensors
 
+_LOG = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
-    from .manager import PassContext
+    from .context import PassContext
 
 # The HOPs whose subgraph runs as plain forward code, and where its operands start in the args.
 REWRITTEN_HOPS = {"tag_activation_checkpoint": 1, "wrap": 1, "invoke_subgraph": 2}
@@ -54,6 +57,8 @@ class FindSubgraphs:
                 tensors = GraphTensors.for_subgraph(body, ctx.tensors, operands)
                 reason = _skip_reason(hop, callers[body_node.target], ctx)
                 ctx.analysis.subgraphs.append(SubgraphSite(call, hop, body, tensors, reason))
+                _LOG.debug("subgraph %s of %s: %s", body_node.target, hop,
+                           f"not rewritten: {reason}" if reason else "rewritten")
 
 
 def _bodies(call: fx.Node) -> list[fx.Node]:
@@ -71,7 +76,7 @@ def _operands(call: fx.Node, body: fx.GraphModule, first) -> dict[fx.Node, fx.No
     placeholder holds the very tensor of the outer node it was lifted from."""
     placeholders = [node for node in body.graph.nodes if node.op == "placeholder"]
     if first is not None:
-        return {inner: outer for inner, outer in zip(placeholders, call.args[first:])
+        return {inner: outer for inner, outer in zip(placeholders, call.args[first:], strict=False)
                 if isinstance(outer, fx.Node)}
     outer_nodes = [node for node in call.all_input_nodes if node.op != "get_attr"]
     by_value = {id(value): node for node in outer_nodes

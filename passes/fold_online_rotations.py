@@ -19,9 +19,12 @@ run it with one, whatever the `hadamard` option says.
 
 from __future__ import annotations
 
+import logging
+
 import torch.fx as fx
 
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.constants import MIN_BLOCK
+from halo_compile.kernels.hadamard import hadamard_block_size
 
 from .analysis import AttentionSite
 from .find_norms import _linear_writers
@@ -35,6 +38,8 @@ from .graph_utils import (
     program_order,
 )
 
+_LOG = logging.getLogger(__name__)
+
 
 class FoldOnlineRotations:
     name = "fold_online_rotations"
@@ -46,6 +51,8 @@ class FoldOnlineRotations:
         position = program_order(ctx.gm.graph)
         for attention in ctx.analysis.attention:
             reason = _fold_value_heads(ctx, attention, linears, position)
+            _LOG.debug("%s: per-head value rotation %s", attention.fqn,
+                       f"not folded: {reason}" if reason else "folded")
             if reason:
                 for fqn in (attention.v_proj, attention.o_proj):
                     if fqn:

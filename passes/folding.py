@@ -27,7 +27,6 @@ from halo_compile.kernels.hadamard import block_hadamard
 
 from .analysis import LinearSite
 
-
 # A hash whose every intermediate stays below 2^31: Inductor's Triton code may compute an int64
 # arange in int32 (pytorch/pytorch#175966), and a product that overflowed there gave the
 # compiled graph other signs than the eager fold (rotate="fused" outputs were garbage on CUDA).

@@ -14,6 +14,7 @@ affine scale and bias carried by the skip path). See docs/rotation.md.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -29,6 +30,8 @@ from .graph_utils import (
     strip_passthroughs,
 )
 
+_LOG = logging.getLogger(__name__)
+
 _RMS_NORM_FUNCTIONS = (torch.nn.functional.rms_norm, torch.rms_norm)
 LAYERNORM_REASON = ("LayerNorm does not commute with a rotation (mean subtraction and bias); "
                     "not converted, see docs/rotation.md")
@@ -43,6 +46,8 @@ class FuseNorms:
         linears = ctx.analysis.linear_by_node()
         for norm in ctx.analysis.norms:
             reason = _fuse(ctx, norm, linears)
+            _LOG.debug("%s: %s", norm.fqn, f"scale not folded: {reason}" if reason
+                       else f"scale folded into {norm.feeds}")
             if reason:
                 for fqn in norm.feeds:
                     ctx.fusion.note_not_fused(fqn, f"{norm.fqn}: {reason}")
@@ -123,14 +128,9 @@ def _remove_scale(ctx, norm: NormSite, nodes: set[fx.Node]) -> Optional[fx.Node]
             with ctx.gm.graph.inserting_before(node):
                 replacement = ctx.gm.graph.call_method("to", (other, fake_value(node).dtype))
             replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
+        ctx.replace_node(node, replacement)
         ctx.gm.graph.erase_node(node)
-        for site in ctx.analysis.linears:  # the sites name their input node: keep them current
-            if site.x is node:
-                site.x = replacement
-        nodes.discard(node)
+        nodes.discard(node)  # (the norm's region, not yet a record)
         nodes.add(replacement)
-        if norm.output is node:
-            norm.output = replacement
         return scale
     return None

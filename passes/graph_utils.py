@@ -63,7 +63,7 @@ class GraphTensors:
         self._values: dict[fx.Node, object] = {}
         self._sources: dict[fx.Node, str] = {}  # subgraph placeholders: the outer input's name
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        for node, value in zip(placeholders, example_inputs):
+        for node, value in zip(placeholders, example_inputs, strict=False):
             recorded = _dynamo_example(node)
             self._values[node] = recorded if isinstance(recorded, torch.nn.Parameter) else value
         for node in gm.graph.nodes:

@@ -12,6 +12,9 @@ them. The product is linear, so this pass rewrites
 
     add(unrotate(a), unrotate(b))  ->  unrotate(add(a, b))
 
+(each side possibly followed by the same slice of its first T rows, where the tokens were
+zero-padded to a multiple of the block: the slice then follows the merged un-rotation).
+
 one batched product (a bf16 GEMM reading and writing [T, N]) instead of one per linear: a Llama
 layer's backward undoes 4 rotations instead of 7. A chain of adds folds pairwise.
 
@@ -23,10 +26,13 @@ the rotated outputs then rounds once, in the output's dtype, instead of after ea
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
+
+_LOG = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -56,18 +62,32 @@ def merge_unrotations(graph: fx.Graph) -> int:
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.add.Tensor]:
         if node in erased or node.kwargs or len(node.args) != 2:
             continue
-        first, second = (_unrotation(arg) for arg in node.args)
-        if first is None or second is None or not first.merges_with(second):
+        (first, first_rows), (second, second_rows) = (_rows_kept(arg) for arg in node.args)
+        first, second = _unrotation(first), _unrotation(second)
+        if (first is None or second is None or not first.merges_with(second)
+                or first_rows != second_rows):
             continue
         with graph.inserting_before(node):
             total = _call(graph, aten.add.Tensor, first.out, second.out)
             rows = _call(graph, _VIEWS[0], total, first.rows_shape)
             product = _call(graph, aten.bmm.default, first.left, rows)
             merged = _call(graph, _VIEWS[0], product, first.out_shape)
+            if first_rows is not None:
+                merged = _call(graph, aten.slice.Tensor, merged, *first_rows)
         node.replace_all_uses_with(merged)
         _erase_unused(graph, node, erased)
         removed += 1
+    _LOG.debug("%d un-rotations merged into others", removed)
     return removed
+
+
+def _rows_kept(node):
+    """(`node` below a slice of its leading rows, the slice's arguments) -- the un-rotation of
+    tokens zero-padded to a multiple of the block keeps the first T rows -- or (`node`, None)."""
+    if (_call_of(node, aten.slice.Tensor) and len(node.users) == 1 and not node.kwargs
+            and (node.args[1:2] or (0,))[0] == 0):
+        return node.args[0], tuple(node.args[1:])
+    return node, None
 
 
 def _unrotation(node) -> Optional[_Unrotation]:

@@ -8,18 +8,20 @@ cannot take: never a silently wrong result.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.fx as fx
 
 from halo_compile.config import LayerConfig
+from halo_compile.kernels.constants import EMULATED_FORMATS, MIN_BLOCK
 from halo_compile.kernels.emulated_quantized_linear import (  # noqa: F401  (registers op)
-    EMULATED_FORMATS,
     emulated_quantized_linear,
 )
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size, token_block
 from halo_compile.kernels.frozen_linear import frozen_linear  # noqa: F401  (registers op)
+from halo_compile.kernels.hadamard import hadamard_block_size, token_block
 from halo_compile.kernels.quantized_linear import quantized_linear  # noqa: F401  (registers op)
+from halo_compile.kernels.settings import LinearSettings, WeightSource
 from halo_compile.kernels.weight_cache import FOLDS, WEIGHT_CACHE, watch_optimizer_steps
 from halo_compile.report import LayerReport, MatmulPlan
 
@@ -27,6 +29,8 @@ from .analysis import LinearSite
 from .autocast_regions import AUTOCAST_ELIGIBLE, autocast_dtypes
 from .folding import FOLD_FUNCTIONS
 from .graph_utils import fake_value
+
+_LOG = logging.getLogger(__name__)
 
 GEMM_ALIGNMENT = 16  # FP8 cuBLASLt needs in/out features divisible by 16 (INT8 needs 8)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,14 +41,8 @@ class QuantizeLinears:
     name = "quantize_linears"
 
     def run(self, ctx) -> None:
-        replaced: dict[fx.Node, fx.Node] = {}  # rewritten linear -> its halo op
-        inputs = _LinearInputs(ctx.gm.graph)
+        inputs = _LinearInputs(ctx.gm.graph, ctx.autocast_at_entry)
         for site in ctx.analysis.linears:
-            # A linear that reads another linear's output (x @ A then @ B, Linear -> Linear):
-            # the site still holds the erased node; read the halo op that replaced it.
-            site.x = replaced.get(site.x, site.x)
-            if site.bias is not None:
-                site.bias = replaced.get(site.bias, site.bias)
             layer = ctx.config.for_layer(site.fqn)
             forward = ("none" if site.fqn in ctx.fusion.prerotated else  # rotate="fused"
                        "inner" if site.fqn in ctx.fusion.forward_hadamard else None)
@@ -54,16 +52,15 @@ class QuantizeLinears:
             fusion = dict(rotation=ctx.fusion.describe(site.fqn),
                           folded_bytes=ctx.fusion.folded_bytes.get(site.fqn, 0))
             reason = self._reason_to_skip(site, layer, ctx)
+            _LOG.debug("%s: %s", site.fqn, f"high precision: {reason}" if reason else layer)
             if reason:
                 ctx.layer_reports.append(LayerReport(
                     site.fqn, site.in_features, site.out_features, False, reason=reason, **fusion))
                 continue
             site.x = inputs.as_linear_reads_it(site)
             plans = _plan_matmuls(site, layer)
-            old_node = site.node
             frozen, weight_cache = self._rewrite(ctx, site, layer,
                                                  ctx.config.nonfinite == "raise")
-            replaced[old_node] = site.node
             ctx.layer_reports.append(LayerReport(
                 site.fqn, site.in_features, site.out_features, True, layer.format,
                 "row, emulated" if layer.format in EMULATED_FORMATS else layer.scale,
@@ -105,12 +102,11 @@ class QuantizeLinears:
                 # (peft's merge does that), which its version counter does not see.
                 WEIGHT_CACHE.forget([site.weight])
                 param_node, fold, fold_inputs, fold_nodes = frozen
+                source = WeightSource(fold, site.weight_transposed)
                 new = graph.call_function(
                     torch.ops.halo.frozen_linear.default,
-                    (site.x, param_node, fold, fold_inputs, site.bias, site.weight_transposed,
-                     layer.format, layer.scale, layer.hadamard.forward,
-                     layer.hadamard.grad_input, layer.max_block, layer.grad_rounding,
-                     check_finite, site.fqn, layer.fast_accum),
+                    (site.x, param_node, fold_inputs, site.bias, source.encoded,
+                     _linear_settings(layer, ctx.name_in_errors(site.fqn), check_finite).encoded),
                 )
                 node.replace_input_with(site.weight_node, param_node)
                 for fold_node in fold_nodes:  # in the cache now, not computed per call
@@ -122,27 +118,34 @@ class QuantizeLinears:
                 if site.weight_transposed:
                     weight = graph.call_method("t", (weight,))
                 if layer.format in EMULATED_FORMATS:  # 4-bit: inference, plain-torch emulation
+                    settings = _linear_settings(layer, ctx.name_in_errors(site.fqn), check_finite)
                     new = graph.call_function(
                         torch.ops.halo.emulated_quantized_linear.default,
-                        (site.x, weight, site.bias, layer.format, layer.hadamard.forward,
-                         layer.max_block, check_finite, site.fqn),
+                        (site.x, weight, site.bias, settings.encoded),
                     )
                 else:
                     weight_cache = _weight_cache(site, layer, ctx)
+                    settings = _linear_settings(layer, ctx.name_in_errors(site.fqn), check_finite,
+                                                cache_weight=weight_cache == "cached")
                     new = graph.call_function(
                         torch.ops.halo.quantized_linear.default,
-                        (site.x, weight, site.bias, layer.format, layer.scale,
-                         layer.hadamard.forward, layer.hadamard.grad_input,
-                         layer.hadamard.grad_weight, layer.max_block, layer.grad_rounding,
-                         check_finite, site.fqn, layer.fast_accum,
-                         # cache_weight: only when on (its default, as the dispatcher records)
-                         *([True] if weight_cache == "cached" else [])),
+                        (site.x, weight, site.bias, settings.encoded),
                     )
         new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
+        ctx.replace_node(node, new)  # a linear reading this one's output now reads the halo op
         graph.erase_node(node)
-        site.node = new
         return frozen is not None, weight_cache
+
+
+def _linear_settings(layer: LayerConfig, name: str, check_finite: bool,
+                     cache_weight: bool = False) -> LinearSettings:
+    """What the halo op of the linear `name` takes, from its layer options."""
+    return LinearSettings(
+        format=layer.format, granularity=layer.scale, forward_rotation=layer.hadamard.forward,
+        grad_input_rotation=layer.hadamard.grad_input,
+        grad_weight_rotation=layer.hadamard.grad_weight, max_block=layer.max_block,
+        grad_rounding=layer.grad_rounding, check_finite=check_finite, name=name,
+        fast_accum=layer.fast_accum, cache_weight=cache_weight)
 
 
 class _LinearInputs:
@@ -151,8 +154,9 @@ class _LinearInputs:
     input itself, whose dtype must be the weight's, as eager requires. One cast per activation
     and dtype, so that linears reading one activation still share its quantization."""
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, autocast_at_entry):
         self.graph = graph
+        self.autocast_at_entry = autocast_at_entry
         self.autocast: dict[str, dict] = {}  # device type -> node -> autocast dtype
         self.casts: dict[tuple, fx.Node] = {}
 
@@ -162,7 +166,8 @@ class _LinearInputs:
             return site.x
         device = site.weight.device.type
         if device not in self.autocast:
-            self.autocast[device] = autocast_dtypes(self.graph, device)
+            self.autocast[device] = autocast_dtypes(self.graph, device,
+                                                    self.autocast_at_entry(device))
         dtype = self.autocast[device].get(site.node)
         if dtype is not None and x.dtype in AUTOCAST_ELIGIBLE:
             if x.dtype == dtype:

@@ -3,6 +3,7 @@ gets a high-precision row saying why, instead of being left out of the report.""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from halo_compile.report import LayerReport
@@ -13,8 +14,10 @@ from .quantize_linears import QuantizeLinears
 
 if TYPE_CHECKING:
     from .analysis import SubgraphSite
-    from .manager import PassContext
+    from .context import PassContext
 
+
+_LOG = logging.getLogger(__name__)
 
 class ReportSubgraphLinears:
     name = "report_subgraph_linears"
@@ -45,5 +48,6 @@ class ReportSubgraphLinears:
             ctx.layer_reports.append(LayerReport(linear.fqn, linear.in_features,
                                                  linear.out_features, False,
                                                  reason=own_reason or reason))
+            _LOG.debug("%s: high precision: %s", linear.fqn, own_reason or reason)
         for nested in child.analysis.subgraphs:
             self._report(ctx, nested, reason, reported)

@@ -18,10 +18,13 @@ and b the largest power of two dividing the width (the whole width for 4096).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
 
-from halo_compile.kernels.hadamard import MIN_BLOCK, hadamard_block_size
+from halo_compile.kernels.constants import ADD_OPS, MIN_BLOCK
+from halo_compile.kernels.hadamard import hadamard_block_size
 
 from .find_norms import _linear_writers
 from .folding import (
@@ -42,8 +45,9 @@ from .graph_utils import (
     strip_passthroughs,
 )
 
+_LOG = logging.getLogger(__name__)
+
 SEED = 0
-_ADDS = ("add", "iadd", "add_")
 _SCALINGS = ("mul", "truediv", "div", "neg")
 
 
@@ -54,6 +58,7 @@ class RotateResidualStream:
         if ctx.config.rotate != "fused" or not ctx.analysis.residual_adds:
             return
         reason = self._reason_to_skip(ctx)
+        _LOG.debug("residual stream %s", f"not rotated: {reason}" if reason else "rotated")
         if reason:
             ctx.fusion.notes.append(f"residual stream not rotated: {reason}")
             for site in ctx.analysis.linears:
@@ -120,16 +125,8 @@ class _Rotation:
         with self.graph.inserting_after(root):
             rotated_root = self.graph.call_function(rotate, (root, self.signs, self.block))
         # A graph output (returned hidden states) keeps the root itself: it is unrotated already.
-        root.replace_all_uses_with(rotated_root, delete_user_cb=lambda user: (
-            user is not rotated_root and user.op != "output"))
+        self.ctx.replace_node(root, rotated_root, keep_use=lambda user: user.op == "output")
         self.rotated.add(rotated_root)
-        # The records of what read the root now describe readers of the rotated root.
-        for site in self.ctx.analysis.linears:
-            if site.x is root:
-                site.x = rotated_root
-        for norm in self.ctx.fusion.scale_free_norms:
-            if norm.input is root:
-                norm.input = rotated_root
         if root.target is not torch.nn.functional.embedding:
             self.ctx.fusion.notes.append(f"stream root {root.name} is not an embedding lookup: "
                                          "rotated online")
@@ -177,7 +174,7 @@ class _Rotation:
         """`stream + x` stays on the rotated stream: when x is rotated too, when x is written by
         linears that only write here (their output sides are folded), or else x is rotated
         online (a broadcastable tensor of the stream's width)."""
-        if call_target_name(node) not in _ADDS or len(node.args) < 2:
+        if call_target_name(node) not in ADD_OPS or len(node.args) < 2:
             return False
         a, b = node.args[:2]
         if not all(isinstance(x, fx.Node) for x in (a, b)):

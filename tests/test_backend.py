@@ -634,10 +634,12 @@ def test_inductor_never_writes_into_the_weight_caches_tensors():
     pointwise result of the same size into a dead input's buffer (`q + 1` into q's): that
     would overwrite the cache, unless the backend's lowering marks the op's outputs as never
     reused -- as it does."""
+    from halo_compile.kernels.settings import MatmulSettings, WeightSource
     from halo_compile.kernels.weight_cache import WEIGHT_CACHE
 
     weight = torch.nn.Parameter(torch.randn(64, 32), requires_grad=False)
-    args = ("", [], False, "int8", "row", 0, torch.float32, False, "w")
+    args = ([], WeightSource().encoded,
+            MatmulSettings("int8", check_finite=False, where="w").encoded, 0, torch.float32)
 
     def f(w):
         q, scale = torch.ops.halo.cached_quantized_weight(w, *args)

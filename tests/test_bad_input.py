@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import halo_compile
 from halo_compile import NonFiniteInputError
+from halo_compile.kernels.settings import MatmulSettings
 
 FAST = {"compiler": "aot_eager", "min_features": 16}
 
@@ -315,6 +316,6 @@ def test_scaled_matmul_of_empty_operands_is_eager_matmul(fmt):
     torch.manual_seed(13)
     for a_shape, b_shape in (((0, 64), (32, 64)), ((16, 64), (0, 64)), ((16, 0), (32, 0))):
         a, b = torch.randn(*a_shape), torch.randn(*b_shape)
-        out = torch.ops.halo.scaled_matmul(a, b, fmt, "inner", 256, "row", "nearest", "nearest",
-                                           True, "empty")
+        settings = MatmulSettings(fmt, "inner", 256, "row", "nearest", "nearest", True, "empty")
+        out = torch.ops.halo.scaled_matmul(a, b, settings.encoded)
         assert torch.equal(out, a @ b.t()), (a_shape, b_shape)

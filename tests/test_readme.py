@@ -17,7 +17,8 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("Plain training loop", "Gradient accumulation", "Hugging Face Trainer", "PEFT / LoRA",
+SECTIONS = ("Plain training loop", "Gradient accumulation",
+            "Variable lengths and activation checkpointing", "Hugging Face Trainer", "PEFT / LoRA",
             "Per-layer flags", "The report in code")
 NEEDS = {"The report in code": ("Per-layer flags",)}  # reads the model that section compiles
 
@@ -41,8 +42,8 @@ def test_every_recipe_section_has_a_snippet():
 
 @pytest.mark.parametrize("section", SECTIONS)
 def test_recipe_runs(section, tmp_path, monkeypatch):
-    from torch._dynamo.backends.registry import lookup_backend
     import torch._inductor.compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
 
     monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
                         lambda gm, example_inputs, **kwargs: lookup_backend("aot_eager")(
@@ -66,6 +67,16 @@ def _weights_quantized_once_per_step(ns, out):
 
     quantized = len(halo_compile.report(ns["cmodel"]).quantized)
     assert quantized == 15 and ns["WEIGHT_CACHE"].computations - ns["before"] == 2 * quantized
+
+
+def _two_graphs_every_linear_quantized(ns, out):
+    import halo_compile
+
+    assert ns["graphs"] == 2
+    report = halo_compile.report(ns["cmodel"])
+    assert len(report.quantized) == len(report.layers) == 15 and not report.fell_back
+    grad_input = report["model.layers.0.mlp.up_proj"].grad_input
+    assert grad_input.rotation == "outer" and "tokens/256" in str(grad_input)
 
 
 def _trainer_saved_model(ns, out):
@@ -98,6 +109,7 @@ def _report_read(ns, out):
 CHECKS = {
     "Plain training loop": _saved_plain_keys,
     "Gradient accumulation": _weights_quantized_once_per_step,
+    "Variable lengths and activation checkpointing": _two_graphs_every_linear_quantized,
     "Hugging Face Trainer": _trainer_saved_model,
     "PEFT / LoRA": _lora_quantized_once_and_merged,
     "Per-layer flags": _per_layer_flags_applied,

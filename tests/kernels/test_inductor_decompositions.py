@@ -23,6 +23,7 @@ from halo_compile.kernels.scaled_matmul import (
     gemm_with,
     scaled_matmul_reference,
 )
+from halo_compile.kernels.settings import LinearSettings, MatmulSettings
 
 
 def _rel(out, ref):
@@ -41,9 +42,9 @@ def _operands(m, n, k, dtype, seed, device="cpu", outliers=True):
 def _decomposed(a, b, fmt, rotation, max_block=256, check=True):
     """The pieces the decomposition emits, run eagerly: on the CPU the quantize op is the
     reference and the GEMM is torch's CPU `_scaled_mm` / the INT8 op's reference."""
-    block = fused_block(a, b, fmt, rotation, max_block)
+    settings = MatmulSettings(fmt, rotation, max_block, check_finite=check, where="test")
     return fused_scaled_matmul(
-        cuda_gemm, a, b, fmt, rotation, block, "row", check, "test",
+        cuda_gemm, a, b, settings, fused_block(a, b, settings),
         quantize_operand=lambda x, *args: torch.ops.halo.hadamard_quantize(x, fmt, *args[1:]),
         signs=sylvester_signs)
 
@@ -62,7 +63,7 @@ def test_decomposed_pieces_match_reference(fmt, rotation, dtype, seed):
     # Odd-ish sizes: M 80 and N 40 are not multiples of the GEMM's 16-alignment after blocks.
     a, b = _operands(80, 40, 96, dtype, seed)
     out = _decomposed(a, b, fmt, rotation)
-    ref = scaled_matmul_reference(a, b, fmt, rotation, 256, "row")
+    ref = scaled_matmul_reference(a, b, MatmulSettings(fmt, rotation, 256, "row"))
     assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
     assert _rel(out, ref) < BOUNDS[dtype]
 
@@ -75,14 +76,15 @@ def test_fast_accumulation_reaches_the_gemm_of_the_decomposed_path():
         seen.append(fast_accum)
         return cuda_gemm(*args, fast_accum=fast_accum)
 
-    block = fused_block(a, b, "fp8_e4m3", "inner", 256)
+    settings = MatmulSettings("fp8_e4m3", "inner", 256, where="t")
+    block = fused_block(a, b, settings)
     for fast in (True, False):
         out = fused_scaled_matmul(
-            gemm_with(recording_gemm, fast), a, b, "fp8_e4m3", "inner", block, "row", True, "t",
+            gemm_with(recording_gemm, fast), a, b, settings, block,
             quantize_operand=lambda x, *args: torch.ops.halo.hadamard_quantize(
                 x, "fp8_e4m3", *args[1:]))
         # The CPU's `_scaled_mm` takes the flag and accumulates in float32 either way.
-        ref = scaled_matmul_reference(a, b, "fp8_e4m3", "inner", 256, "row")
+        ref = scaled_matmul_reference(a, b, settings)
         assert _rel(out, ref) < 2**-7
     assert seen == [True, False]
 
@@ -90,7 +92,8 @@ def test_fast_accumulation_reaches_the_gemm_of_the_decomposed_path():
 def test_decomposed_pieces_pad_unaligned_gemm_dims():
     a, b = _operands(37, 21, 64, torch.bfloat16, 3)
     out = _decomposed(a, b, "fp8_e4m3", "inner")
-    assert _rel(out, scaled_matmul_reference(a, b, "fp8_e4m3", "inner", 256, "row")) < 2**-7
+    ref = scaled_matmul_reference(a, b, MatmulSettings("fp8_e4m3", "inner", 256, "row"))
+    assert _rel(out, ref) < 2**-7
 
 
 def test_decomposed_check_names_the_operand():
@@ -104,14 +107,14 @@ def test_decomposed_check_names_the_operand():
 
 def test_decompositions_leave_what_the_fused_kernel_does_not_cover():
     a, b = _operands(32, 32, 64, torch.bfloat16, 5)
-    args = ("fp8_e4m3", "inner", 256, "row", "nearest", "nearest", True, "t")
-    assert decompose_scaled_matmul(a, b, *args) is NotImplemented  # CPU: the reference runs
+    settings = MatmulSettings("fp8_e4m3", "inner", 256, where="t")
+    assert decompose_scaled_matmul(a, b, settings.encoded) is NotImplemented  # CPU: reference
     w = b.clone()
-    assert decompose_quantized_linear(a, w, None, "fp8_e4m3", "row", "inner", "inner", "outer",
-                                      256, "nearest", True, "t", False) is NotImplemented
+    linear = LinearSettings("fp8_e4m3", "row", "inner", "inner", "outer", 256, name="t")
+    assert decompose_quantized_linear(a, w, None, linear.encoded) is NotImplemented
     # On CUDA too: blocks above 256, format none and float64 stay whole.
-    assert fused_block(a, b, "fp8_e4m3", "inner", 0) == 64
-    assert fused_block(a.double(), b.double(), "int8", "none", 0) is None
+    assert fused_block(a, b, MatmulSettings("fp8_e4m3", "inner", 0)) == 64
+    assert fused_block(a.double(), b.double(), MatmulSettings("int8", "none", 0)) is None
     assert {op._name for op in DECOMPOSITIONS} == {
         "scaled_matmul", "quantized_linear", "frozen_weight_matmul", "frozen_linear"}
 
@@ -171,8 +174,8 @@ def test_gpu_generated_code_launches_kernels_not_python_ops(hadamard):
     with torch.no_grad():
         rotations = {"none": ("none",) * 3, "halo2": ("inner", "outer", "inner"),
                      "all_inner": ("inner",) * 3}[hadamard]
-        want = torch.ops.halo.quantized_linear(x, w, None, "fp8_e4m3", "row", *rotations, 256,
-                                               "nearest", True, "l", True)
+        settings = LinearSettings("fp8_e4m3", "row", *rotations, 256, name="l", fast_accum=True)
+        want = torch.ops.halo.quantized_linear(x, w, None, settings.encoded)
     assert _rel(y, want) < 2**-7
     assert torch.isfinite(grad_w).all() and torch.isfinite(x.grad).all()
     raise_pending_nonfinite()
@@ -200,8 +203,9 @@ def test_gpu_compiled_backward_quantizes_dy_once_for_both_gradients(monkeypatch)
                                                     "hadamard": rotations})
     assert any(duals)  # traced: the dual op's body ran
     xe, we = x.detach().clone().requires_grad_(), w.clone().requires_grad_()
-    want = torch.ops.halo.quantized_linear(xe, we, None, "fp8_e4m3", "row", "inner", "outer",
-                                           "inner", 256, "nearest", True, "l", True)
+    settings = LinearSettings("fp8_e4m3", "row", "inner", "outer", "inner", 256, "nearest", True,
+                              "l", True)
+    want = torch.ops.halo.quantized_linear(xe, we, None, settings.encoded)
     want.backward(torch.ones_like(want))
     for got, expected in ((y, want), (x.grad, xe.grad), (grad_w, we.grad)):
         assert _rel(got, expected) < 2**-7
@@ -246,8 +250,9 @@ def test_gpu_generated_code_int8_launches_the_triton_gemm():
     assert code.count("_int8_scaled_mm_kernel") >= 3
     assert _quantize_kernel_mentions(code) >= 6
     with torch.no_grad():
-        want = torch.ops.halo.quantized_linear(x, w, None, "int8", "row", "inner", "outer",
-                                               "inner", 256, "nearest", True, "l", False)
+        settings = LinearSettings("int8", "row", "inner", "outer", "inner", 256, "nearest", True,
+                                  "l", False)
+        want = torch.ops.halo.quantized_linear(x, w, None, settings.encoded)
     assert _rel(y, want) < 2**-7
 
 
@@ -349,7 +354,7 @@ def test_linears_reading_one_activation_quantize_it_once(monkeypatch):
     assert calls.count((48, 64)) == 3 * calls.count((32, 64))
     assert calls.count((48, 32)) == 3 * calls.count((64, 32))
     assert _rel(got, want) < 1e-5
-    for mine, theirs in zip(model.parameters(), reference.parameters()):
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=False):
         assert _rel(mine.grad, theirs.grad) < 1e-5
 
 
@@ -393,7 +398,7 @@ def test_grad_input_and_grad_weight_quantize_dy_in_one_call(monkeypatch, grad_we
     else:  # padded dY [256, 48] along dim 0, and dYᵀ [48, 32] unpadded: three each
         assert not dual_calls and calls.count((256, 48)) == calls.count((48, 32)) == 3
     assert _rel(x.grad, x_ref.grad) < 1e-6
-    for mine, theirs in zip(model.parameters(), reference.parameters()):
+    for mine, theirs in zip(model.parameters(), reference.parameters(), strict=False):
         assert _rel(mine.grad, theirs.grad) < 1e-6
 
 
@@ -466,5 +471,5 @@ def test_cached_weights_through_inductor_as_on_cuda(monkeypatch):
             optimizer.step()
             optimizer.zero_grad()
     assert counts == [0, 0, 6, 6] and len(grads[True]) == len(grads[False]) == 8
-    for mine, theirs in zip(grads[True], grads[False]):
+    for mine, theirs in zip(grads[True], grads[False], strict=False):
         assert _rel(mine, theirs) < 1e-6

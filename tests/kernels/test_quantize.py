@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from halo_compile.kernels.quantize import (
-    _DeferredChecks,
     FORMATS,
     NonFiniteInputError,
+    _DeferredChecks,
     absmax,
     check_finite,
     dequantize,

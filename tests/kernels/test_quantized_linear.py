@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 from halo_compile.kernels.quantize import NonFiniteInputError
+from halo_compile.kernels.settings import LinearSettings
 
 ROTATIONS = ["none", "inner", "outer"]
 
@@ -63,8 +64,9 @@ def _run(x, w, b, gy, fmt, fwd="none", gi="none", gw="none", granularity="row", 
     xl = x.detach().to(x_dtype).requires_grad_()
     wl = w.detach().to(w_dtype).requires_grad_()
     bl = None if b is None else b.detach().to(w_dtype).requires_grad_()
-    y = torch.ops.halo.quantized_linear(xl, wl, bl, fmt, granularity, fwd, gi, gw, max_block,
-                                        rounding, check, "lin", False, cache_weight)
+    settings = LinearSettings(fmt, granularity, fwd, gi, gw, max_block, rounding, check, "lin",
+                              False, cache_weight)
+    y = torch.ops.halo.quantized_linear(xl, wl, bl, settings.encoded)
     y.backward(gy.to(y.dtype))
     return y.detach(), xl.grad, wl.grad, None if bl is None else bl.grad
 
@@ -81,7 +83,7 @@ def test_format_none_every_rotation_equals_float64(fwd, gi, gw):
     x, w, b, gy = _inputs(seed=len(fwd + gi + gw), outliers=True)
     ref = _reference(x, w, b, gy)
     out = _run(x, w, b, gy, "none", fwd, gi, gw)
-    for name, o, r in zip(("y", "dx", "dw", "db"), out, ref):
+    for name, o, r in zip(("y", "dx", "dw", "db"), out, ref, strict=False):
         assert o.dtype == torch.float32
         assert o.shape == r.shape
         assert _rel(o, r) < 1e-5, name
@@ -156,13 +158,15 @@ def test_no_bias_and_partial_grads():
     assert _rel(y, ref[0]) < 1e-5 and _rel(dx, ref[1]) < 1e-5 and _rel(dw, ref[2]) < 1e-5
     # Only the weight needs a gradient (frozen input), then only the input (frozen weight).
     xl, wl = x.float(), w.float().requires_grad_()
-    y = torch.ops.halo.quantized_linear(xl, wl, None, "none", "row", "inner", "inner", "inner",
-                                        0, "nearest", True, "lin", False)
+    settings = LinearSettings("none", "row", "inner", "inner", "inner", 0, "nearest", True, "lin",
+                              False)
+    y = torch.ops.halo.quantized_linear(xl, wl, None, settings.encoded)
     y.backward(gy.float())
     assert xl.grad is None and _rel(wl.grad, ref[2]) < 1e-5
     xl, wl = x.float().requires_grad_(), w.float()
-    y = torch.ops.halo.quantized_linear(xl, wl, None, "none", "row", "inner", "inner", "inner",
-                                        0, "nearest", True, "lin", False)
+    settings = LinearSettings("none", "row", "inner", "inner", "inner", 0, "nearest", True, "lin",
+                              False)
+    y = torch.ops.halo.quantized_linear(xl, wl, None, settings.encoded)
     y.backward(gy.float())
     assert wl.grad is None and _rel(xl.grad, ref[1]) < 1e-5
 
@@ -179,7 +183,7 @@ def test_bf16_input_fp32_weight(fmt):
     # The weight is used in bf16 (cast to the activation's dtype) and outputs are rounded to
     # bf16 (2^-9 relative): the format bound plus 1e-2.
     bound = (0.0 if fmt == "none" else BOUNDS[(fmt, "row")]) + 1e-2
-    for o, r in zip((y, dx, dw), ref[:3]):
+    for o, r in zip((y, dx, dw), ref[:3], strict=False):
         assert _rel(o, r) < bound
     assert _rel(db, ref[3]) < 1e-2
 
@@ -204,12 +208,12 @@ def test_grad_weight_checks_the_output_gradient_only_without_grad_input():
     """dY is checked once: by grad-input, or by grad-weight when x takes no gradient."""
     x, w, _, gy = _inputs(seed=8)
     gy[1, 2, 3] = float("nan")
-    args = ("fp8_e4m3", "row", "inner", "inner", "inner", 0, "nearest", True, "lin", False)
+    settings = LinearSettings("fp8_e4m3", "row", "inner", "inner", "inner", name="lin").encoded
     wl = w.float().requires_grad_()
-    y = torch.ops.halo.quantized_linear(x.float(), wl, None, *args)
+    y = torch.ops.halo.quantized_linear(x.float(), wl, None, settings)
     with pytest.raises(NonFiniteInputError, match="lin grad-weight"):
         y.backward(gy.float())
-    y = torch.ops.halo.quantized_linear(x.float().requires_grad_(), wl, None, *args)
+    y = torch.ops.halo.quantized_linear(x.float().requires_grad_(), wl, None, settings)
     with pytest.raises(NonFiniteInputError, match="lin grad-input"):
         y.backward(gy.float())
 
@@ -237,8 +241,9 @@ def test_backward_graph_holds_quantized_matmuls(weight_grad):
         return compiler
 
     def f(x, w, b):
-        return torch.ops.halo.quantized_linear(x, w, b, "int8", "row", "inner", "inner", "outer",
-                                               256, "nearest", True, "lin", False)
+        settings = LinearSettings("int8", "row", "inner", "inner", "outer", 256, "nearest", True,
+                                  "lin", False)
+        return torch.ops.halo.quantized_linear(x, w, b, settings.encoded)
 
     x, w, b, gy = _inputs(seed=9)
     fn = aot_function(f, fw_compiler=capture("fw"), bw_compiler=capture("bw"))
@@ -275,8 +280,9 @@ def test_backward_calls_scaled_matmul_twice_eager():
 
     x, w, b, gy = _inputs(seed=10)
     xl, wl, bl = (t.float().requires_grad_() for t in (x, w, b))
-    y = torch.ops.halo.quantized_linear(xl, wl, bl, "fp8_e4m3", "row", "inner", "inner", "inner",
-                                        256, "nearest", True, "lin", False)
+    settings = LinearSettings("fp8_e4m3", "row", "inner", "inner", "inner", 256, "nearest", True,
+                              "lin", False)
+    y = torch.ops.halo.quantized_linear(xl, wl, bl, settings.encoded)
     with Record() as rec:
         y.backward(gy.float())
     assert rec.ops.count(torch.ops.halo.scaled_matmul.default) == 2
@@ -291,7 +297,8 @@ def test_opcheck(fmt, bias):
     x, w, b, _ = _inputs(seed=11, batch=2, seq=24, d_in=48, d_out=32, bias=bias)
     args = (x.float().requires_grad_(), w.float().requires_grad_(),
             b.float().requires_grad_() if bias else None,
-            fmt, "row", "inner", "outer", "inner", 0, "nearest", True, "lin", True)
+            LinearSettings(fmt, "row", "inner", "outer", "inner", name="lin",
+                           fast_accum=True).encoded)
     opcheck(torch.ops.halo.quantized_linear.default, args,
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                         "test_aot_dispatch_dynamic"))
@@ -300,8 +307,8 @@ def test_opcheck(fmt, bias):
 def test_opcheck_bf16_2d():
     x, w, b, _ = _inputs(seed=12, batch=1, seq=17, d_in=64, d_out=48)
     args = (x[0].to(torch.bfloat16).requires_grad_(), w.float().requires_grad_(),
-            b.float().requires_grad_(), "int8", "tensor", "inner", "inner", "inner", 16,
-            "nearest", True, "lin", False)
+            b.float().requires_grad_(),
+            LinearSettings("int8", "tensor", "inner", "inner", "inner", 16, name="lin").encoded)
     opcheck(torch.ops.halo.quantized_linear.default, args)
 
 
@@ -321,8 +328,9 @@ def test_cuda_forward_backward(fmt, x_dtype):
         xl = x.to(device, x_dtype).requires_grad_()
         wl = w.to(device, torch.float32).requires_grad_()
         bl = b.to(device, torch.float32).requires_grad_()
-        y = torch.ops.halo.quantized_linear(xl, wl, bl, fmt, "row", "inner", "inner", "inner",
-                                            256, "nearest", True, "lin", False)
+        settings = LinearSettings(fmt, "row", "inner", "inner", "inner", 256, "nearest", True,
+                                  "lin", False)
+        y = torch.ops.halo.quantized_linear(xl, wl, bl, settings.encoded)
         y.backward(gy.to(device, x_dtype))
         assert y.device.type == device and xl.grad.device.type == device
         outs[device] = (y.detach(), xl.grad, wl.grad, bl.grad)
@@ -351,7 +359,7 @@ def test_cached_weight_gives_the_same_values(seed, preset, fmt, granularity, x_d
     plain = _run(x, w, b, gy, fmt, *preset, granularity, 256, x_dtype=x_dtype)
     cached = _run(x, w, b, gy, fmt, *preset, granularity, 256, x_dtype=x_dtype,
                   cache_weight=True)
-    for name, p, c in zip(("y", "dx", "dw", "db"), plain, cached):
+    for name, p, c in zip(("y", "dx", "dw", "db"), plain, cached, strict=False):
         assert torch.equal(p, c), name
 
 
@@ -367,9 +375,9 @@ def test_cached_weight_is_quantized_once_per_version():
 
     def micro_batch():
         xl = x.float().requires_grad_()
-        y = torch.ops.halo.quantized_linear(xl, weight, None, "fp8_e4m3", "row", "inner",
-                                            "outer", "none", 256, "nearest", True, "lin",
-                                            False, True)
+        settings = LinearSettings("fp8_e4m3", "row", "inner", "outer", "none", 256, "nearest", True,
+                                  "lin", False, True)
+        y = torch.ops.halo.quantized_linear(xl, weight, None, settings.encoded)
         y.backward(gy.float())
         return xl.grad
 

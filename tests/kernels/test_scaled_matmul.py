@@ -20,6 +20,7 @@ from halo_compile.kernels.scaled_matmul import (
     reference_gemm,
     scaled_matmul_reference,
 )
+from halo_compile.kernels.settings import MatmulSettings
 
 FMTS = ["fp8_e4m3", "int8"]
 ROTATIONS = ["none", "inner", "outer"]
@@ -27,14 +28,15 @@ ROTATIONS = ["none", "inner", "outer"]
 
 def _op(a, b, fmt, rotation="none", max_block=0, granularity="row", rounding_a="nearest",
         rounding_b="nearest", check=True, where="test"):
-    return torch.ops.halo.scaled_matmul(a, b, fmt, rotation, max_block, granularity, rounding_a,
-                                        rounding_b, check, where)
+    settings = MatmulSettings(fmt, rotation, max_block, granularity, rounding_a, rounding_b,
+                              check, where)
+    return torch.ops.halo.scaled_matmul(a, b, settings.encoded)
 
 
 def _ref_impl(a, b, fmt, rotation="none", max_block=0, granularity="row", rounding_a="nearest",
               rounding_b="nearest", check=True, where="test"):
-    return scaled_matmul_reference(a, b, fmt, rotation, max_block, granularity, rounding_a,
-                                   rounding_b, check, where)
+    return scaled_matmul_reference(a, b, MatmulSettings(fmt, rotation, max_block, granularity,
+                                                        rounding_a, rounding_b, check, where))
 
 
 IMPLS = {"op": _op, "reference": _ref_impl}
@@ -317,7 +319,7 @@ def test_opcheck(fmt, rotation):
     a, b = _randn((64, 96), g), _randn((48, 96), g)
     opcheck(
         torch.ops.halo.scaled_matmul.default,
-        (a, b, fmt, rotation, 0, "row", "nearest", "nearest", True, "opcheck"),
+        (a, b, MatmulSettings(fmt, rotation, 0, "row", where="opcheck").encoded),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                     "test_aot_dispatch_dynamic"),
     )
@@ -343,7 +345,8 @@ def test_opcheck_odd_shapes_tensor_scales():
     g = torch.Generator().manual_seed(1)
     a, b = _randn((17, 40), g, torch.bfloat16), _randn((9, 40), g, torch.bfloat16)
     opcheck(torch.ops.halo.scaled_matmul.default,
-            (a, b, "int8", "outer", 16, "tensor", "nearest", "nearest", False, "opcheck"))
+            (a, b, MatmulSettings("int8", "outer", 16, "tensor", check_finite=False,
+                                  where="opcheck").encoded))
 
 
 def _linear_operands(g, dtype, tokens=96, d_in=80, d_out=48):
@@ -369,11 +372,11 @@ def test_fused_path_in_interpreter_matches_reference(fmt, granularity, rotation,
     g = torch.Generator().manual_seed(seed)
     for matmul, (a, b) in _linear_operands(g, torch.float32).items():
         for max_block in (16, 256):
-            block = fused_block(a, b, fmt, rotation, max_block)
+            block = fused_block(a, b, MatmulSettings(fmt, rotation, max_block))
             assert block is not None
-            out = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, granularity,
-                                      True, matmul)
-            ref = scaled_matmul_reference(a, b, fmt, rotation, max_block, granularity)
+            settings = MatmulSettings(fmt, rotation, max_block, granularity, where=matmul)
+            out = fused_scaled_matmul(reference_gemm, a, b, settings, block)
+            ref = scaled_matmul_reference(a, b, settings)
             assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
             if rotation == "none":
                 assert torch.equal(out, ref), matmul
@@ -386,10 +389,10 @@ def test_fused_path_bf16_operands_in_interpreter():
     g = torch.Generator().manual_seed(5)
     for matmul, (a, b) in _linear_operands(g, torch.bfloat16).items():
         for rotation in ROTATIONS:
-            block = fused_block(a, b, "fp8_e4m3", rotation, 256)
-            out = fused_scaled_matmul(reference_gemm, a, b, "fp8_e4m3", rotation, block, "row",
-                                      True, matmul)
-            ref = scaled_matmul_reference(a, b, "fp8_e4m3", rotation, 256, "row")
+            block = fused_block(a, b, MatmulSettings("fp8_e4m3", rotation, 256))
+            settings = MatmulSettings("fp8_e4m3", rotation, 256, "row", where=matmul)
+            out = fused_scaled_matmul(reference_gemm, a, b, settings, block)
+            ref = scaled_matmul_reference(a, b, settings)
             assert out.dtype == torch.bfloat16
             rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             assert rel < 1e-2, (matmul, rotation, rel)  # both round to bf16 once or twice
@@ -401,21 +404,22 @@ def test_fused_path_non_finite_in_interpreter():
     b = torch.randn(24, 64)
     b[3, 3] = float("inf")
     with pytest.raises(NonFiniteInputError, match="right operand"):
-        fused_scaled_matmul(reference_gemm, a, b, "fp8_e4m3", "inner", 64, "row", True, "t")
+        fused_scaled_matmul(reference_gemm, a, b, MatmulSettings("fp8_e4m3", "inner", where="t"),
+                            64)
     with pytest.raises(NonFiniteInputError, match="left operand"):
-        fused_scaled_matmul(reference_gemm, b, a, "int8", "outer", 0, "row", True, "t")
+        fused_scaled_matmul(reference_gemm, b, a, MatmulSettings("int8", "outer", where="t"), 0)
 
 
 def test_fused_path_applies_where_the_kernel_can():
     a, b = torch.randn(64, 4096), torch.randn(32, 4096)
-    assert fused_block(a, b, "fp8_e4m3", "inner", 256) == 256
-    assert fused_block(a, b, "fp8_e4m3", "outer", 256) == 256  # rows padded to 256
-    assert fused_block(a, b, "fp8_e4m3", "outer", 0) == 256
-    assert fused_block(a, b, "fp8_e4m3", "outer", 32) == 32
-    assert fused_block(a, b, "int8", "none", 0) == 0
-    assert fused_block(a, b, "fp8_e4m3", "inner", 0) is None  # "full": block 4096
-    assert fused_block(a, b, "none", "inner", 256) is None
-    assert fused_block(a.double(), b.double(), "int8", "none", 0) is None
+    assert fused_block(a, b, MatmulSettings("fp8_e4m3", "inner", 256)) == 256
+    assert fused_block(a, b, MatmulSettings("fp8_e4m3", "outer", 256)) == 256  # rows padded to 256
+    assert fused_block(a, b, MatmulSettings("fp8_e4m3", "outer", 0)) == 256
+    assert fused_block(a, b, MatmulSettings("fp8_e4m3", "outer", 32)) == 32
+    assert fused_block(a, b, MatmulSettings("int8", "none", 0)) == 0
+    assert fused_block(a, b, MatmulSettings("fp8_e4m3", "inner", 0)) is None  # "full": block 4096
+    assert fused_block(a, b, MatmulSettings("none", "inner", 256)) is None
+    assert fused_block(a.double(), b.double(), MatmulSettings("int8", "none", 0)) is None
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
@@ -426,14 +430,14 @@ def test_fused_path_rounds_the_left_operand_stochastically(fmt):
     g = torch.Generator().manual_seed(8)
     for matmul, (a, b) in _linear_operands(g, torch.float32).items():
         for rotation in ROTATIONS:
-            block = fused_block(a, b, fmt, rotation, 64)
+            block = fused_block(a, b, MatmulSettings(fmt, rotation, 64))
             torch.manual_seed(1)
-            out = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row", True,
-                                      matmul, rounding_a="stochastic")
-            nearest = fused_scaled_matmul(reference_gemm, a, b, fmt, rotation, block, "row",
-                                          True, matmul)
+            stochastic = MatmulSettings(fmt, rotation, 64, "row", "stochastic", where=matmul)
+            out = fused_scaled_matmul(reference_gemm, a, b, stochastic, block)
+            nearest = fused_scaled_matmul(reference_gemm, a, b,
+                                          MatmulSettings(fmt, rotation, 64, where=matmul), block)
             torch.manual_seed(1)
-            ref = scaled_matmul_reference(a, b, fmt, rotation, 64, "row", "stochastic")
+            ref = scaled_matmul_reference(a, b, stochastic)
             assert not torch.equal(out, nearest)
             err, err_ref = _rel(out, a, b), _rel(ref, a, b)
             assert err < 1.5 * err_ref + 1e-3, (matmul, rotation, err, err_ref)
@@ -489,7 +493,7 @@ def test_cuda_kernel_matches_reference(fmt, dtype, granularity, shape):
         if rotation != "none":  # a rotated value may sit one quantum from the reference's
             frob_tol, elem_tol = max(frob_tol, 1e-4), max(elem_tol, 1e-2)
         out = _op(a, b, fmt, rotation, 256, granularity)
-        ref = scaled_matmul_reference(a, b, fmt, rotation, 256, granularity)
+        ref = scaled_matmul_reference(a, b, MatmulSettings(fmt, rotation, 256, granularity))
         assert out.shape == (m, n) and out.dtype == dtype and out.device == a.device
         assert out.is_contiguous()
         assert bool(torch.isfinite(out).all())
@@ -545,7 +549,7 @@ def test_cuda_linear_layouts_match_reference(fmt, rotation):
     for matmul, (a, b) in _linear_operands(g, torch.bfloat16, 4096, 1024, 768).items():
         a, b = a.cuda(), b.cuda()
         out = _op(a, b, fmt, rotation, 256)
-        ref = scaled_matmul_reference(a, b, fmt, rotation, 256)
+        ref = scaled_matmul_reference(a, b, MatmulSettings(fmt, rotation, 256))
         assert out.is_contiguous() and out.dtype == torch.bfloat16
         rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
         assert rel < 1e-2, (matmul, rel)

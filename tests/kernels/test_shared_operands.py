@@ -6,6 +6,7 @@ import weakref
 
 import torch
 
+from halo_compile.kernels.settings import LinearSettings
 from halo_compile.kernels.shared_operands import cached, shared, shared_view
 
 
@@ -50,8 +51,9 @@ def test_eager_backward_releases_the_activation_and_grad_output():
     the step."""
     w = torch.randn(64, 128, requires_grad=True)
     x = torch.randn(32, 128, requires_grad=True)
-    y = torch.ops.halo.quantized_linear(x, w, None, "fp8_e4m3", "row", "inner", "outer", "none",
-                                        256, "nearest", True, "l", False)
+    settings = LinearSettings("fp8_e4m3", "row", "inner", "outer", "none", 256, "nearest", True,
+                              "l", False)
+    y = torch.ops.halo.quantized_linear(x, w, None, settings.encoded)
     grad = torch.randn_like(y)
     y.backward(grad)
     alive = [weakref.ref(t) for t in (x, y, grad)]

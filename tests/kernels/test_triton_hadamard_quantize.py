@@ -265,14 +265,14 @@ def test_zero_rows_and_nonfinite_rows():
     x[3, 7] = float("nan")
     x[4, 0] = float("inf")
     # As rows rotated, and (the unrotated strided kernel) as a transposed view not rotated.
-    for fmt, (x, block) in itertools.product(FMTS, [(x, 64), (x.t().contiguous().t(), 0)]):
-        q, s = hadamard_quantize_triton(x, fmt, "row", block)
+    for fmt, (layout, block) in itertools.product(FMTS, [(x, 64), (x.t().contiguous().t(), 0)]):
+        q, s = hadamard_quantize_triton(layout, fmt, "row", block)
         assert float(s[1]) == 1e-12 / (448.0 if fmt == "fp8_e4m3" else 127.0) or math.isclose(
             float(s[1]), torch.tensor(1e-12).div(448.0 if fmt == "fp8_e4m3" else 127.0).item())
         assert torch.all(q[1].float() == 0)
         assert torch.isfinite(s[[0, 1, 2]]).all()
         assert not torch.isfinite(s[3]).any() and not torch.isfinite(s[4]).any()
-        _, st = hadamard_quantize_triton(x, fmt, "tensor", block)
+        _, st = hadamard_quantize_triton(layout, fmt, "tensor", block)
         assert not torch.isfinite(st).any()
 
 
@@ -308,7 +308,7 @@ def test_dual_op_on_cpu_is_the_reference_and_traces_with_fake_tensors():
     x = _input(256, 96, torch.bfloat16, 13, outliers=True)
     for fmt in FMTS:
         got = torch.ops.halo.hadamard_quantize_dual(x, fmt, 128)
-        for mine, theirs in zip(got, hadamard_quantize_dual_reference(x, fmt, 128)):
+        for mine, theirs in zip(got, hadamard_quantize_dual_reference(x, fmt, 128), strict=False):
             assert torch.equal(mine.float(), theirs.float())
     with torch._subclasses.FakeTensorMode():
         q, s, qt, st = torch.ops.halo.hadamard_quantize_dual(
@@ -565,7 +565,7 @@ def test_gpu_grad_layouts_in_compiled_graph():
 
     dy = _input(512, 384, torch.bfloat16, 6, outliers=True, device="cuda")
     compiled = torch.compile(f, fullgraph=True)
-    for got, want in zip(compiled(dy), f(dy)):
+    for got, want in zip(compiled(dy), f(dy), strict=False):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -70,7 +70,8 @@ def test_each_setting_is_its_own_entry():
                 ("fp8_e4m3", "row", 16, True, None), ("fp8_e4m3", "row", 64, False, torch.bfloat16)]
     values = [cache.quantized(w, *s) for s in settings]
     assert cache.computations == len(settings) and len(cache) == len(settings)
-    for (fmt, granularity, block, transpose, dtype), (q, scale) in zip(settings, values):
+    for (fmt, granularity, block, transpose, dtype), (q, scale) in zip(settings, values,
+                                                                       strict=False):
         ref_q, ref_scale = quantize_weight_reference(w, fmt, granularity, block, transpose, dtype)
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
         assert torch.equal(scale, ref_scale)

@@ -11,9 +11,9 @@ import transformers
 
 from halo_compile.config import HaloConfig
 from halo_compile.passes.analysis import GraphAnalysis
+from halo_compile.passes.context import PassContext
 from halo_compile.passes.find_linears import FindLinears
 from halo_compile.passes.graph_utils import GraphTensors
-from halo_compile.passes.manager import PassContext
 
 HIDDEN, LAYERS, HEADS, VOCAB = 64, 2, 4, 128
 

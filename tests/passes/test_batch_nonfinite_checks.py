@@ -7,14 +7,13 @@ Snapshots: `EXPECTTEST_ACCEPT=1 pytest tests/passes/test_batch_nonfinite_checks.
 import expecttest
 import pytest
 import torch
+from test_quantize_linears import normalize_code
 from torch._inductor.utils import run_and_get_code
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from halo_compile import NonFiniteInputError
 from halo_compile.passes.batch_nonfinite_checks import batch_nonfinite_checks
 from halo_compile.passes.post_grad import HaloPostGradPasses
-
-from test_quantize_linears import normalize_code
 
 
 def two_matmuls_sharing_a_left_operand(a, b, c):
@@ -72,7 +71,7 @@ def test_rewritten_graph_computes_the_same_and_names_the_bad_operand(seed):
     batch_nonfinite_checks(gm.graph)
     gm.recompile()
     inputs = _inputs(seed)
-    for got, want in zip(gm(*inputs), two_matmuls_sharing_a_left_operand(*inputs)):
+    for got, want in zip(gm(*inputs), two_matmuls_sharing_a_left_operand(*inputs), strict=False):
         assert torch.equal(got, want)
     inputs[2][3, 4] = float("nan")
     with pytest.raises(NonFiniteInputError, match=r"k forward \(right operand\)"):
@@ -96,7 +95,7 @@ def test_inductor_runs_it_as_a_post_grad_pass():
     assert code.count("torch.ops.halo.report_nonfinite.default(") == 1
     assert "torch.ops.halo.checked_scale" not in code
     assert len(seen) == 1  # the chained pass ran after ours
-    for got, want in zip(out, two_matmuls_sharing_a_left_operand(*inputs)):
+    for got, want in zip(out, two_matmuls_sharing_a_left_operand(*inputs), strict=False):
         torch.testing.assert_close(got, want)
     inputs[1][0, 1] = float("-inf")
     with pytest.raises(NonFiniteInputError, match=r"q forward \(right operand\)"):

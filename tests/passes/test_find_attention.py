@@ -6,11 +6,10 @@ import expecttest
 import pytest
 import torch
 import torch.nn as nn
+from analysis_models import HIDDEN, LAYERS, TinyTransformer, analyze, hf_model, token_ids
 
 from halo_compile.passes.analysis import GraphAnalysis
 from halo_compile.passes.find_attention import FindAttention
-
-from analysis_models import HIDDEN, LAYERS, TinyTransformer, analyze, hf_model, token_ids
 
 
 class Router(nn.Module):

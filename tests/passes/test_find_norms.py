@@ -7,13 +7,19 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from analysis_models import (
+    HIDDEN,
+    LAYERS,
+    VOCAB,
+    RMSNorm,
+    TinyTransformer,
+    analyze,
+    hf_model,
+    token_ids,
+)
 
 from halo_compile.passes.analysis import GraphAnalysis
 from halo_compile.passes.find_norms import FindNormsAndResiduals
-
-from analysis_models import (
-    HIDDEN, LAYERS, VOCAB, RMSNorm, TinyTransformer, analyze, hf_model, token_ids,
-)
 
 
 def analyze_norms(model: nn.Module, dynamic: bool = False, **inputs) -> GraphAnalysis:

@@ -9,9 +9,10 @@ import expecttest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_quantize_linears import QL, call_nodes, compile_with_passes, format_dynamo_graph
 from torch.utils.checkpoint import checkpoint
 
-from test_quantize_linears import QL, call_nodes, compile_with_passes, format_dynamo_graph
+from halo_compile.kernels.settings import LinearSettings
 
 
 class Block(nn.Module):
@@ -77,7 +78,7 @@ input head.bias
 wrap_body_0 = wrap_body_0()
 tag_activation_checkpoint = tag_activation_checkpoint(wrap_body_0, x, block.fc1.weight, block.fc1.bias, block.fc2.weight, block.fc2.bias, use_reentrant=False)
 x = getitem(tag_activation_checkpoint, 0)
-quantized_linear_default = halo.quantized_linear.default(x, head.weight, head.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'head', True)
+quantized_linear_default = halo.quantized_linear.default(x, head.weight, head.bias, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"head","fast_accum":true,"cache_weight":false}')
 return (quantized_linear_default,)""")
         self.assertExpectedInline(format_dynamo_graph(body), """\
 input l_x_
@@ -85,9 +86,9 @@ input l_self_modules_block_modules_fc1_parameters_weight_
 input l_self_modules_block_modules_fc1_parameters_bias_
 input l_self_modules_block_modules_fc2_parameters_weight_
 input l_self_modules_block_modules_fc2_parameters_bias_
-quantized_linear_default = halo.quantized_linear.default(l_x_, l_self_modules_block_modules_fc1_parameters_weight_, l_self_modules_block_modules_fc1_parameters_bias_, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'block.fc1', True)
+quantized_linear_default = halo.quantized_linear.default(l_x_, l_self_modules_block_modules_fc1_parameters_weight_, l_self_modules_block_modules_fc1_parameters_bias_, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"block.fc1","fast_accum":true,"cache_weight":false}')
 gelu = gelu(quantized_linear_default)
-quantized_linear_default_1 = halo.quantized_linear.default(gelu, l_self_modules_block_modules_fc2_parameters_weight_, l_self_modules_block_modules_fc2_parameters_bias_, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'block.fc2', True)
+quantized_linear_default_1 = halo.quantized_linear.default(gelu, l_self_modules_block_modules_fc2_parameters_weight_, l_self_modules_block_modules_fc2_parameters_bias_, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"block.fc2","fast_accum":true,"cache_weight":false}')
 return (quantized_linear_default_1,)""")
 
     def test_backward_recomputes_the_same_halo_ops(self):
@@ -97,9 +98,10 @@ return (quantized_linear_default_1,)""")
 
         def block_ops(graph):
             # The call's settings: everything but the input activation and the parameters.
-            return [n.args[3:] for n in call_nodes(graph, QL) if n.args[11].startswith("block.")]
+            settings = [LinearSettings.decode(n.args[3]) for n in call_nodes(graph, QL)]
+            return [s for s in settings if s.name.startswith("block.")]
 
-        self.assertEqual([args[8] for args in block_ops(fw)], ["block.fc1", "block.fc2"])
+        self.assertEqual([s.name for s in block_ops(fw)], ["block.fc1", "block.fc2"])
         self.assertEqual(block_ops(bw), block_ops(fw))
         # Both recomputed halo ops read the same parameters as in the forward.
         fw_params = [n.args[1].name for n in call_nodes(fw, QL)][:2]

@@ -8,13 +8,12 @@ import copy
 import expecttest
 import pytest
 import torch
+from test_quantize_linears import normalize_code
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from halo_compile.kernels.hadamard import sylvester_signs
 from halo_compile.kernels.scaled_matmul import unrotate_rows
 from halo_compile.passes.merge_unrotations import merge_unrotations
-
-from test_quantize_linears import normalize_code
 
 BLOCK = 16
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
 from halo_compile import HaloConfig
+from halo_compile.kernels.settings import LinearSettings, MatmulSettings, WeightSource
 from halo_compile.passes import PassManager
 from halo_compile.passes.graph_utils import source_name
 
@@ -136,9 +137,9 @@ input fc1.bias
 input x
 input fc2.weight
 input fc2.bias
-quantized_linear_default = halo.quantized_linear.default(x, fc1.weight, fc1.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc1', True)
+quantized_linear_default = halo.quantized_linear.default(x, fc1.weight, fc1.bias, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"fc1","fast_accum":true,"cache_weight":false}')
 gelu = gelu(quantized_linear_default)
-quantized_linear_default_1 = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc2', True)
+quantized_linear_default_1 = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"fc2","fast_accum":true,"cache_weight":false}')
 return (quantized_linear_default_1,)""")
 
     def test_dynamo_graph_per_layer_settings(self):
@@ -159,7 +160,7 @@ input fc2.weight
 input fc2.bias
 linear = linear(x, fc1.weight, fc1.bias)
 gelu = gelu(linear)
-quantized_linear_default = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, 'int8', 'tensor', 'inner', 'inner', 'inner', 64, 'stochastic', False, 'fc2', True)
+quantized_linear_default = halo.quantized_linear.default(gelu, fc2.weight, fc2.bias, '{"format":"int8","granularity":"tensor","forward_rotation":"inner","grad_input_rotation":"inner","grad_weight_rotation":"inner","max_block":64,"grad_rounding":"stochastic","check_finite":false,"name":"fc2","fast_accum":true,"cache_weight":false}')
 return (quantized_linear_default,)""")
 
     def test_aot_forward_and_backward_graphs(self):
@@ -172,16 +173,18 @@ return (quantized_linear_default,)""")
         # Explicitly, beyond the snapshots: the forward runs both linears as halo ops, and the
         # backward computes grad-input and grad-weight of both with halo.scaled_matmul, with the
         # halo2 rotations; no high-precision matmul is left anywhere.
-        self.assertEqual([n.args[11] for n in call_nodes(fw, QL)], ["fc1", "fc2"])
+        linears = [LinearSettings.decode(n.args[3]) for n in call_nodes(fw, QL)]
+        self.assertEqual([s.name for s in linears], ["fc1", "fc2"])
         # The forward GEMM accumulates fast (the default); the gradient GEMMs do not.
-        self.assertEqual([n.args[12] for n in call_nodes(fw, QL)], [True, True])
-        self.assertEqual([len(n.args) for n in call_nodes(bw, SM)], [10] * 4)
-        scaled = {n.args[-1]: n.args[3] for n in call_nodes(bw, SM)}
+        self.assertEqual([s.fast_accum for s in linears], [True, True])
+        matmuls = [MatmulSettings.decode(n.args[2]) for n in call_nodes(bw, SM)]
+        self.assertEqual([s.fast_accum for s in matmuls], [False] * 4)
+        scaled = {s.where: s.rotation for s in matmuls}
         self.assertEqual(scaled, {
             "fc2 grad-input": "outer", "fc2 grad-weight": "none",
             "fc1 grad-input": "outer", "fc1 grad-weight": "none",
         })
-        self.assertEqual({n.args[2] for n in call_nodes(bw, SM)}, {"fp8_e4m3"})
+        self.assertEqual({s.format for s in matmuls}, {"fp8_e4m3"})
         for graph in (fw, bw):
             for node in graph.graph.nodes:
                 if node.op == "call_function":
@@ -192,30 +195,30 @@ return (quantized_linear_default,)""")
 
         self.assertExpectedInline(normalize_code(fw.code), """\
 def forward(self, primals_1, primals_2, primals_3, primals_4, primals_5):
-quantized_linear = torch.ops.halo.quantized_linear.default(primals_3, primals_1, primals_2, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc1', True)
+quantized_linear = torch.ops.halo.quantized_linear.default(primals_3, primals_1, primals_2, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"fc1","fast_accum":true,"cache_weight":false}')
 gelu = torch.ops.aten.gelu.default(quantized_linear)
-quantized_linear_1 = torch.ops.halo.quantized_linear.default(gelu, primals_4, primals_5, 'fp8_e4m3', 'row', 'inner', 'outer', 'none', 256, 'nearest', True, 'fc2', True)
+quantized_linear_1 = torch.ops.halo.quantized_linear.default(gelu, primals_4, primals_5, '{"format":"fp8_e4m3","granularity":"row","forward_rotation":"inner","grad_input_rotation":"outer","grad_weight_rotation":"none","max_block":256,"grad_rounding":"nearest","check_finite":true,"name":"fc2","fast_accum":true,"cache_weight":false}')
 return (quantized_linear_1, primals_1, primals_3, primals_4, quantized_linear, gelu)""")
         self.assertExpectedInline(normalize_code(bw.code), """\
 def forward(self, primals_1, primals_3, primals_4, quantized_linear, gelu, tangents_1):
 view = torch.ops.aten.view.default(tangents_1, [-1, 64])
 t = torch.ops.aten.t.default(view)
 t_1 = torch.ops.aten.t.default(primals_4)
-scaled_matmul = torch.ops.halo.scaled_matmul.default(view, t_1, 'fp8_e4m3', 'outer', 256, 'row', 'nearest', 'nearest', True, 'fc2 grad-input')
+scaled_matmul = torch.ops.halo.scaled_matmul.default(view, t_1, '{"format":"fp8_e4m3","rotation":"outer","max_block":256,"granularity":"row","rounding_a":"nearest","rounding_b":"nearest","check_finite":true,"where":"fc2 grad-input","fast_accum":false}')
 view_1 = torch.ops.aten.view.default(scaled_matmul, [2, 8, 128])
 view_2 = torch.ops.aten.view.default(gelu, [-1, 128])
 t_2 = torch.ops.aten.t.default(view_2)
-scaled_matmul_1 = torch.ops.halo.scaled_matmul.default(t, t_2, 'fp8_e4m3', 'none', 256, 'row', 'nearest', 'nearest', False, 'fc2 grad-weight')
+scaled_matmul_1 = torch.ops.halo.scaled_matmul.default(t, t_2, '{"format":"fp8_e4m3","rotation":"none","max_block":256,"granularity":"row","rounding_a":"nearest","rounding_b":"nearest","check_finite":false,"where":"fc2 grad-weight","fast_accum":false}')
 sum_1 = torch.ops.aten.sum.dim_IntList(view, [0])
 gelu_backward = torch.ops.aten.gelu_backward.default(view_1, quantized_linear)
 view_3 = torch.ops.aten.view.default(gelu_backward, [-1, 128])
 t_3 = torch.ops.aten.t.default(view_3)
 t_4 = torch.ops.aten.t.default(primals_1)
-scaled_matmul_2 = torch.ops.halo.scaled_matmul.default(view_3, t_4, 'fp8_e4m3', 'outer', 256, 'row', 'nearest', 'nearest', True, 'fc1 grad-input')
+scaled_matmul_2 = torch.ops.halo.scaled_matmul.default(view_3, t_4, '{"format":"fp8_e4m3","rotation":"outer","max_block":256,"granularity":"row","rounding_a":"nearest","rounding_b":"nearest","check_finite":true,"where":"fc1 grad-input","fast_accum":false}')
 view_4 = torch.ops.aten.view.default(scaled_matmul_2, [2, 8, 64])
 view_5 = torch.ops.aten.view.default(primals_3, [-1, 64])
 t_5 = torch.ops.aten.t.default(view_5)
-scaled_matmul_3 = torch.ops.halo.scaled_matmul.default(t_3, t_5, 'fp8_e4m3', 'none', 256, 'row', 'nearest', 'nearest', False, 'fc1 grad-weight')
+scaled_matmul_3 = torch.ops.halo.scaled_matmul.default(t_3, t_5, '{"format":"fp8_e4m3","rotation":"none","max_block":256,"granularity":"row","rounding_a":"nearest","rounding_b":"nearest","check_finite":false,"where":"fc1 grad-weight","fast_accum":false}')
 sum_2 = torch.ops.aten.sum.dim_IntList(view_3, [0])
 return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
 
@@ -223,12 +226,12 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
         x_ref = self.x.detach().clone().requires_grad_()
         ref_params = [p.detach().clone().requires_grad_() for p in self.model.parameters()]
         w1, b1, w2, b2 = ref_params
-        settings = ("fp8_e4m3", "row", "inner", "outer", "none", 256, "nearest", True)
-        ref = QL(F.gelu(QL(x_ref, w1, b1, *settings, "fc1", True)), w2, b2, *settings, "fc2", True)
+        ref = QL(F.gelu(QL(x_ref, w1, b1, _halo2_settings("fc1"))), w2, b2,
+                 _halo2_settings("fc2"))
         ref.square().sum().backward()
         self.assertLess(rel_err(out, ref), 1e-6)
         self.assertLess(rel_err(self.x.grad, x_ref.grad), 1e-6)
-        for p, p_ref in zip(self.model.parameters(), ref_params):
+        for p, p_ref in zip(self.model.parameters(), ref_params, strict=False):
             self.assertLess(rel_err(p.grad, p_ref.grad), 1e-6)
 
     def test_aot_graphs_with_cached_weights(self):
@@ -242,11 +245,13 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
         out = compiled(self.x)
         out.square().sum().backward()
         fw, bw = state["fw"], state["bw"]
-        self.assertEqual([n.args[13] for n in call_nodes(fw, QL)], [True, True])
-        self.assertEqual([(n.args[1].name, n.args[4], n.args[-1]) for n in call_nodes(bw, FW)],
+        self.assertEqual([LinearSettings.decode(n.args[3]).cache_weight
+                          for n in call_nodes(fw, QL)], [True, True])
+        self.assertEqual([(n.args[1].name, WeightSource.decode(n.args[3]).transpose,
+                           MatmulSettings.decode(n.args[4]).where) for n in call_nodes(bw, FW)],
                          [("primals_4", True, "fc2 grad-input"),
                           ("primals_1", True, "fc1 grad-input")])
-        self.assertEqual([n.args[-1] for n in call_nodes(bw, SM)],
+        self.assertEqual([MatmulSettings.decode(n.args[2]).where for n in call_nodes(bw, SM)],
                          ["fc2 grad-weight", "fc1 grad-weight"])
         self.assertEqual([r.weight_cache for r in state["ctx"].layer_reports],
                          ["cached", "cached"])
@@ -259,7 +264,7 @@ return (scaled_matmul_3, sum_2, view_4, scaled_matmul_1, sum_1)""")
         ref = plain(x)
         ref.square().sum().backward()
         self.assertTrue(torch.equal(out, ref) and torch.equal(self.x.grad, x.grad))
-        for p, p_ref in zip(self.model.parameters(), model.parameters()):
+        for p, p_ref in zip(self.model.parameters(), model.parameters(), strict=False):
             self.assertTrue(torch.equal(p.grad, p_ref.grad))
 
 
@@ -324,10 +329,16 @@ def _as_out_in(model, fqn):
     return weight.t() if fqn in ("c", "e", "conv") else weight
 
 
+def _halo2_settings(name: str) -> str:
+    """What the pass gives the linear `name` under the default options (halo2, block 256)."""
+    return LinearSettings("fp8_e4m3", "row", "inner", "outer", "none", 256, name=name,
+                          fast_accum=True).encoded
+
+
 def _forms_reference(model, x, settings):
     """Forms.forward written with eager halo ops: what the rewritten graph must compute."""
     def ql(inp, fqn, bias=None):
-        return QL(inp, _as_out_in(model, fqn), bias, *settings, fqn, True)
+        return QL(inp, _as_out_in(model, fqn), bias, settings(fqn))
 
     y1 = ql(x, "a")
     y2 = ql(y1, "b")
@@ -356,7 +367,8 @@ class TestLinearForms(expecttest.TestCase):
                 self.assertNotIn(node.target, (torch.matmul, torch.mm, torch.addmm,
                                                operator.matmul))
         ops = call_nodes(gm, QL)
-        self.assertEqual([n.args[11] for n in ops], ["a", "b", "d", "c", "e", "conv"])
+        self.assertEqual([LinearSettings.decode(n.args[3]).name for n in ops],
+                         ["a", "b", "d", "c", "e", "conv"])
         # The chained linear reads the halo op that replaced its producer.
         self.assertIs(ops[1].args[0], ops[0])
         self.assertIs(ops[2].args[0], ops[0])
@@ -380,8 +392,7 @@ class TestLinearForms(expecttest.TestCase):
     def test_forms_quantized_match_eager_halo_ops(self):
         for seed in (2, 3):
             model, x, out, grads = self._compiled_vs({"format": "fp8_e4m3"}, seed)
-            settings = ("fp8_e4m3", "row", "inner", "outer", "none", 256, "nearest", True)
-            ref = _forms_reference(model, x, settings)
+            ref = _forms_reference(model, x, _halo2_settings)
             ref.square().sum().backward()
             self.assertLess(rel_err(out, ref), 1e-6)
             ref_grads = {n: p.grad for n, p in model.named_parameters()}
@@ -437,7 +448,7 @@ class TestLinearForms(expecttest.TestCase):
         ref_out = ref(x)
         ref_out.square().sum().backward()
         self.assertLess(rel_err(out, ref_out), 1e-5)
-        for p, p_ref in zip(model.parameters(), ref.parameters()):
+        for p, p_ref in zip(model.parameters(), ref.parameters(), strict=False):
             self.assertLess(rel_err(p.grad, p_ref.grad), 1e-5)
 
 

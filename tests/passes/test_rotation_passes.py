@@ -8,13 +8,13 @@ import torch
 import transformers
 
 from halo_compile.config import HaloConfig
+from halo_compile.passes.context import PassContext
 from halo_compile.passes.find_attention import FindAttention
 from halo_compile.passes.find_linears import FindLinears
 from halo_compile.passes.find_norms import FindNormsAndResiduals
 from halo_compile.passes.fold_online_rotations import FoldOnlineRotations
 from halo_compile.passes.fuse_norms import FuseNorms
 from halo_compile.passes.graph_utils import GraphTensors, call_target_name
-from halo_compile.passes.manager import PassContext
 from halo_compile.passes.rotate_residual import RotateResidualStream
 
 ROTATION_PASSES = (FindLinears(), FindAttention(), FindNormsAndResiduals(), FuseNorms(),
