@@ -141,9 +141,12 @@ def size_hint(size) -> int:
     without a guard: only for choices of speed, never of results)."""
     if isinstance(size, int):
         return size
-    from torch.fx.experimental.symbolic_shapes import hint_int
+    hint = getattr(size.node, "hint", None)  # (SymNode.hint: in torch 2.11 and 2.13)
+    return int(hint) if hint is not None else _UNKNOWN_COUNT
 
-    return hint_int(size)
+
+# The count a choice of speed assumes for a size with no value in the trace (an unbacked one).
+_UNKNOWN_COUNT = 8192
 
 
 def aligned(size, multiple: int) -> bool:
@@ -157,5 +160,7 @@ def aligned(size, multiple: int) -> bool:
 def needs_int64(xv: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether a kernel's element offsets into the view xv [M, K] or into q exceed int32."""
     M, K = xv.shape
-    extent = max((M - 1) * abs(xv.stride(0)) + (K - 1) * abs(xv.stride(1)), q.numel()) + 1
-    return extent >= 2**31
+    extent = torch.sym_max((M - 1) * xv.stride(0) + (K - 1) * xv.stride(1), q.numel()) + 1
+    # A symbolic extent (the token count): a guard on its range, not its value. A graph serves
+    # every count below 2^31 elements a tensor; a larger one compiles again, with 64-bit offsets.
+    return bool(extent >= 2**31)
