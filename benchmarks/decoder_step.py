@@ -43,8 +43,7 @@ from _timing import (
     speedup,
 )
 
-import halo_compile.backend as halo_backend
-import halo_compile.passes.post_grad as post_grad
+from halo_compile import _flags
 
 
 def build_model(layers: int):
@@ -73,14 +72,14 @@ def training_step(model, opt, embeds, micro_batches=1):
 
 
 def leave_inductor_as_is(names: str) -> None:
-    """Turn off the named settings the halo backend gives Inductor (halo_compile/backend.py)."""
+    """Turn off the named settings the halo backend gives Inductor (halo_compile/_flags.py)."""
     for name in filter(None, names.split(",")):
         if name == "realize":
-            halo_backend._realize_user_kernel_inputs = lambda: None
+            _flags.realize_user_kernel_inputs = False
         elif name == "static-launch":
-            halo_backend._static_launch = lambda inductor_config: {}
+            _flags.static_launch = False
         elif name == "merge-unrotations":
-            post_grad.merge_unrotations = lambda graph: 0
+            _flags.merge_unrotations = False
         else:
             raise SystemExit(f"--as-is: unknown setting {name!r}; known: realize, "
                              "static-launch, merge-unrotations")

@@ -1,4 +1,4 @@
-"""What the Hadamard+quantize kernel compiles to for an H100 (sm_90), on any machine, no GPU:
+"""What the Hadamard+quantize kernels compile to for an H100 (sm_90), on any machine, no GPU:
 shared memory per program (which caps the programs, hence warps, an SM can hold), registers per
 thread, the SASS instructions of each loop body (one iteration, per thread: what an
 instruction-bound variant spends per tile), local-memory (spilled register) loads and stores,
@@ -10,7 +10,7 @@ and cuobjdump that Triton ships ("-" where they are missing).
     python benchmarks/kernel_resources.py [--tokens 8192] [--features 14336]
         [--rounding stochastic]
 
-The launch is the op's own (`_hadamard_quantize_impl` with a recording stand-in for the kernel),
+The launch is the op's own (`_hadamard_quantize_impl` with a recording stand-in for the kernels),
 so the constexprs and configurations are those a real call uses; integer arguments are
 specialised as Triton's launcher does (1 as a constant, multiples of 16 as divisible by 16).
 A static view to direct device time, not a measurement: the GPU's Triton version may compile
@@ -31,6 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from halo_compile.kernels.hadamard_quantize_launch import LaunchOverrides
 from halo_compile.kernels.triton_hadamard_quantize import _JITTED, _hadamard_quantize_impl
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -129,8 +130,8 @@ def _sass(cubin: bytes) -> tuple[int, str, str]:
 def report(name: str, x: torch.Tensor, block: int, dim: int, rounding: str,
            **launch) -> list[tuple]:
     recorder = _Recorder()
-    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, split=1,
-                            rounding=rounding, **launch)
+    _hadamard_quantize_impl(recorder, x, "fp8_e4m3", "row", block, dim, rounding,
+                            overrides=LaunchOverrides(split=1), **launch)
     rows = []
     for kernel, _grid, args, kwargs in recorder.launches:
         warps = kwargs["num_warps"]
@@ -142,9 +143,10 @@ def report(name: str, x: torch.Tensor, block: int, dim: int, rounding: str,
         per_warp = -(-registers * 32 // 256) * 256
         per_sm = min(SHARED_PER_SM // max(shared, 1), 64 // warps,
                      REGISTERS_PER_SM // max(per_warp * warps, 1))
-        pass_name = {0: "absmax+quantize", 1: "absmax", 2: "quantize"}[kwargs["MODE"]]
-        # (the unrotated transpose's kernel: BLOCK_K in NT's place)
-        second = kwargs.get("NT", kwargs.get("BLOCK_K"))
+        pass_name = {0: "absmax+quantize", 1: "absmax", 2: "quantize", 3: "quantize"}[
+            kwargs["MODE"]]
+        # (the unrotated transpose's kernel: BLOCK_K in NT's place; dim 0's: one tile)
+        second = kwargs.get("NT", kwargs.get("BLOCK_K", 1))
         rows.append((name, pass_name, f"({kwargs['BLOCK_M']}, {second}, {warps})",
                      f"{shared / 1024:.1f}", per_sm, per_sm * warps, registers or "-", loops,
                      spills, ttgir.count("convert_layout"), ptx.count("mma.sync"),

@@ -7,6 +7,7 @@
 
 from halo_compile import kernels  # noqa: F401  (registers the halo:: custom ops)
 from halo_compile.backend import configure, halo_backend
+from halo_compile.cached_weights import forget_cached_weights
 from halo_compile.config import HADAMARD_PRESETS, Hadamard, HaloConfig, LayerConfig
 from halo_compile.fallbacks import HaloFallbackError, HaloFallbackWarning
 from halo_compile.kernels.quantize import NonFiniteInputError, raise_pending_nonfinite
@@ -23,6 +24,7 @@ __all__ = [
     "LayerReport",
     "NonFiniteInputError",
     "configure",
+    "forget_cached_weights",
     "halo_backend",
     "raise_pending_nonfinite",
     "report",

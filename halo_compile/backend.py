@@ -1,8 +1,7 @@
 """The `halo` torch.compile backend: halo's FX passes on the Dynamo graph, then AOTAutograd and
 Inductor (or aot_eager) as the default backend would run them, with post-grad passes of ours
-in Inductor (passes/post_grad.py), two Inductor settings for halo's Triton
-kernels (`_realize_user_kernel_inputs`, `_static_launch`; docs/design.md) and a lowering that
-keeps Inductor from reusing the weight cache's tensors (`_never_reuse_cached_weights`)."""
+in Inductor (passes/post_grad.py) and halo's patches of Dynamo and Inductor
+(halo_compile/inductor_patches.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from halo_compile import fallbacks
+from halo_compile import fallbacks, inductor_patches
 from halo_compile.config import HaloConfig, config_from_call
 from halo_compile.fsdp_parameters import unsharded_parameters
 from halo_compile.kernels.quantize import HOST_SIDE_TAGS
@@ -56,22 +55,7 @@ def _configured_for(tensors: GraphTensors) -> Optional[HaloConfig]:
     return None
 
 
-def _trace_checkpointed_regions() -> None:
-    """Let Dynamo trace a checkpointed region (torch.utils.checkpoint in either reentrant mode,
-    Hugging Face's gradient checkpointing) whose forward writes Python state from outside the
-    region. Without this Dynamo runs the whole region eagerly, so halo never sees its linears;
-    Hugging Face's attention layers write such state (transformers' `kernels` hub wrapper sets a
-    context variable and resets it on return: no net effect). With it, Dynamo applies such a write
-    once, in the forward, and the backward's recomputation of the region does not repeat it (as
-    eager checkpointing would). A process-wide Dynamo setting, set when halo is loaded: set it
-    back to False to keep such regions eager. A torch without the setting is left as it is
-    (the regions' linears then show in the report only if Dynamo traces them)."""
-    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-        _LOG.debug("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint")
-
-
-_trace_checkpointed_regions()
+inductor_patches.apply_on_load()
 
 
 # torch.compile's `mode` for this backend (it takes `mode` or `options`, not both): Inductor's
@@ -122,13 +106,11 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    _realize_user_kernel_inputs()
-    _never_reuse_cached_weights()
     # Un-rotated gradients summed before one un-rotation; one inf/NaN report per compiled
     # graph instead of a Python op call per quantized matmul.
     post_grad = HaloPostGradPasses(then=inductor_config.post_grad_custom_post_pass,
                                    copy_scales=config.cudagraphs)
-    patches = {"post_grad_custom_post_pass": post_grad, **_static_launch(inductor_config)}
+    patches = {"post_grad_custom_post_pass": post_grad, **inductor_patches.apply()}
     if mode not in (None, "default"):
         from torch._inductor import list_mode_options
 
@@ -143,55 +125,3 @@ def halo_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=No
                              "lacks")
         patches.update({"triton.cudagraphs": True, "graph_partition": True})
     return compile_fx(gm, example_inputs, config_patches=patches)
-
-
-def _realize_user_kernel_inputs() -> None:
-    """Have Inductor compute an input of a user-defined Triton kernel (halo's quantize kernels)
-    into a buffer of its own when it has several users, as it does for the inputs of a matmul.
-    Otherwise an elementwise result (the SiLU-gate product and its gradients) stays unrealized,
-    and each kernel launch that reads it gets a copy of its own: Inductor holds a user kernel's
-    inputs to their traced strides and copies an unrealized input for every launch
-    (ExternKernel.require_exact_strides -> copy_input), so a decoder layer's SiLU-gate kernels
-    stored their product 3 times in the forward and each of its gradients 4 times in the
-    backward. The set is Inductor's own (lowering.needs_realized_inputs, in torch 2.11-2.13; a
-    torch without it is left as it is); adding to it once is enough."""
-    from torch._inductor import lowering
-
-    needs_realized = getattr(lowering, "needs_realized_inputs", None)
-    if needs_realized is not None:
-        needs_realized.add(torch.ops.higher_order.triton_kernel_wrapper_mutation)
-
-
-def _never_reuse_cached_weights() -> None:
-    """Keep Inductor from reusing the buffers of `halo::cached_quantized_weight`'s outputs: they
-    are the weight cache's own tensors, returned on every call, and Inductor writes later
-    results into a dead buffer of the right size (or a pointwise result into its dead input) --
-    which would overwrite the cache. The op's lowering is its fallback call with its outputs
-    added to the graph's never_reuse_buffers (what Inductor itself does for while_loop outputs
-    that may be graph inputs). Registered once."""
-    from torch._inductor import lowering
-    from torch._inductor.virtualized import V
-
-    op = torch.ops.halo.cached_quantized_weight.default
-    if op in lowering.lowerings:
-        return
-    fallback = lowering.fallback_handler(op, add_to_fallback_set=False)
-
-    def lower(*args, **kwargs):
-        outputs = fallback(*args, **kwargs)
-        for output in outputs:
-            V.graph.never_reuse_buffers.add(output.get_name())
-        return outputs
-
-    lowering.register_lowering(op, type_promotion_kind=None)(lower)
-
-
-def _static_launch(inductor_config) -> dict:
-    """The Inductor setting that launches halo's Triton kernels as Inductor launches its own,
-    through its static CUDA launcher instead of Triton's Python launcher (less host time per
-    launch, and a decoder layer's step makes dozens), where this torch has it and uses that
-    launcher (torch leaves it off for user-defined kernels by default)."""
-    if getattr(inductor_config, "use_static_cuda_launcher", False) and hasattr(
-            inductor_config, "static_launch_user_defined_triton_kernels"):
-        return {"static_launch_user_defined_triton_kernels": True}
-    return {}

@@ -100,7 +100,7 @@ class LayerConfig:
     # between, as frozen weights always are (kernels/weight_cache.py). With gradient
     # accumulation that saves the weight quantizations of all micro-batches but the first, for
     # 2 bytes of memory per weight element. Off by default: a weight written without autograd
-    # seeing it (through `.data`) must then be followed by `WEIGHT_CACHE.forget()`.
+    # seeing it (through `.data`) must then be followed by `halo_compile.forget_cached_weights()`.
     cache_weights: bool = False
 
     def __post_init__(self):

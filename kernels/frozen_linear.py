@@ -89,7 +89,7 @@ def cached_quantized_weight(weight, fold_inputs, source, settings, block, dtype)
     `block` and quantized as the encoded MatmulSettings `settings` say (their format,
     granularity, check and name), once per version. The cached tensors themselves are returned,
     on every call: Inductor must never reuse their buffers for other results, which the backend
-    tells it (halo_compile/backend.py, `_never_reuse_cached_weights`)."""
+    tells it (halo_compile/inductor_patches.py, `never_reuse_cached_weights`)."""
     source, settings = WeightSource.decode(source), MatmulSettings.decode(settings)
     return WEIGHT_CACHE.quantized(weight, settings.format, settings.granularity, block,
                                   source.transpose, dtype, settings.check_finite, settings.where,

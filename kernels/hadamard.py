@@ -31,7 +31,10 @@ def hadamard_block_size(dim, max_block: int) -> int:
         block = max_block or 1 << 30
         while block >= MIN_BLOCK and not statically_known_true(dim % block == 0):
             block //= 2
-        return block if block >= MIN_BLOCK else 0
+        if block < MIN_BLOCK:  # never a rotation silently dropped for a symbolic size
+            raise ValueError(f"no Hadamard block provably divides the symbolic size {dim}: "
+                             "pad it to a multiple of the block first (pad_rows)")
+        return block
     if dim <= 0:
         return 0
     largest_dividing = dim & -dim  # lowest set bit: the largest power of two dividing dim
@@ -52,10 +55,14 @@ def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     its row count is known to be one (static shapes: always decided; symbolic ones: padded
     whenever the count is not a provable multiple). Zero rows change no product of the other
     rows, and their rotated values are sliced off after the un-rotation."""
-    missing = -t.shape[0] % multiple
-    if statically_known_true(missing == 0):
+    rows = t.shape[0]
+    # Written as a multiple, so that a symbolic count's padded size is provably one
+    # (hadamard_block_size decides its block without a guard).
+    padded = (rows + multiple - 1) // multiple * multiple
+    if statically_known_true(padded == rows):
         return t
-    return torch.nn.functional.pad(t, (0, 0, 0, missing))
+    # (torch.cat, not F.pad: constant_pad_nd's kernel wants concrete sizes outside a trace)
+    return torch.cat([t, t.new_zeros((padded - rows, *t.shape[1:]))])
 
 
 def hadamard_matrix(block: int, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -5,8 +5,10 @@ through `triton.runtime.interpreter.InterpretedFunction`, whether or not TRITON_
 that environment variable only changes what `@triton.jit` returns at decoration time, and would
 turn every kernel decorated later in the process (Inductor's included) into an interpreted one.
 An InterpretedFunction cannot call `@triton.jit` functions, so `interpreted` runs the kernel in a
-copy of its module's namespace where each of the module's own @triton.jit helpers is interpreted
-too. (triton.language.standard's, such as tl.max, are not: the kernels use builtins there.)
+copy of its module's namespace where each @triton.jit helper it names is interpreted too, in a
+copy of its own module's namespace, and so on for the helpers those call. (Only names of the
+modules' namespaces: triton.language.standard's, such as tl.max, reached as attributes, are not
+interpreted; the kernels use builtins there.)
 """
 
 from __future__ import annotations
@@ -22,14 +24,25 @@ def _in_scope(fn, scope: dict):
     return copy
 
 
+def _interpreted_scope(namespace: dict, scopes: dict) -> dict:
+    """A copy of a module's `namespace` in which its @triton.jit functions are interpreted, each
+    in the interpreted scope of its own module (`scopes`: those built so far, by id)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    scope = scopes.get(id(namespace))
+    if scope is None:
+        scope = scopes[id(namespace)] = dict(namespace)
+        for name, value in namespace.items():
+            if isinstance(value, JITFunction) and not value.fn.__module__.startswith("triton."):
+                helper_scope = _interpreted_scope(value.fn.__globals__, scopes)
+                scope[name] = InterpretedFunction(_in_scope(value.fn, helper_scope))
+    return scope
+
+
 @functools.lru_cache(maxsize=None)
 def interpreted(kernel_fn):
     """`kernel_fn`, the undecorated kernel function, run by the Triton interpreter (built once)."""
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
-    scope = dict(kernel_fn.__globals__)
-    for name, value in kernel_fn.__globals__.items():
-        if isinstance(value, JITFunction) and value.fn.__module__ == kernel_fn.__module__:
-            scope[name] = InterpretedFunction(_in_scope(value.fn, scope))
-    return InterpretedFunction(_in_scope(kernel_fn, scope))
+    return InterpretedFunction(_in_scope(kernel_fn, _interpreted_scope(kernel_fn.__globals__, {})))

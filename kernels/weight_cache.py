@@ -22,7 +22,7 @@ trained weights (option `cache_weights`) a hook on every torch.optim optimizer's
 (`watch_optimizer_steps`) drops the entries of the parameters the step may have updated. Writes
 through `.data` (peft's `merge`, for one) do: the quantize pass calls `forget` on each frozen
 weight when it compiles a graph (merging changes the module, so Dynamo recompiles); after editing
-`.data` yourself, call `WEIGHT_CACHE.forget()`.
+`.data` yourself, call `halo_compile.forget_cached_weights(model)`.
 
 The cached tensors are shared between calls and must never be written. An op returns them only
 where Inductor is kept from reusing its output buffers for later results

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from halo_compile import _flags
+
 from .batch_nonfinite_checks import batch_nonfinite_checks
 from .merge_unrotations import merge_unrotations
 
@@ -35,7 +37,8 @@ class HaloPostGradPasses(CustomGraphPass):
         self.copy_scales = copy_scales
 
     def __call__(self, graph: fx.Graph) -> None:
-        merge_unrotations(graph)
+        if _flags.merge_unrotations:
+            merge_unrotations(graph)
         batch_nonfinite_checks(graph, self.copy_scales)
         if self.then is not None:
             self.then(graph)

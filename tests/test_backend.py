@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import halo_compile
+from halo_compile import _flags
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -544,6 +545,39 @@ def test_shared_inputs_of_kernels_are_realized_once(monkeypatch):
     assert kernel in needs_realized_inputs
 
 
+def test_inductor_patches_apply_once_and_say_so(monkeypatch, caplog):
+    """Applying the patches again changes nothing, and each change is logged at DEBUG."""
+    import logging
+
+    from torch._inductor.lowering import needs_realized_inputs
+
+    from halo_compile import inductor_patches
+
+    kernel = torch.ops.higher_order.triton_kernel_wrapper_mutation
+    needs_realized_inputs.discard(kernel)  # as a fresh process has it
+    with caplog.at_level(logging.DEBUG, logger="halo_compile.inductor_patches"):
+        first, second = inductor_patches.apply(), inductor_patches.apply()
+    assert first == second and kernel in needs_realized_inputs
+    assert sum("needs_realized_inputs" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_benchmark_flags_leave_inductor_as_is(monkeypatch):
+    """benchmarks/decoder_step.py --as-is: the private flags turn the settings off."""
+    from torch._inductor.lowering import needs_realized_inputs
+
+    from halo_compile import inductor_patches
+
+    kernel = torch.ops.higher_order.triton_kernel_wrapper_mutation
+    needs_realized_inputs.discard(kernel)
+    monkeypatch.setattr(_flags, "realize_user_kernel_inputs", False)
+    monkeypatch.setattr(_flags, "static_launch", False)
+    assert inductor_patches.apply() == {}
+    assert kernel not in needs_realized_inputs
+    monkeypatch.undo()
+    inductor_patches.apply()  # as the other tests expect it
+    assert kernel in needs_realized_inputs
+
+
 def test_a_torch_without_inductors_realization_set_still_compiles(monkeypatch):
     import torch._inductor.lowering as lowering
 
@@ -560,14 +594,12 @@ def _stores_of_kernels_computing(code: str, op: str) -> int:
 
 def _silu_gate_stores(monkeypatch, realize: bool):
     """Stores of the SiLU-gate kernels in a compiled SwiGLU MLP's forward and backward, with
-    or without backend._realize_user_kernel_inputs."""
+    or without halo_compile.inductor_patches.realize_user_kernel_inputs."""
     from torch._inductor.lowering import needs_realized_inputs
     from torch._inductor.utils import run_and_get_code
 
-    import halo_compile.backend as backend
-
     if not realize:
-        monkeypatch.setattr(backend, "_realize_user_kernel_inputs", lambda: None)
+        monkeypatch.setattr(_flags, "realize_user_kernel_inputs", False)
         needs_realized_inputs.discard(torch.ops.higher_order.triton_kernel_wrapper_mutation)
     torch.manual_seed(0)
     mlp = MLP(512, 1024).to("cuda", torch.bfloat16)

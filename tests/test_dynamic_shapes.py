@@ -164,6 +164,7 @@ def test_the_cuda_decomposition_traces_symbolic_token_counts(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(decompositions, "fused_device", lambda t: True)
+    blocks_along_tokens = _record_blocks_along_tokens(monkeypatch)
     compiled = torch.compile(model, backend="halo", options=options)
     for step, (batch, length) in enumerate(shapes):
         loss = compiled(**_batch(batch, length, step)).loss
@@ -176,3 +177,29 @@ def test_the_cuda_decomposition_traces_symbolic_token_counts(monkeypatch):
         model.zero_grad()
         reference.zero_grad()
     assert _graphs() == 2
+    # Every quantization along the (padded) tokens kept its block: dY for both gradients (one
+    # dual call), Xᵀ for grad-weight; the dynamic graph's too.
+    assert blocks_along_tokens and set(blocks_along_tokens) == {256}
+
+
+def _record_blocks_along_tokens(monkeypatch) -> list:
+    """The blocks of the kernels' quantizations of operands with a dimension of at least 256
+    (here: only the padded tokens; the test's token counts are below 256, features 64-128), as
+    the graphs are traced."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    import halo_compile.kernels.triton_hadamard_quantize as kernel
+
+    blocks = []
+    for name, block_at in (("hadamard_quantize_reference", 3),
+                           ("hadamard_quantize_dual_reference", 2)):
+        body = getattr(kernel, name)
+
+        def recording(x, *args, body=body, block_at=block_at):
+            # (traced with the graph: decided without a guard on a symbolic size)
+            if any(statically_known_true(size >= 256) for size in x.shape):
+                blocks.append(args[block_at - 1])
+            return body(x, *args)
+
+        monkeypatch.setattr(kernel, name, recording)
+    return blocks

@@ -210,3 +210,27 @@ def test_bad_block_does_not_divide():
         block_hadamard(x, 32)
     with pytest.raises(ValueError, match="does not divide"):
         block_hadamard(x, 16, dim=0)
+
+
+def test_a_symbolic_token_count_padded_has_a_provable_block():
+    """Under dynamic shapes the padded token count is provably a multiple of the block, so the
+    along-token rotation keeps its block; an unpadded symbolic size is refused, never left
+    unrotated."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from halo_compile.kernels.hadamard import pad_rows
+
+    env = ShapeEnv()
+    count = env.create_symintnode(env.create_symbol(300, ConstantSource("tokens")), hint=300)
+    with FakeTensorMode(shape_env=env, allow_non_fake_inputs=True):
+        padded = pad_rows(torch.empty((count, 64)), 256)
+        assert hadamard_block_size(padded.shape[0], 256) == 256
+        assert hadamard_block_size(padded.shape[0], 0) == 256
+        with pytest.raises(ValueError, match="pad it"):
+            hadamard_block_size(count, 256)
+    assert pad_rows(torch.ones(300, 4), 256).shape == (512, 4)
+    assert pad_rows(torch.ones(300, 4), 256)[300:].abs().sum() == 0
+    plain = torch.ones(512, 4)
+    assert pad_rows(plain, 256) is plain

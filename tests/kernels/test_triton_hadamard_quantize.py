@@ -1,7 +1,7 @@
 """The fused Hadamard + quantize Triton kernel against the plain-torch composition.
 
-On the CPU the kernel runs through the Triton interpreter: `hadamard_quantize_triton` builds a
-`triton.runtime.interpreter.InterpretedFunction` of the kernel for CPU tensors, so nothing here
+On the CPU the kernels run through the Triton interpreter: `hadamard_quantize_triton` builds a
+`triton.runtime.interpreter.InterpretedFunction` of each kernel for CPU tensors, so nothing here
 sets TRITON_INTERPRET (which would turn every kernel decorated later in this pytest process into
 an interpreted one, GPU tests included). The GPU tests run the compiled kernel on CUDA.
 """
@@ -150,7 +150,7 @@ def test_launch_grid_covers_the_work_in_one_wave(lines, k, layout, sms):
     """The GPU launches split their loop until the layout's programs per SM, never beyond: a
     program more than fit at once is a second wave (dim 0 at 14336 features once had 288
     programs for 264 places). Every line block / K tile is covered exactly once."""
-    block_m, nt, _, per_sm = GPU_CONFIGS[layout, True]
+    block_m, nt, _, per_sm = GPU_CONFIGS[layout]
     per_k = layout == "outer"
     want = per_sm * sms
     (programs, splits), per_split = launch_grid(lines, k, block_m, nt, per_k, want=want)
@@ -204,11 +204,24 @@ def test_interpreter_fp16_and_strided_input():
         assert _compare(q, s, *hadamard_quantize_reference(base[:, ::2], fmt, "row", 0)) == 0
 
 
-def test_interpreter_ieee_precision():
-    x = _input(33, 256, torch.float32, 5, outliers=True)
-    for fmt in FMTS:
-        q, s = hadamard_quantize_triton(x, fmt, "row", 256, precision="ieee")
-        assert _compare(q, s, *hadamard_quantize_reference(x, fmt, "row", 256)) <= 2
+def test_kernels_format_constants_are_torchs():
+    """The kernels spell each format's max value and float32(1 / max), as torch computes the
+    reciprocal on CUDA, as literals (Inductor re-emits a kernel without its module's floats)."""
+    import inspect
+
+    from halo_compile.kernels import (
+        triton_columns_quantize,
+        triton_rows_quantize,
+        triton_transpose_quantize,
+    )
+    from halo_compile.kernels.quantize import FORMATS
+
+    for module in (triton_rows_quantize, triton_columns_quantize, triton_transpose_quantize):
+        source = inspect.getsource(module)
+        for fmt in FMTS:
+            max_value = FORMATS[fmt].max_value
+            inverse = (torch.ones((), dtype=torch.float32) / max_value).item()
+            assert repr(float(max_value)) in source and repr(inverse) in source, (module, fmt)
 
 
 def _all_e4m3_test_values():
@@ -505,13 +518,12 @@ def test_gpu_matches_reference(m, k, fmt, gran):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["split", "ieee"])
 @pytest.mark.parametrize("block", [0, 16, 32, 128, 256])
-def test_gpu_float32_and_small_blocks(precision, block):
+def test_gpu_float32_and_small_blocks(block):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for fmt in FMTS:
             x = _input(1031, 2048, dtype, 1, outliers=True, device="cuda")
-            q, s = hadamard_quantize_triton(x, fmt, "row", block, precision=precision)
+            q, s = hadamard_quantize_triton(x, fmt, "row", block)
             mismatches = _compare(q, s, *hadamard_quantize_reference(x, fmt, "row", block))
             assert mismatches <= q.numel() // 10000
             if block == 0:

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from halo_compile.kernels.triton_interpreter import interpreted
+from halo_compile.kernels.triton_quantize_helpers import _random_bits
 
 
 def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr):
@@ -42,3 +43,26 @@ def test_interpreted_kernel_calls_its_modules_jit_helpers():
     assert torch.equal(y, x * x + 1.0)
     # The module's own names still refer to the compiled helpers (GPU launches use those).
     assert isinstance(_square, triton.runtime.jit.JITFunction)
+
+
+def _hash_kernel(seed_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bits = _random_bits(seed_ptr, 0, i)  # a helper of another module, calling one of its own
+    tl.store(y_ptr + i, bits.to(tl.int32, bitcast=True), mask=i < n)
+
+
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = x * 0x7FEB352D & 0xFFFFFFFF
+    x ^= x >> 15
+    x = x * 0x846CA68B & 0xFFFFFFFF
+    return x ^ x >> 16
+
+
+def test_interpreted_kernel_calls_helpers_of_other_modules():
+    seed = torch.tensor([12345, 0], dtype=torch.int64)
+    y = torch.empty(20, dtype=torch.int32)
+    interpreted(_hash_kernel)[(2,)](seed, y, 20, BLOCK=16)
+    key = _lowbias32(12345)
+    expected = [_lowbias32((i + key) & 0xFFFFFFFF) for i in range(20)]
+    assert [v & 0xFFFFFFFF for v in y.tolist()] == expected

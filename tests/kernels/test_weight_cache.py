@@ -109,6 +109,27 @@ def test_forget_drops_entries_that_data_writes_made_stale():
     assert len(cache) == 0
 
 
+def test_forget_cached_weights_of_a_model_of_tensors_or_all():
+    """The public call after writing weights through `.data`: a module's, some tensors' or
+    every entry of the cache the ops use goes; other weights keep theirs."""
+    import halo_compile
+    from halo_compile.kernels.weight_cache import WEIGHT_CACHE
+
+    model = torch.nn.Linear(64, 48, bias=False).requires_grad_(False)
+    other, third = _weight(6), _weight(7)
+    weights = (model.weight, other, third)
+    for given, forgotten in ((model, {0}), (other, {1}), ([other, third], {1, 2}),
+                             (None, {0, 1, 2})):
+        WEIGHT_CACHE.forget()
+        for w in weights:
+            WEIGHT_CACHE.quantized(w, "int8", "row", 0)
+        halo_compile.forget_cached_weights(given)
+        before = WEIGHT_CACHE.computations
+        for w in weights:
+            WEIGHT_CACHE.quantized(w, "int8", "row", 0)
+        assert WEIGHT_CACHE.computations - before == len(forgotten), given
+
+
 def test_entries_go_with_their_weight():
     cache, w = WeightCache(), _weight(6)
     cache.quantized(w, "fp8_e4m3", "row", 64)

@@ -26,6 +26,8 @@ def test_source_digest_changes_with_any_module_of_the_three_packages(tmp_path, m
     assert packages == {"halo_compile", "halo_compile.kernels", "halo_compile.passes"}
     # what decides the traced kernels and their launches, not only the post-grad passes
     assert {"halo_compile.kernels.triton_hadamard_quantize",
+            "halo_compile.kernels.hadamard_quantize_launch",
+            "halo_compile.kernels.triton_rows_quantize",
             "halo_compile.kernels.inductor_decompositions", "halo_compile.backend"} <= set(files)
     copies = {}
     for name, path in files.items():
@@ -39,9 +41,9 @@ def test_source_digest_changes_with_any_module_of_the_three_packages(tmp_path, m
 
     before = digest()
     assert digest() == before
-    kernel = copies["halo_compile.kernels.triton_hadamard_quantize"]
-    kernel.write_text(kernel.read_text().replace("TRANSPOSE_CONFIG = (64,",
-                                                 "TRANSPOSE_CONFIG = (32,", 1))
+    launch = copies["halo_compile.kernels.hadamard_quantize_launch"]
+    launch.write_text(launch.read_text().replace("TRANSPOSE_CONFIG = TransposeConfig(64,",
+                                                 "TRANSPOSE_CONFIG = TransposeConfig(32,", 1))
     changed = digest()
     post_grad.source_digest.cache_clear()  # the real files' digest for the tests after this
     assert changed != before
