@@ -277,6 +277,18 @@ def report(model: torch.nn.Module) -> HaloReport:
     return HaloReport(layers, structure, eager_frames, unmatched)
 
 
+def _compiled_alike(source: torch.nn.Module, model: torch.nn.Module) -> "list[torch.nn.Module]":
+    """`source` and, when it was compiled in place (`module.compile()`, as per-block compile
+    under FSDP2 does), every module of `model` of its class compiled in place too: they run one
+    code, so Dynamo reuses `source`'s graph for them (one that does not reuse it compiles a
+    graph of its own, whose record then names it)."""
+    if getattr(source, "_compiled_call_impl", None) is None:
+        return [source]
+    return [source, *(module for module in model.modules() if module is not source
+                      and type(module) is type(source)
+                      and getattr(module, "_compiled_call_impl", None) is not None)]
+
+
 def _rows_in_model(record: GraphRecord, model: torch.nn.Module,
                    module_names: "dict[int, str]") -> "list[LayerReport]":
     """The record's layers under their names in `model`, for each module of `model` that runs
@@ -287,7 +299,7 @@ def _rows_in_model(record: GraphRecord, model: torch.nn.Module,
     if source is None or id(source) not in module_names:
         return list(record.layers)
     region = region_of(source)
-    runners = region.live_modules() if region is not None else [source]
+    runners = region.live_modules() if region is not None else _compiled_alike(source, model)
     rows = []
     for module in runners:
         if id(module) not in module_names:
